@@ -1,0 +1,160 @@
+"""Every knob of t2v, read once from the environment (and `.env`) into one frozen `Settings`.
+
+The variable names are a contract with scripts and deployments: `T2V_*`, plus the original
+`AWS_ACCESS_KEY`, `AWS_SECRET_KEY`, `REGION_NAME`, `BUCKET_NAME`, `MONGODB_URI` and `CUDA_DEVICE_ID`.
+`.env.example` lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+MEMORY_PRESETS = ("auto", "none", "model", "group", "sequential")
+WORKER_MODES = ("thread", "off")
+
+
+class ConfigError(ValueError):
+    """A setting has a value t2v cannot use. The message names the variable."""
+
+
+def _secret(default=None):
+    # repr=False keeps secrets out of logs that print the settings.
+    return field(default=default, repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where things live.
+    data_dir: Path = Path("./data")
+    output_dir: Path = Path("./outputs")
+    models_dir: Path = Path("./models")
+    host: str = "127.0.0.1"
+    port: int = 7866
+
+    # Models and the GPU.
+    model: str = "./models/HunyuanVideo"
+    upscaler: str = "./models/RealESRGAN_x4plus.pth"
+    cuda_device_id: int | None = None
+    memory: str = "auto"
+    fp8: bool = False
+    vae_tiling: bool = False
+    fbc_threshold: float = 0.0
+    attention_backend: str | None = None
+    compile: bool = False
+
+    # Upscale and encode.
+    upscale_tile: int = 0
+    upscale_batch: int = 4
+    crf: int = 18
+
+    # Limits on one job.
+    max_prompt_chars: int = 2000
+    max_side: int = 1280
+    max_frames: int = 129
+    max_steps: int = 100
+
+    # Service.
+    worker: str = "thread"
+    api_keys: tuple[str, ...] = _secret(())
+    lease_s: float = 60.0
+    max_attempts: int = 2
+    max_queue: int = 100
+    max_body_kb: int = 64
+    url_ttl_s: int = 3600
+
+    # Stores. Without MONGODB_URI jobs go to SQLite; without BUCKET_NAME videos stay local.
+    mongodb_uri: str | None = _secret()
+    bucket_name: str | None = None
+    region_name: str | None = None
+    aws_access_key: str | None = _secret()
+    aws_secret_key: str | None = _secret()
+    s3_endpoint_url: str | None = None
+
+    @property
+    def device(self) -> str:
+        """`cuda:N` when a GPU is present, else `cpu`. CUDA_DEVICE_ID picks N."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{self.cuda_device_id or 0}"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, dotenv_path: str | None = ".env", **overrides) -> "Settings":
+        """Build settings from `env` (default: `.env` overlaid by `os.environ`), then `overrides`."""
+        if env is None:
+            env = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None} if dotenv_path else {}
+            env.update(os.environ)
+        values = {}
+        for f in fields(cls):
+            name = ENV_NAMES[f.name]
+            raw = env.get(name, "").strip()
+            if raw:
+                values[f.name] = _parse(name, f.name, raw)
+        settings = cls(**values)
+        settings = replace(settings, **overrides) if overrides else settings
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject values that cannot work, naming the variable."""
+        if self.memory not in MEMORY_PRESETS:
+            raise ConfigError(f"T2V_MEMORY must be one of {', '.join(MEMORY_PRESETS)}, got {self.memory!r}")
+        if self.worker not in WORKER_MODES:
+            raise ConfigError(f"T2V_WORKER must be one of {', '.join(WORKER_MODES)}, got {self.worker!r}")
+        if not 0 <= self.crf <= 51:
+            raise ConfigError(f"T2V_CRF must be between 0 and 51, got {self.crf}")
+        if self.upscale_batch < 1:
+            raise ConfigError(f"T2V_UPSCALE_BATCH must be at least 1, got {self.upscale_batch}")
+        if self.upscale_tile and self.upscale_tile < 32:
+            raise ConfigError(f"T2V_UPSCALE_TILE must be 0 (off) or at least 32, got {self.upscale_tile}")
+        if self.max_side < 16 or self.max_side % 16:
+            raise ConfigError(f"T2V_MAX_SIDE must be a positive multiple of 16, got {self.max_side}")
+        if self.max_frames < 1 or self.max_frames % 4 != 1:
+            raise ConfigError(f"T2V_MAX_FRAMES must be of the form 4k+1, got {self.max_frames}")
+        for name, value in (("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
+                            ("T2V_MAX_QUEUE", self.max_queue), ("T2V_MAX_ATTEMPTS", self.max_attempts),
+                            ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s)):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if self.lease_s <= 0:
+            raise ConfigError(f"T2V_LEASE_S must be positive, got {self.lease_s}")
+
+
+# Field name -> environment variable. The original project's names are kept as they were.
+ENV_NAMES = {f: f"T2V_{f.upper()}" for f in Settings.__dataclass_fields__}
+ENV_NAMES.update(
+    cuda_device_id="CUDA_DEVICE_ID",
+    mongodb_uri="MONGODB_URI",
+    bucket_name="BUCKET_NAME",
+    region_name="REGION_NAME",
+    aws_access_key="AWS_ACCESS_KEY",
+    aws_secret_key="AWS_SECRET_KEY",
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(env_name: str, field_name: str, raw: str):
+    kind = Settings.__dataclass_fields__[field_name].type
+    try:
+        if kind == "Path":
+            return Path(raw)
+        if kind == "bool":
+            if raw.lower() in _TRUE | _FALSE:
+                return raw.lower() in _TRUE
+            raise ValueError
+        if kind in ("int", "int | None"):
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "tuple[str, ...]":
+            return tuple(k.strip() for k in raw.split(",") if k.strip())
+        return raw
+    except ValueError:
+        raise ConfigError(f"{env_name} has an invalid value for a {kind} setting") from None

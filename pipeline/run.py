@@ -1,0 +1,186 @@
+"""`run_job`: prompt -> frames -> upscaled batches -> MP4. The CLI scripts and the worker both call it.
+
+Frames move between stages in memory: the generated clip as uint8 frames, the upscaled clip one
+batch at a time, straight into the encoder, which runs in its own thread so that encoding overlaps
+the next batch's model work. The upscaled clip is never held whole, and no lossy file sits between
+stages. The MP4 is written under a temporary name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from config import Settings
+from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator
+from pipeline.spec import JobParams
+from pipeline.upscale import Upscaler, resolve_upscaler
+from pipeline.video import VideoWriter, write_poster
+
+# on_progress(stage, done, total): stages are "denoising" (steps), "upscaling" and "encoding" (frames).
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class VideoResult:
+    path: Path
+    width: int
+    height: int
+    frames: int
+    fps: int
+    duration_s: float
+    seed: int
+    size_bytes: int
+    sha256: str
+    poster_path: Path | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        d["poster_path"] = str(self.poster_path) if self.poster_path else None
+        return d
+
+
+class Models:
+    """The video generator and the upscaler, each loaded once on first use and then reused across jobs."""
+
+    def __init__(self, settings: Settings, progress_bar: bool = False, upscaler: str | None = None,
+                 half_upscaler: bool | None = None):
+        self.settings = settings
+        self.progress_bar = progress_bar
+        self.upscaler_name = upscaler or settings.upscaler
+        self.half_upscaler = half_upscaler
+        self._generator: VideoGenerator | None = None
+        self._upscaler: Upscaler | None = None
+
+    @property
+    def generator(self) -> VideoGenerator:
+        if self._generator is None:
+            s = self.settings
+            speed = SpeedOptions(fp8=s.fp8, vae_tiling=s.vae_tiling, fbc_threshold=s.fbc_threshold,
+                                 attention_backend=s.attention_backend, compile=s.compile)
+            self._generator = VideoGenerator(s.model, s.data_dir, s.device, s.memory, speed, self.progress_bar)
+        return self._generator
+
+    @property
+    def upscaler(self) -> Upscaler | None:
+        if self._upscaler is None:
+            path = resolve_upscaler(self.upscaler_name, self.settings.models_dir, self.settings.data_dir)
+            if path is None:
+                return None
+            s = self.settings
+            self._upscaler = Upscaler(path, s.device, half=self.half_upscaler, tile=s.upscale_tile,
+                                      batch=s.upscale_batch)
+        return self._upscaler
+
+
+def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,
+            should_cancel: Callable[[], bool] | None = None, *, models: Models | None = None,
+            output: Path | None = None, progress_bar: bool = False) -> VideoResult:
+    """Generate (and, if `params.upscale`, upscale) one video into `output`; return what was written."""
+    models = models or Models(settings, progress_bar=progress_bar)
+    on_progress = on_progress or (lambda stage, done, total: None)
+    should_cancel = should_cancel or (lambda: False)
+    output = Path(output or Path(settings.output_dir) / f"t2v_{params.seed}.mp4")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    started = time.perf_counter()
+    frames = models.generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel)
+    timings["generate"] = time.perf_counter() - started
+
+    upscaler = models.upscaler if params.upscale else None
+    outscale = params.outscale if upscaler else 1
+    stream: Iterable[np.ndarray] = upscaler.stream(frames, outscale) if upscaler else frames
+    stage = "upscaling" if upscaler else "encoding"
+    total = len(frames)
+
+    def progressed(items: Iterable[np.ndarray]):
+        for i, frame in enumerate(items, 1):
+            yield frame
+            on_progress(stage, i, total)
+            if should_cancel():
+                raise JobCanceled()
+
+    if progress_bar:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, total=total, desc=stage, unit="frame")
+    poster = write_poster(frames[len(frames) // 2], output.with_suffix(".jpg"))
+    encode_s, upscale_s = encode_stream(progressed(stream), output, params.fps, settings.crf)
+    timings["upscale" if upscaler else "encode"] = upscale_s
+    timings["encode_thread"] = encode_s
+    timings["total"] = time.perf_counter() - started
+
+    height, width = frames.shape[1] * outscale, frames.shape[2] * outscale
+    return VideoResult(
+        path=output, width=width, height=height, frames=total, fps=params.fps,
+        duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
+        sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def encode_stream(frames: Iterable[np.ndarray], output: Path, fps: float, crf: int) -> tuple[float, float]:
+    """Encode frames into `output` with the encoder in its own thread; return (encode_s, produce_s).
+
+    Writes to a temporary sibling and renames it into place only after the last frame, so a crash or
+    cancel never leaves a partial MP4 under the final name.
+    """
+    tmp = output.with_name(f".{output.name}.part")
+    handoff: queue.Queue = queue.Queue(maxsize=8)
+    done = object()
+    failure: list[BaseException] = []
+    encode_time = [0.0]
+
+    def encode():
+        try:
+            with VideoWriter(tmp, fps=fps, crf=crf) as writer:
+                while (frame := handoff.get()) is not done:
+                    t = time.perf_counter()
+                    writer.write(frame)
+                    encode_time[0] += time.perf_counter() - t
+        except BaseException as exc:  # handed to the producer below
+            failure.append(exc)
+            while handoff.get() is not done:  # drain so the producer never blocks
+                pass
+
+    thread = threading.Thread(target=encode, name="t2v-encoder", daemon=True)
+    thread.start()
+    produce_time = 0.0
+    try:
+        iterator = iter(frames)
+        while True:
+            t = time.perf_counter()
+            frame = next(iterator, done)
+            produce_time += time.perf_counter() - t
+            handoff.put(frame)
+            if frame is done:
+                break
+    except BaseException:
+        handoff.put(done)
+        thread.join()
+        tmp.unlink(missing_ok=True)
+        raise
+    thread.join()
+    if failure:
+        tmp.unlink(missing_ok=True)
+        raise failure[0]
+    os.replace(tmp, output)
+    return encode_time[0], produce_time
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,159 @@
+"""Real-ESRGAN-family upscaling on spandrel: load release weights, batch frames, tile, survive OOM.
+
+spandrel reads the official release files as they are (RRDBNet under `params_ema`, SRVGGNetCompact
+under `params`) and detects the architecture and scale from the weights. This module adds what a
+video needs: device and dtype choice, batches of frames, tiles with padding, a retry with smaller
+tiles on CUDA out-of-memory, and resizing to a non-native output scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import tiny
+
+log = logging.getLogger(__name__)
+
+MIN_TILE = 32
+
+
+@dataclass(frozen=True)
+class Release:
+    filename: str
+    url: str
+    sha256: str | None  # None: no published checksum known to t2v, so download.py will not fetch it
+
+
+_BASE = "https://github.com/xinntao/Real-ESRGAN/releases/download"
+RELEASES = {
+    "RealESRGAN_x4plus": Release(
+        "RealESRGAN_x4plus.pth", f"{_BASE}/v0.1.0/RealESRGAN_x4plus.pth",
+        "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1"),
+    "RealESRGAN_x2plus": Release(
+        "RealESRGAN_x2plus.pth", f"{_BASE}/v0.2.1/RealESRGAN_x2plus.pth", None),
+    "realesr-animevideov3": Release(
+        "realesr-animevideov3.pth", f"{_BASE}/v0.2.5.0/realesr-animevideov3.pth",
+        "b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d"),
+    "realesr-general-x4v3": Release(
+        "realesr-general-x4v3.pth", f"{_BASE}/v0.2.5.0/realesr-general-x4v3.pth",
+        "8dc7edb9ac80ccdc30c3a5dca6616509367f05fbc184ad95b731f05bece96292"),
+}
+
+
+class UpscalerLoadError(ValueError):
+    """The weight file is missing, corrupt or of an unknown architecture. The message names the file."""
+
+
+def resolve_upscaler(name_or_path: str, models_dir: Path, data_dir: Path) -> Path | None:
+    """`none` -> None; `tiny` -> the tiny weights; a known release name -> its file in `models_dir`; else a path."""
+    if name_or_path == "none":
+        return None
+    if name_or_path == "tiny":
+        return tiny.tiny_upscaler_path(data_dir)
+    if name_or_path in RELEASES:
+        path = Path(models_dir) / RELEASES[name_or_path].filename
+    else:
+        path = Path(name_or_path)
+    if not path.is_file():
+        raise UpscalerLoadError(
+            f"upscaler weights {path} not found; run `python download.py --only {path.stem}` "
+            "or pass --upscaler tiny|none|PATH")
+    return path
+
+
+class Upscaler:
+    """A loaded upscaler. `upscale()` takes a batch of uint8 frames; `stream()` takes an iterable of them."""
+
+    def __init__(self, path: Path, device: str = "cpu", half: bool | None = None, tile: int = 0,
+                 tile_pad: int = 16, batch: int = 4):
+        import spandrel
+
+        path = Path(path)
+        try:
+            descriptor = spandrel.ModelLoader().load_from_file(path)
+        except FileNotFoundError:
+            raise UpscalerLoadError(f"upscaler weights {path} not found") from None
+        except spandrel.UnsupportedModelError:
+            raise UpscalerLoadError(f"upscaler weights {path}: architecture not recognised by spandrel") from None
+        except Exception as exc:  # torch.load and safetensors raise many kinds on a damaged file
+            raise UpscalerLoadError(f"upscaler weights {path} could not be read ({type(exc).__name__}: {exc})") from None
+        if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+            raise UpscalerLoadError(f"upscaler weights {path} are a {descriptor.architecture.name} model, not an upscaler")
+
+        if half is None:  # fp16 where it pays and the architecture supports it
+            half = device.startswith("cuda") and descriptor.supports_half
+        self.dtype = torch.float16 if half else torch.float32
+        self.device = device
+        self.model = descriptor.to(device).to(self.dtype).eval()
+        self.scale = descriptor.scale
+        self.architecture = descriptor.architecture.name
+        self.path = path
+        self.tile = tile
+        self.tile_pad = tile_pad
+        self.batch = batch
+
+    def upscale(self, frames: np.ndarray, outscale: int | None = None) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> uint8 (N, H*outscale, W*outscale, 3). Every frame comes back, in order."""
+        outscale = outscale or self.scale
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255)
+        with torch.inference_mode():
+            y = self._run_with_oom_retry(x)
+            h, w = frames.shape[1] * outscale, frames.shape[2] * outscale
+            if y.shape[-2:] != (h, w):
+                y = F.interpolate(y.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    def stream(self, frames: Iterable[np.ndarray], outscale: int | None = None) -> Iterator[np.ndarray]:
+        """Upscale an iterable of uint8 (H, W, 3) frames in batches, yielding them one by one."""
+        pending = []
+        for frame in frames:
+            pending.append(frame)
+            if len(pending) == self.batch:
+                yield from self.upscale(np.stack(pending), outscale)
+                pending.clear()
+        if pending:
+            yield from self.upscale(np.stack(pending), outscale)
+
+    def _run_with_oom_retry(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the batch; on CUDA OOM halve the tile (starting from the frame size) and retry the same batch."""
+        tile = self.tile
+        while True:
+            try:
+                return self._run(x, tile)
+            except torch.OutOfMemoryError:
+                if x.is_cuda:
+                    torch.cuda.empty_cache()
+                tile = (tile or max(x.shape[-2:])) // 2
+                if tile < MIN_TILE:
+                    raise
+                log.warning("out of GPU memory while upscaling; retrying the same batch with %dpx tiles", tile)
+                self.tile = tile  # later batches start from the size that fitted
+
+    def _run(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        if not tile or (x.shape[-2] <= tile and x.shape[-1] <= tile):
+            return self.model(x)
+        return self._run_tiled(x, tile)
+
+    def _run_tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """Upscale tile by tile; each tile sees `tile_pad` extra pixels of context, cropped off after."""
+        n, c, h, w = x.shape
+        s, pad = self.scale, self.tile_pad
+        out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
+        for top in range(0, h, tile):
+            for left in range(0, w, tile):
+                bottom, right = min(top + tile, h), min(left + tile, w)
+                t0, l0 = max(top - pad, 0), max(left - pad, 0)
+                b0, r0 = min(bottom + pad, h), min(right + pad, w)
+                y = self.model(x[:, :, t0:b0, l0:r0])
+                out[:, :, top * s:bottom * s, left * s:right * s] = y[
+                    :, :, (top - t0) * s:(bottom - t0) * s, (left - l0) * s:(right - l0) * s]
+        return out
