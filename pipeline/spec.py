@@ -85,7 +85,7 @@ class JobParams:
             height=height,
             num_frames=num_frames,
             fps=_int(values, "fps", DEFAULT_FPS, 1, 60),
-            num_inference_steps=_int(values, "num_inference_steps", 30, 1, limits.max_steps),
+            num_inference_steps=_int(values, "num_inference_steps", min(30, limits.max_steps), 1, limits.max_steps),
             guidance_scale=_float(values, "guidance_scale", 6.0, 1.0, 30.0),
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             upscale=upscale,

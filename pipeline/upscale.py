@@ -57,13 +57,11 @@ def resolve_upscaler(name_or_path: str, models_dir: Path, data_dir: Path) -> Pat
         return None
     if name_or_path == "tiny":
         return tiny.tiny_upscaler_path(data_dir)
-    if name_or_path in RELEASES:
-        path = Path(models_dir) / RELEASES[name_or_path].filename
-    else:
-        path = Path(name_or_path)
+    path = Path(models_dir) / RELEASES[name_or_path].filename if name_or_path in RELEASES else Path(name_or_path)
     if not path.is_file():
+        known = path.stem if path.stem in RELEASES else "RealESRGAN_x4plus"
         raise UpscalerLoadError(
-            f"upscaler weights {path} not found; run `python download.py --only {path.stem}` "
+            f"upscaler weights {path} not found; run `python download.py --only {known}` "
             "or pass --upscaler tiny|none|PATH")
     return path
 
