@@ -49,3 +49,82 @@ def smooth_clip(frames: int, height: int, width: int) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+# ---------------------------------------------------------------------------------------- service
+
+TINY_JOB = {"prompt": "a red fox", "width": 64, "height": 64, "num_frames": 9, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(data_dir, tiny_model, tiny_upscalers):
+    """One loaded tiny generator + upscaler shared by every worker in the session (load once, reuse)."""
+    from pipeline.run import Models
+
+    return Models(Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=data_dir))
+
+
+@pytest.fixture
+def make_app(tmp_path, data_dir, tiny_models):
+    """make_app(worker=True, jobs=None, blobs=None, **settings) -> (app, service); stops workers afterwards."""
+    from app import create_app
+    from storage.blobs import LocalBlobStore
+    from storage.jobs import SqliteJobStore
+    from worker import Worker
+
+    workers = []
+
+    def make(worker=True, jobs=None, blobs=None, **overrides):
+        settings = Settings.from_env(env={}, **{"model": "tiny", "upscaler": "tiny", "data_dir": tmp_path / "data",
+                                               "worker": "off", "lease_s": 5.0, **overrides})
+        jobs = jobs or SqliteJobStore(tmp_path / "data" / "jobs.sqlite3")
+        blobs = blobs or LocalBlobStore(tmp_path / "data" / "blobs")
+        w = Worker(settings, jobs, blobs, models=tiny_models, poll_s=0.05).start() if worker else None
+        if w:
+            workers.append(w)
+        app = create_app(settings, jobs=jobs, blobs=blobs, worker=w)
+        return app, app.extensions["t2v"]
+
+    yield make
+    for w in workers:
+        w.stop(timeout=30)
+
+
+def wait_for(predicate, timeout=60.0, every=0.05):
+    """Poll until predicate() is truthy; return its value or fail the test."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 server on loopback, over real HTTP. Yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch):
+    """A fresh bucket on the moto server; returns (endpoint, bucket)."""
+    import secrets
+
+    import boto3
+
+    for var in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    bucket = f"t2v-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket=bucket)
+    return moto_server, bucket

@@ -1,0 +1,388 @@
+"""Job records: `SqliteJobStore` (default, one file under the data folder) and `MongoJobStore` (pymongo).
+
+Both keep the same contract, checked by one test suite:
+- `claim()` hands the oldest queued job to exactly one worker, with a lease;
+- a worker renews the lease with `heartbeat()`; a job whose lease ran out goes back to the queue
+  (`requeue_expired`), or fails with `worker_lost` after its last attempt;
+- `complete()`, `fail()` and `mark_canceled()` only act on a job the calling worker still holds,
+  so a job can never complete twice.
+Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
+TERMINAL = (COMPLETED, FAILED, CANCELED)
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store cannot be reached or written. The message is safe to show (no credentials)."""
+
+
+class JobStore(Protocol):
+    def create(self, job: dict) -> dict: ...
+    def get(self, reference_id: str) -> dict | None: ...
+    def history(self, owner: str, session_id: str) -> list[dict]: ...
+    def count_queued(self) -> int: ...
+    def queue_position(self, job: dict) -> int: ...
+    def claim(self, worker_id: str, lease_s: float) -> dict | None: ...
+    def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None: ...
+    def update_progress(self, reference_id: str, worker_id: str, **fields) -> None: ...
+    def complete(self, reference_id: str, worker_id: str, result: dict) -> bool: ...
+    def fail(self, reference_id: str, worker_id: str, code: str, message: str) -> bool: ...
+    def mark_canceled(self, reference_id: str, worker_id: str) -> bool: ...
+    def request_cancel(self, reference_id: str) -> str | None: ...
+    def requeue_expired(self, max_attempts: int) -> tuple[int, int]: ...
+    def ping(self) -> None: ...
+
+
+def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: dict) -> dict:
+    """A fresh queued record with every field the stores keep."""
+    return {
+        "reference_id": reference_id, "session_id": session_id, "owner": owner, "kind": kind, "params": params,
+        "status": QUEUED, "stage": QUEUED, "progress": 0.0, "eta_s": None, "error": None, "result": None,
+        "attempts": 0, "worker_id": None, "lease_until": None, "cancel_requested": False,
+        "created_at": time.time(), "started_at": None, "finished_at": None,
+    }
+
+
+def _worker_lost(attempts: int) -> dict:
+    return {"code": "worker_lost", "message": f"the worker running this job stopped responding ({attempts} attempts)"}
+
+
+# ---------------------------------------------------------------------------------------- SQLite
+
+_JSON_FIELDS = ("params", "error", "result")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    reference_id TEXT NOT NULL UNIQUE,
+    session_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stage TEXT,
+    progress REAL NOT NULL DEFAULT 0,
+    eta_s REAL,
+    error TEXT,
+    result TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    lease_until REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_owner_session ON jobs (owner, session_id, created_at);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+
+class _Outcomes:
+    """The three ways a worker ends its job; each backend supplies `_finish`, guarded by the worker's lease."""
+
+    def complete(self, reference_id: str, worker_id: str, result: dict) -> bool:
+        return self._finish(reference_id, worker_id, COMPLETED, result=result, progress=1.0)
+
+    def fail(self, reference_id: str, worker_id: str, code: str, message: str) -> bool:
+        return self._finish(reference_id, worker_id, FAILED, error={"code": code, "message": message})
+
+    def mark_canceled(self, reference_id: str, worker_id: str) -> bool:
+        return self._finish(reference_id, worker_id, CANCELED)
+
+
+class SqliteJobStore(_Outcomes):
+    """Jobs in one SQLite file (WAL mode). Each thread gets its own connection."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"job database unavailable: {exc}") from None
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _tx(self, write: bool = False) -> "_SqliteTx":
+        return _SqliteTx(self, write)
+
+    def _row(self, row) -> dict | None:
+        if row is None:
+            return None
+        job = dict(row)
+        job.pop("seq", None)
+        for name in _JSON_FIELDS:
+            job[name] = json.loads(job[name]) if job[name] else None
+        job["cancel_requested"] = bool(job["cancel_requested"])
+        return job
+
+    def create(self, job: dict) -> dict:
+        values = {k: (json.dumps(v) if k in _JSON_FIELDS and v is not None else v) for k, v in job.items()}
+        cols = ", ".join(values)
+        with self._tx() as db:
+            db.execute(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+        return job
+
+    def get(self, reference_id: str) -> dict | None:
+        with self._tx() as db:
+            return self._row(db.execute("SELECT * FROM jobs WHERE reference_id = ?", (reference_id,)).fetchone())
+
+    def history(self, owner: str, session_id: str) -> list[dict]:
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE owner = ? AND session_id = ? ORDER BY seq DESC",
+                              (owner, session_id)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count_queued(self) -> int:
+        with self._tx() as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+
+    def queue_position(self, job: dict) -> int:
+        if job["status"] != QUEUED:
+            return 0
+        with self._tx() as db:
+            return db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq <= (SELECT seq FROM jobs WHERE reference_id = ?)",
+                (QUEUED, job["reference_id"])).fetchone()[0]
+
+    def claim(self, worker_id: str, lease_s: float) -> dict | None:
+        now = time.time()
+        with self._tx(write=True) as db:
+            row = db.execute(
+                "UPDATE jobs SET status = ?, stage = 'starting', worker_id = ?, lease_until = ?, "
+                "attempts = attempts + 1, started_at = ? "
+                "WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) AND status = ? "
+                "RETURNING *", (PROCESSING, worker_id, now + lease_s, now, QUEUED, QUEUED)).fetchone()
+        return self._row(row)
+
+    def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None:
+        with self._tx(write=True) as db:
+            row = db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE reference_id = ? AND worker_id = ? AND status = ? RETURNING *",
+                (time.time() + lease_s, reference_id, worker_id, PROCESSING)).fetchone()
+        return self._row(row)
+
+    def update_progress(self, reference_id: str, worker_id: str, **fields) -> None:
+        allowed = {k: v for k, v in fields.items() if k in ("stage", "progress", "eta_s")}
+        sets = ", ".join(f"{k} = ?" for k in allowed)
+        with self._tx(write=True) as db:
+            db.execute(f"UPDATE jobs SET {sets} WHERE reference_id = ? AND worker_id = ? AND status = ?",
+                       [*allowed.values(), reference_id, worker_id, PROCESSING])
+
+    def _finish(self, reference_id: str, worker_id: str, status: str, **fields) -> bool:
+        values = {"status": status, "stage": status, "finished_at": time.time(), "lease_until": None,
+                  "eta_s": None, **{k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in fields.items()}}
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._tx(write=True) as db:
+            cur = db.execute(f"UPDATE jobs SET {sets} WHERE reference_id = ? AND worker_id = ? AND status = ?",
+                             [*values.values(), reference_id, worker_id, PROCESSING])
+            return cur.rowcount == 1
+
+    def request_cancel(self, reference_id: str) -> str | None:
+        """Cancel a queued job now; flag a running one for its worker. Returns the resulting status."""
+        with self._tx(write=True) as db:
+            db.execute("UPDATE jobs SET status = ?, stage = ?, finished_at = ? WHERE reference_id = ? AND status = ?",
+                       (CANCELED, CANCELED, time.time(), reference_id, QUEUED))
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE reference_id = ? AND status = ?",
+                       (reference_id, PROCESSING))
+            row = db.execute("SELECT status FROM jobs WHERE reference_id = ?", (reference_id,)).fetchone()
+        return row[0] if row else None
+
+    def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
+        """Jobs whose worker died: canceled if a cancel was asked, failed after the last attempt, else queued.
+
+        Returns (requeued, ended)."""
+        now = time.time()
+        error = json.dumps(_worker_lost(max_attempts))
+        with self._tx(write=True) as db:
+            ended = db.execute(
+                "UPDATE jobs SET status = ?, stage = ?, finished_at = ?, lease_until = NULL "
+                "WHERE status = ? AND lease_until < ? AND cancel_requested = 1",
+                (CANCELED, CANCELED, now, PROCESSING, now)).rowcount
+            ended += db.execute(
+                "UPDATE jobs SET status = ?, stage = ?, error = ?, finished_at = ?, lease_until = NULL "
+                "WHERE status = ? AND lease_until < ? AND attempts >= ?",
+                (FAILED, FAILED, error, now, PROCESSING, now, max_attempts)).rowcount
+            requeued = db.execute(
+                "UPDATE jobs SET status = ?, stage = ?, worker_id = NULL, lease_until = NULL, progress = 0, eta_s = NULL "
+                "WHERE status = ? AND lease_until < ?", (QUEUED, QUEUED, PROCESSING, now)).rowcount
+        return requeued, ended
+
+    def ping(self) -> None:
+        with self._tx(write=True) as db:
+            db.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL)")
+            db.execute("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),))
+
+
+class _SqliteTx:
+    """`with store._tx(write=True) as db:` runs one transaction; sqlite errors become StoreUnavailable."""
+
+    def __init__(self, store: SqliteJobStore, write: bool):
+        self.store = store
+        self.write = write
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.db = self.store._conn()
+            self.db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
+        except sqlite3.Error as exc:
+            self._drop()
+            raise StoreUnavailable(f"job database unavailable: {exc}") from None
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except sqlite3.Error as commit_error:
+            self._drop()
+            if exc_type is None:
+                raise StoreUnavailable(f"job database unavailable: {commit_error}") from None
+        if isinstance(exc, sqlite3.Error):
+            self._drop()
+            raise StoreUnavailable(f"job database unavailable: {exc}") from None
+        return False
+
+    def _drop(self):
+        conn = getattr(self.store._local, "conn", None)
+        self.store._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+
+# ---------------------------------------------------------------------------------------- MongoDB
+
+class MongoJobStore(_Outcomes):
+    """Jobs in a MongoDB collection; claims are single `find_one_and_update` calls."""
+
+    def __init__(self, uri: str | None = None, database: str = "t2v", client: Any = None):
+        import pymongo
+
+        self._pymongo = pymongo
+        self.client = client or pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
+        self.jobs = self.client[database]["jobs"]
+        self._guard(lambda: (
+            self.jobs.create_index("reference_id", unique=True),
+            self.jobs.create_index([("owner", 1), ("session_id", 1), ("created_at", -1)]),
+            self.jobs.create_index([("status", 1), ("created_at", 1)]),
+        ))
+
+    def _guard(self, call):
+        try:
+            return call()
+        except self._pymongo.errors.PyMongoError as exc:
+            # str(exc) of a connection error can hold the host list but never the password.
+            raise StoreUnavailable(f"job database unavailable: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _doc(doc) -> dict | None:
+        if doc is None:
+            return None
+        doc = dict(doc)
+        doc.pop("_id", None)
+        return doc
+
+    def create(self, job: dict) -> dict:
+        self._guard(lambda: self.jobs.insert_one(dict(job)))
+        return job
+
+    def get(self, reference_id: str) -> dict | None:
+        return self._doc(self._guard(lambda: self.jobs.find_one({"reference_id": reference_id})))
+
+    def history(self, owner: str, session_id: str) -> list[dict]:
+        cursor = self._guard(lambda: list(self.jobs.find({"owner": owner, "session_id": session_id})
+                                          .sort([("created_at", -1), ("_id", -1)])))
+        return [self._doc(d) for d in cursor]
+
+    def count_queued(self) -> int:
+        return self._guard(lambda: self.jobs.count_documents({"status": QUEUED}))
+
+    def queue_position(self, job: dict) -> int:
+        if job["status"] != QUEUED:
+            return 0
+        return self._guard(lambda: self.jobs.count_documents(
+            {"status": QUEUED, "created_at": {"$lte": job["created_at"]}}))
+
+    def _update_one(self, query: dict, update: dict, **kw) -> dict | None:
+        ret = self._pymongo.ReturnDocument.AFTER
+        return self._doc(self._guard(lambda: self.jobs.find_one_and_update(query, update, return_document=ret, **kw)))
+
+    def claim(self, worker_id: str, lease_s: float) -> dict | None:
+        now = time.time()
+        return self._update_one(
+            {"status": QUEUED},
+            {"$set": {"status": PROCESSING, "stage": "starting", "worker_id": worker_id, "lease_until": now + lease_s,
+                      "started_at": now}, "$inc": {"attempts": 1}},
+            sort=[("created_at", 1), ("_id", 1)])
+
+    def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None:
+        return self._update_one({"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING},
+                                {"$set": {"lease_until": time.time() + lease_s}})
+
+    def update_progress(self, reference_id: str, worker_id: str, **fields) -> None:
+        allowed = {k: v for k, v in fields.items() if k in ("stage", "progress", "eta_s")}
+        self._guard(lambda: self.jobs.update_one(
+            {"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING}, {"$set": allowed}))
+
+    def _finish(self, reference_id: str, worker_id: str, status: str, **fields) -> bool:
+        values = {"status": status, "stage": status, "finished_at": time.time(), "lease_until": None, "eta_s": None,
+                  **fields}
+        res = self._guard(lambda: self.jobs.update_one(
+            {"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING}, {"$set": values}))
+        return res.modified_count == 1
+
+    def request_cancel(self, reference_id: str) -> str | None:
+        self._guard(lambda: self.jobs.update_one(
+            {"reference_id": reference_id, "status": QUEUED},
+            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": time.time()}}))
+        self._guard(lambda: self.jobs.update_one(
+            {"reference_id": reference_id, "status": PROCESSING}, {"$set": {"cancel_requested": True}}))
+        job = self.get(reference_id)
+        return job["status"] if job else None
+
+    def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
+        """Same rules as SqliteJobStore.requeue_expired; returns (requeued, ended)."""
+        now = time.time()
+        expired = {"status": PROCESSING, "lease_until": {"$lt": now}}
+        ended = self._guard(lambda: self.jobs.update_many(
+            {**expired, "cancel_requested": True},
+            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": now, "lease_until": None}})).modified_count
+        ended += self._guard(lambda: self.jobs.update_many(
+            {**expired, "attempts": {"$gte": max_attempts}},
+            {"$set": {"status": FAILED, "stage": FAILED, "error": _worker_lost(max_attempts), "finished_at": now,
+                      "lease_until": None}})).modified_count
+        requeued = self._guard(lambda: self.jobs.update_many(
+            expired, {"$set": {"status": QUEUED, "stage": QUEUED, "worker_id": None, "lease_until": None,
+                               "progress": 0.0, "eta_s": None}}))
+        return requeued.modified_count, ended
+
+    def ping(self) -> None:
+        self._guard(lambda: self.client.admin.command("ping"))
+
+
+def open_job_store(settings) -> JobStore:
+    """MongoDB when MONGODB_URI is set, else SQLite under the data folder."""
+    if settings.mongodb_uri:
+        return MongoJobStore(settings.mongodb_uri)
+    return SqliteJobStore(Path(settings.data_dir) / "jobs.sqlite3")

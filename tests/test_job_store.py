@@ -1,0 +1,173 @@
+"""One contract, every job store: SQLite, MongoDB through mongomock, and a real MongoDB when
+T2V_TEST_MONGODB_URI is set."""
+
+import os
+import threading
+import time
+
+import mongomock
+import pytest
+
+from storage.jobs import (CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, MongoJobStore, SqliteJobStore,
+                          StoreUnavailable, new_job)
+
+BACKENDS = ["sqlite", "mongomock"] + (["mongodb"] if os.environ.get("T2V_TEST_MONGODB_URI") else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        yield SqliteJobStore(tmp_path / "jobs.sqlite3")
+    elif request.param == "mongomock":
+        yield MongoJobStore(client=mongomock.MongoClient(), database="t2v_test")
+    else:
+        db = f"t2v_test_{os.getpid()}_{int(time.time() * 1000)}"
+        s = MongoJobStore(os.environ["T2V_TEST_MONGODB_URI"], database=db)
+        yield s
+        s.client.drop_database(db)
+
+
+def add(store, ref, owner="o", session="s", **params):
+    job = store.create(new_job(ref, session, owner, "generate", {"prompt": "p", **params}))
+    time.sleep(0.002)  # distinct created_at for stores that order by it
+    return job
+
+
+def test_create_get_round_trip(store):
+    add(store, "ref00001", seed=5)
+    job = store.get("ref00001")
+    assert job["status"] == QUEUED and job["params"] == {"prompt": "p", "seed": 5}
+    assert job["attempts"] == 0 and job["cancel_requested"] is False and job["error"] is None
+    assert store.get("missing1") is None
+
+
+def test_claims_are_fifo_and_queue_positions_follow(store):
+    for i in range(3):
+        add(store, f"ref0000{i}")
+    assert [store.queue_position(store.get(f"ref0000{i}")) for i in range(3)] == [1, 2, 3]
+    assert store.count_queued() == 3
+    first = store.claim("w1", 30)
+    assert first["reference_id"] == "ref00000" and first["status"] == PROCESSING and first["attempts"] == 1
+    assert store.queue_position(store.get("ref00001")) == 1 and store.queue_position(first) == 0
+    assert store.claim("w1", 30)["reference_id"] == "ref00001"
+    assert store.claim("w1", 30)["reference_id"] == "ref00002"
+    assert store.claim("w1", 30) is None
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b != "mongomock"])
+def atomic_store(request, tmp_path):
+    """Backends that can prove atomic claims under threads. mongomock is not thread-safe (its
+    find_one_and_update is a find, then an update), so real MongoDB stands in for it when available."""
+    if request.param == "sqlite":
+        return SqliteJobStore(tmp_path / "jobs.sqlite3")
+    return MongoJobStore(os.environ["T2V_TEST_MONGODB_URI"], database=f"t2v_atomic_{os.getpid()}_{time.time_ns()}")
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(atomic_store):
+    store = atomic_store
+    for i in range(6):
+        add(store, f"job{i:05d}")
+    claimed, lock = [], threading.Lock()
+
+    def claimer(name):
+        while (job := store.claim(name, 30)) is not None:
+            with lock:
+                claimed.append(job["reference_id"])
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == [f"job{i:05d}" for i in range(6)]
+
+
+def test_only_the_holder_finishes_a_job_and_only_once(store):
+    add(store, "ref00001")
+    store.claim("w1", 30)
+    assert store.complete("ref00001", "w2", {"x": 1}) is False
+    assert store.complete("ref00001", "w1", {"video_key": "k"}) is True
+    assert store.complete("ref00001", "w1", {"video_key": "again"}) is False
+    job = store.get("ref00001")
+    assert job["status"] == COMPLETED and job["result"] == {"video_key": "k"} and job["progress"] == 1.0
+
+
+def test_progress_heartbeat_and_failure(store):
+    add(store, "ref00001")
+    store.claim("w1", 30)
+    store.update_progress("ref00001", "w1", stage="denoising 2/4", progress=0.35, eta_s=12.0)
+    job = store.heartbeat("ref00001", "w1", 30)
+    assert (job["stage"], job["progress"], job["eta_s"]) == ("denoising 2/4", 0.35, 12.0)
+    assert store.heartbeat("ref00001", "someone-else", 30) is None
+    assert store.fail("ref00001", "w1", "generation_error", "boom") is True
+    job = store.get("ref00001")
+    assert job["status"] == FAILED and job["error"] == {"code": "generation_error", "message": "boom"}
+    assert store.heartbeat("ref00001", "w1", 30) is None  # a finished job has no lease
+
+
+def test_cancel_queued_is_immediate_and_running_is_flagged(store):
+    add(store, "ref00001")
+    add(store, "ref00002")
+    assert store.request_cancel("ref00001") == CANCELED
+    running = store.claim("w1", 30)
+    assert running["reference_id"] == "ref00002"
+    assert store.request_cancel("ref00002") == PROCESSING
+    assert store.heartbeat("ref00002", "w1", 30)["cancel_requested"] is True
+    assert store.mark_canceled("ref00002", "w1") is True
+    assert store.get("ref00002")["status"] == CANCELED
+    assert store.request_cancel("nothere1") is None
+
+
+def test_expired_leases_are_requeued_then_failed_after_the_last_attempt(store):
+    add(store, "ref00001")
+    store.claim("dead", -1)  # a lease already in the past: its worker died
+    assert store.requeue_expired(max_attempts=2) == (1, 0)
+    job = store.get("ref00001")
+    assert job["status"] == QUEUED and job["worker_id"] is None and job["attempts"] == 1
+    assert store.claim("dead-again", -1)["attempts"] == 2
+    assert store.requeue_expired(max_attempts=2) == (0, 1)
+    job = store.get("ref00001")
+    assert job["status"] == FAILED and job["error"]["code"] == "worker_lost"
+
+
+def test_live_leases_are_left_alone_and_lost_cancels_end_canceled(store):
+    add(store, "ref00001")
+    add(store, "ref00002")
+    store.claim("alive", 60)
+    store.claim("dead", -1)
+    store.request_cancel("ref00002")
+    assert store.requeue_expired(max_attempts=5) == (0, 1)
+    assert store.get("ref00001")["status"] == PROCESSING
+    assert store.get("ref00002")["status"] == CANCELED
+
+
+def test_history_is_per_owner_and_session_newest_first(store):
+    add(store, "ref00001", owner="a", session="s1")
+    add(store, "ref00002", owner="a", session="s1")
+    add(store, "ref00003", owner="a", session="s2")
+    add(store, "ref00004", owner="b", session="s1")
+    assert [j["reference_id"] for j in store.history("a", "s1")] == ["ref00002", "ref00001"]
+    assert [j["reference_id"] for j in store.history("b", "s1")] == ["ref00004"]
+    assert store.history("c", "s1") == []
+
+
+def test_ping(store):
+    store.ping()
+
+
+def test_sqlite_errors_become_store_unavailable(tmp_path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    add(store, "ref00001")
+    store._local.conn.close()
+    store._local.conn = None
+    for f in tmp_path.glob("jobs.sqlite3*"):
+        f.unlink()
+    (tmp_path / "jobs.sqlite3").mkdir()  # the database path can no longer be opened
+    with pytest.raises(StoreUnavailable):
+        store.get("ref00001")
+
+
+def test_unreachable_mongodb_is_store_unavailable():
+    with pytest.raises(StoreUnavailable) as err:
+        MongoJobStore("mongodb://user:hunter2@127.0.0.1:1/t2v?serverSelectionTimeoutMS=200")
+    assert "hunter2" not in str(err.value)
