@@ -1,0 +1,275 @@
+"""The t2v REST API: `create_app(settings=None)`. Routes parse, validate, call the stores, and answer JSON.
+
+    python app.py                                   # 127.0.0.1:7866, SQLite, local files, thread worker
+    gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+
+from flask import Flask, g, jsonify, redirect, request, send_file, url_for
+from werkzeug.exceptions import HTTPException
+
+from config import Settings, settings_or_exit
+from openapi import build_spec
+from pipeline.spec import JobParams, Limits, ParamError
+from storage.blobs import BlobStore, open_blob_store
+from storage.jobs import COMPLETED, TERMINAL, JobStore, StoreUnavailable, new_job, open_job_store
+
+log = logging.getLogger("t2v.api")
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PUBLIC_ENDPOINTS = {"health", "static"}  # everything else needs a key when keys are on
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Service:
+    """What the routes need, kept in `app.extensions["t2v"]`."""
+
+    settings: Settings
+    jobs: JobStore
+    blobs: BlobStore
+    worker: object | None  # worker.Worker when T2V_WORKER=thread
+
+
+def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None, blobs: BlobStore | None = None,
+               worker=None) -> Flask:
+    """Build the app. Stores and the worker come from `settings` unless given (tests pass their own)."""
+    settings = settings or Settings.from_env()
+    jobs = jobs or open_job_store(settings)
+    blobs = blobs or open_blob_store(settings)
+    if worker is None and settings.worker == "thread":
+        from worker import Worker
+
+        worker = Worker(settings, jobs, blobs).start()
+
+    app = Flask(__name__)
+    app.url_map.merge_slashes = False  # "/jobs//video" is a 404, not a redirect to another URL
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_kb * 1024
+    app.json.sort_keys = False
+    app.extensions["t2v"] = Service(settings, jobs, blobs, worker)
+    _register_errors(app)
+    app.before_request(_authenticate)
+    _register_routes(app)
+    return app
+
+
+def _svc() -> Service:
+    from flask import current_app
+
+    return current_app.extensions["t2v"]
+
+
+# ---------------------------------------------------------------------------------------- identity
+
+def _authenticate():
+    """With T2V_API_KEYS set, every route but /health needs a key; the owner is a hash of that key."""
+    keys = _svc().settings.api_keys
+    if request.endpoint in PUBLIC_ENDPOINTS or not keys:
+        g.owner = "local"
+        return None
+    auth = request.headers.get("Authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
+    if not key or not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
+    g.owner = "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return None
+
+
+def _new_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def _check_id(value, name: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ApiError(400, "invalid_id", f"{name} must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+def _json_body() -> dict:
+    data = request.get_json(force=True, silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    return data
+
+
+def _owned_job(reference_id: str, session_id: str | None = None) -> dict:
+    """The job, if it exists, belongs to the caller (and to `session_id` when given); else 404."""
+    _check_id(reference_id, "reference_id")
+    job = _svc().jobs.get(reference_id)
+    if job is None or job["owner"] != g.owner or (session_id is not None and job["session_id"] != session_id):
+        raise ApiError(404, "not_found", f"no job {reference_id} for this caller")
+    return job
+
+
+# ---------------------------------------------------------------------------------------- answers
+
+def _status_view(job: dict) -> dict:
+    return {
+        "reference_id": job["reference_id"], "status": job["status"], "stage": job["stage"],
+        "progress": job["progress"], "queue_position": _svc().jobs.queue_position(job), "eta_s": job["eta_s"],
+        "error": job["error"],
+    }
+
+
+def _job_view(job: dict) -> dict:
+    view = {"session_id": job["session_id"], "kind": job["kind"], **_status_view(job),
+            "params": job["params"], "created_at": job["created_at"], "started_at": job["started_at"],
+            "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None}
+    if job["status"] == COMPLETED and job["result"]:
+        view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
+        view["video_url"] = url_for("job_video", reference_id=job["reference_id"])
+        view["poster_url"] = url_for("job_poster", reference_id=job["reference_id"])
+    return view
+
+
+def _blob_response(job: dict, key_name: str, mimetype: str):
+    if job["status"] != COMPLETED:
+        raise ApiError(409, "not_ready", f"job {job['reference_id']} is {job['status']}, not completed")
+    key = job["result"][key_name]
+    blobs = _svc().blobs
+    path = blobs.local_path(key)
+    if path is not None:
+        return send_file(path, mimetype=mimetype, conditional=True, max_age=0)  # Range requests included
+    url = blobs.presigned_url(key)
+    if url is None:
+        raise ApiError(404, "not_found", "the file is no longer stored")
+    return redirect(url, code=302)
+
+
+# ---------------------------------------------------------------------------------------- routes
+
+def _register_routes(app: Flask) -> None:
+    @app.post("/generate_video")
+    def generate_video():
+        body = _json_body()
+        session_id = body.pop("session_id", None)
+        session_id = _new_id() if session_id is None else _check_id(session_id, "session_id")
+        try:
+            params = JobParams.from_dict(body, Limits.from_settings(_svc().settings))
+        except ParamError as exc:
+            raise ApiError(400, "invalid_parameter", str(exc)) from None
+        jobs = _svc().jobs
+        if jobs.count_queued() >= _svc().settings.max_queue:
+            raise ApiError(429, "queue_full", "the queue is full; try again later")
+        job = jobs.create(new_job(_new_id(), session_id, g.owner, "generate", params.to_dict()))
+        return jsonify(session_id=session_id, reference_id=job["reference_id"], status=job["status"],
+                       queue_position=jobs.queue_position(job))
+
+    @app.post("/get_status")
+    def get_status():
+        body = _json_body()
+        session_id = _check_id(body.get("session_id"), "session_id")
+        job = _owned_job(_check_id(body.get("reference_id"), "reference_id"), session_id)
+        return jsonify(_status_view(job))
+
+    @app.post("/download_video/<reference_id>")
+    def download_video(reference_id):
+        body = _json_body()
+        job = _owned_job(reference_id, _check_id(body.get("session_id"), "session_id"))
+        if job["status"] != COMPLETED:
+            raise ApiError(409, "not_ready", f"job {reference_id} is {job['status']}, not completed")
+        url = _svc().blobs.presigned_url(job["result"]["video_key"])
+        return jsonify(s3_url=url or url_for("job_video", reference_id=reference_id, _external=True))
+
+    @app.post("/history")
+    def history():
+        session_id = _check_id(_json_body().get("session_id"), "session_id")
+        return jsonify(session_id=session_id,
+                       history=[_job_view(j) for j in _svc().jobs.history(g.owner, session_id)])
+
+    @app.get("/jobs/<reference_id>")
+    def job(reference_id):
+        return jsonify(_job_view(_owned_job(reference_id)))
+
+    @app.post("/jobs/<reference_id>/cancel")
+    def cancel_job(reference_id):
+        job = _owned_job(reference_id)
+        if job["status"] in TERMINAL:
+            raise ApiError(409, "already_finished", f"job {reference_id} is already {job['status']}")
+        status = _svc().jobs.request_cancel(reference_id)
+        return jsonify(reference_id=reference_id, status=status, cancel_requested=True)
+
+    @app.get("/jobs/<reference_id>/video")
+    def job_video(reference_id):
+        return _blob_response(_owned_job(reference_id), "video_key", "video/mp4")
+
+    @app.get("/jobs/<reference_id>/poster")
+    def job_poster(reference_id):
+        return _blob_response(_owned_job(reference_id), "poster_key", "image/jpeg")
+
+    @app.get("/health")
+    def health():
+        svc = _svc()
+        worker = svc.worker
+        body = {"status": "ok", "store": "ok", "queue_length": None,
+                "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
+                "model_loaded": bool(worker and worker.model_loaded),
+                "model_error": worker.load_error if worker else None}
+        try:
+            svc.jobs.ping()
+            body["queue_length"] = svc.jobs.count_queued()
+        except StoreUnavailable:
+            body.update(status="unavailable", store="unavailable")
+            return jsonify(body), 503
+        return jsonify(body)
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(build_spec(_svc().settings))
+
+
+def _register_errors(app: Flask) -> None:
+    def error(status: int, code: str, message: str):
+        return jsonify(error={"code": code, "message": message}), status
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return error(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        if exc.code == 413:
+            return error(413, "too_large", f"the request body is over {_svc().settings.max_body_kb} KB")
+        return error(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(StoreUnavailable)
+    def store_unavailable(exc):
+        return error(503, "store_unavailable", "the job store is unavailable; try again shortly")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal_error", "an unexpected error happened; it was logged")
+
+
+def main() -> int:
+    """`python app.py`: the embedded default. Never Flask's debug server."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_or_exit("app.py")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        log.warning("listening on %s with no T2V_API_KEYS: anyone who can reach it can use the GPU", settings.host)
+    app = create_app(settings)
+    from werkzeug.serving import run_simple
+
+    log.info("t2v on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
+    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False, use_debugger=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The OpenAPI 3.1 description of the API, served at /openapi.json. A test keeps it true to the routes."""
+
+from __future__ import annotations
+
+from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, MAX_SEED
+
+ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
+ERROR = {"$ref": "#/components/schemas/Error"}
+STATUSES = ["queued", "processing", "completed", "failed", "canceled"]
+
+
+def _errors(*codes: int) -> dict:
+    return {str(c): {"description": "error", "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+def _json(schema: dict) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _ok(schema: dict, *errors: int) -> dict:
+    return {"200": {"description": "OK", **_json(schema)}, **_errors(*errors)}
+
+
+def build_spec(settings) -> dict:
+    """The spec, with the limits this server enforces."""
+    ref_param = {"name": "reference_id", "in": "path", "required": True, "schema": ID}
+    generate_body = {
+        "type": "object",
+        "required": ["prompt"],
+        "additionalProperties": False,
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars,
+                       "pattern": r"^[^\u0000]*\S[^\u0000]*$"},
+            "negative_prompt": {"type": ["string", "null"], "maxLength": settings.max_prompt_chars,
+                                "pattern": r"^[^\u0000]*$"},
+            "width": {"type": "integer", "minimum": 16, "maximum": settings.max_side, "multipleOf": 16,
+                      "default": DEFAULT_WIDTH},
+            "height": {"type": "integer", "minimum": 16, "maximum": settings.max_side, "multipleOf": 16,
+                       "default": DEFAULT_HEIGHT},
+            "num_frames": {"type": "integer", "minimum": 1, "maximum": settings.max_frames,
+                           "description": "4k+1", "default": settings.max_frames},
+            "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": DEFAULT_FPS},
+            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": settings.max_steps,
+                                    "default": min(30, settings.max_steps)},
+            "guidance_scale": {"type": "number", "minimum": 1, "maximum": 30, "default": 6.0},
+            "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
+            "upscale": {"type": "boolean", "default": True},
+            "outscale": {"type": "integer", "enum": [2, 4], "default": 4},
+            "session_id": ID,
+        },
+    }
+    accepted = {"type": "object", "required": ["session_id", "reference_id", "status", "queue_position"],
+                "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
+                               "queue_position": {"type": "integer", "minimum": 0}}}
+    session_body = {"type": "object", "required": ["session_id"], "properties": {"session_id": ID}}
+    protected = [{"bearer": []}, {"apiKey": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "t2v", "version": "1.0.0",
+                 "description": "Text-to-video with HunyuanVideo and Real-ESRGAN. When the server has API keys, "
+                                "every route but /health needs one."},
+        "security": protected,
+        "paths": {
+            "/generate_video": {"post": {
+                "summary": "Queue a text-to-video job", "requestBody": {"required": True, **_json(generate_body)},
+                "responses": _ok(accepted, 400, 401, 413, 429, 503)}},
+            "/get_status": {"post": {
+                "summary": "Status of one job",
+                "requestBody": {"required": True, **_json({"type": "object", "required": ["session_id", "reference_id"],
+                                                           "properties": {"session_id": ID, "reference_id": ID}})},
+                "responses": _ok({"$ref": "#/components/schemas/Status"}, 400, 401, 404, 413, 503)}},
+            "/download_video/{reference_id}": {"post": {
+                "summary": "A URL for the finished video (presigned on S3)", "parameters": [ref_param],
+                "requestBody": {"required": True, **_json(session_body)},
+                "responses": _ok({"type": "object", "required": ["s3_url"], "properties": {"s3_url": {"type": "string"}}},
+                                 400, 401, 404, 409, 413, 503)}},
+            "/history": {"post": {
+                "summary": "A session's jobs, newest first", "requestBody": {"required": True, **_json(session_body)},
+                "responses": _ok({"type": "object", "required": ["session_id", "history"],
+                                  "properties": {"session_id": ID, "history": {
+                                      "type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+                                 400, 401, 413, 503)}},
+            "/jobs/{reference_id}": {"get": {
+                "summary": "One job in full", "parameters": [ref_param],
+                "responses": _ok({"$ref": "#/components/schemas/Job"}, 400, 401, 404, 503)}},
+            "/jobs/{reference_id}/cancel": {"post": {
+                "summary": "Cancel a queued or running job", "parameters": [ref_param],
+                "responses": _ok({"type": "object", "required": ["reference_id", "status"],
+                                  "properties": {"reference_id": ID, "status": {"enum": STATUSES},
+                                                 "cancel_requested": {"type": "boolean"}}},
+                                 400, 401, 404, 409, 503)}},
+            "/jobs/{reference_id}/video": {"get": {
+                "summary": "The MP4 (local storage: streamed with Range support; S3: a redirect)",
+                "parameters": [ref_param],
+                "responses": {"200": {"description": "the video", "content": {"video/mp4": {}}},
+                              "206": {"description": "a byte range", "content": {"video/mp4": {}}},
+                              "302": {"description": "redirect to a presigned URL"},
+                              **_errors(400, 401, 404, 409, 416, 503)}}},
+            "/jobs/{reference_id}/poster": {"get": {
+                "summary": "The poster image", "parameters": [ref_param],
+                "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
+                              "302": {"description": "redirect to a presigned URL"},
+                              **_errors(400, 401, 404, 409, 503)}}},
+            "/health": {"get": {
+                "summary": "Liveness: store, worker, model, queue", "security": [],
+                "responses": {"200": {"description": "healthy", **_json({"$ref": "#/components/schemas/Health"})},
+                              "503": {"description": "store unavailable",
+                                      **_json({"$ref": "#/components/schemas/Health"})}}}},
+            "/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "Status": {"type": "object",
+                           "required": ["reference_id", "status", "stage", "progress", "queue_position", "eta_s", "error"],
+                           "properties": {
+                               "reference_id": ID, "status": {"enum": STATUSES}, "stage": {"type": ["string", "null"]},
+                               "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                               "queue_position": {"type": "integer", "minimum": 0},
+                               "eta_s": {"type": ["number", "null"]},
+                               "error": {"type": ["object", "null"], "properties": {
+                                   "code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "Job": {"allOf": [{"$ref": "#/components/schemas/Status"}, {"type": "object", "properties": {
+                    "session_id": ID, "kind": {"enum": ["generate", "upscale"]}, "params": {"type": "object"},
+                    "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]},
+                    "finished_at": {"type": ["number", "null"]}, "result": {"type": ["object", "null"]},
+                    "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]}}}]},
+                "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
+                           "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
+                                          "worker": {"enum": ["alive", "dead", "off"]},
+                                          "model_loaded": {"type": "boolean"},
+                                          "model_error": {"type": ["string", "null"]},
+                                          "queue_length": {"type": ["integer", "null"]}}},
+            },
+        },
+    }
