@@ -8,6 +8,7 @@ The variable names are a contract with scripts and deployments: `T2V_*`, plus th
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -123,6 +124,15 @@ class Settings:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:
             raise ConfigError(f"T2V_LEASE_S must be positive, got {self.lease_s}")
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """Settings for a server entry point; a bad value exits 2 with a one-line reason naming the variable."""
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # Field name -> environment variable. The original project's names are kept as they were.

@@ -1,0 +1,187 @@
+"""The service on S3, with S3 failing, and served for real: `python app.py` and gunicorn as subprocesses."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, TINY_JOB, wait_for
+from pipeline.video import probe
+from storage.blobs import LocalBlobStore, S3BlobStore
+
+
+def s3_store(endpoint, bucket, **kw):
+    return S3BlobStore(bucket, "us-east-1", "test", "test", endpoint, url_ttl_s=600, **kw)
+
+
+def run_to_end(client, body=None):
+    sub = client.post("/generate_video", json={**TINY_JOB, **(body or {})}).json
+    wait_for(lambda: client.get(f"/jobs/{sub['reference_id']}").json["status"] in ("completed", "failed"))
+    return sub, client.get(f"/jobs/{sub['reference_id']}").json
+
+
+def test_s3_path_download_video_gives_a_presigned_url_to_the_mp4(make_app, s3_bucket, tmp_path):
+    endpoint, bucket = s3_bucket
+    app, svc = make_app(blobs=s3_store(endpoint, bucket))
+    client = app.test_client()
+    sub, job = run_to_end(client)
+    assert job["status"] == "completed", job
+
+    url = client.post(f"/download_video/{sub['reference_id']}", json={"session_id": sub["session_id"]}).json["s3_url"]
+    assert url.startswith(endpoint) and "X-Amz-Signature=" in url and "X-Amz-Expires=600" in url
+    got = requests.get(url, timeout=10)
+    assert got.status_code == 200 and got.headers["Content-Type"] == "video/mp4"
+    (tmp_path / "got.mp4").write_bytes(got.content)
+    assert (probe(tmp_path / "got.mp4")["frames"], probe(tmp_path / "got.mp4")["width"]) == (9, 256)
+    record = svc.jobs.get(sub["reference_id"])
+    assert record["result"]["size_bytes"] == len(got.content)
+
+    redirect = client.get(f"/jobs/{sub['reference_id']}/video")
+    assert redirect.status_code == 302 and redirect.headers["Location"].startswith(endpoint)
+    poster = requests.get(client.get(f"/jobs/{sub['reference_id']}/poster").headers["Location"], timeout=10)
+    assert poster.status_code == 200 and poster.content[:2] == b"\xff\xd8"
+    assert not list((tmp_path / "data" / "work").iterdir()), "uploaded files stay on the worker's disk"
+
+
+def test_upload_failure_fails_the_job_with_storage_error_and_keeps_the_file(make_app, tmp_path):
+    with socket.socket() as s:  # a port with nothing listening: every upload is refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    app, svc = make_app(blobs=s3_store(dead, "nobucket", attempts=2, backoff_s=0.05))
+    client = app.test_client()
+    sub, job = run_to_end(client)
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_error"
+    assert "kept" in job["error"]["message"]
+    kept = tmp_path / "data" / "work" / f"{sub['reference_id']}.mp4"
+    assert probe(kept)["frames"] == 9
+
+    # The worker goes on: once the store works again, the next job completes.
+    svc.worker.blobs = svc.blobs = LocalBlobStore(tmp_path / "data" / "blobs")
+    _, nxt = run_to_end(client)
+    assert nxt["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------- real servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(argv, tmp_path, data_dir, **env):
+    """Start a server subprocess on a free port with the tiny models; return (process, base_url)."""
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_MODEL": "tiny", "T2V_UPSCALER": "tiny",
+                "T2V_DATA_DIR": str(data_dir), "T2V_PORT": str(port), "T2V_HOST": "127.0.0.1", **env}
+    log = open(tmp_path / f"server-{port}.log", "wb")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc, base, tmp_path):
+    def up():
+        assert proc.poll() is None, _logs(tmp_path)
+        try:
+            r = requests.get(f"{base}/health", timeout=2)
+            return r.status_code == 200 and r.json()["model_loaded"] and r.json()
+        except requests.ConnectionError:
+            return False
+
+    return wait_for(up, timeout=90, every=0.2)
+
+
+def _logs(tmp_path):
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("server-*.log"))
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def curl_flow(base, tmp_path, headers=None):
+    """The README's curl walk-through, over real HTTP."""
+    headers = headers or {}
+    sub = requests.post(f"{base}/generate_video", json=TINY_JOB, headers=headers, timeout=10).json()
+    body = {"session_id": sub["session_id"], "reference_id": sub["reference_id"]}
+    wait_for(lambda: requests.post(f"{base}/get_status", json=body, headers=headers, timeout=10)
+             .json()["status"] == "completed", timeout=90, every=0.2)
+    url = requests.post(f"{base}/download_video/{sub['reference_id']}", json={"session_id": sub["session_id"]},
+                        headers=headers, timeout=10).json()["s3_url"]
+    assert url.startswith(base)
+    video = requests.get(url, headers=headers, timeout=10)
+    (tmp_path / "served.mp4").write_bytes(video.content)
+    assert probe(tmp_path / "served.mp4")["frames"] == 9
+    history = requests.post(f"{base}/history", json={"session_id": sub["session_id"]}, headers=headers, timeout=10)
+    assert [h["reference_id"] for h in history.json()["history"]] == [sub["reference_id"]]
+
+
+def test_python_app_py_serves_the_tiny_models(tmp_path, data_dir, tiny_model, tiny_upscalers):
+    proc, base = serve([sys.executable, str(ROOT / "app.py")], tmp_path, data_dir,
+                       T2V_API_KEYS="k-one,k-two")
+    try:
+        health = wait_healthy(proc, base, tmp_path)
+        assert health["worker"] == "alive" and health["store"] == "ok"
+        assert requests.post(f"{base}/history", json={"session_id": "s1"}, timeout=5).status_code == 401
+        curl_flow(base, tmp_path, {"Authorization": "Bearer k-two"})
+        # Werkzeug's debugger is never on: an unknown route is a JSON 404, not an HTML console.
+        r = requests.get(f"{base}/console", headers={"X-API-Key": "k-one"}, timeout=5)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    finally:
+        stop(proc)
+    assert "k-two" not in _logs(tmp_path)
+
+
+def test_gunicorn_serves_one_process_with_threads(tmp_path, data_dir, tiny_model, tiny_upscalers):
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    proc, base = serve([str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"), "app:create_app()"],
+                       tmp_path, data_dir)
+    try:
+        wait_healthy(proc, base, tmp_path)
+        curl_flow(base, tmp_path)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, _logs(tmp_path)
+    assert "gthread" in _logs(tmp_path)
+
+
+def test_gunicorn_refuses_two_processes_with_the_thread_worker(tmp_path, data_dir):
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    argv = [str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"), "-w", "2", "app:create_app()"]
+    proc, _ = serve(argv, tmp_path, data_dir)
+    assert proc.wait(30) != 0
+    assert "T2V_WORKER=off" in _logs(tmp_path)
+
+    # With the worker off (API-only nodes), several processes are fine.
+    proc, base = serve(argv, tmp_path, data_dir, T2V_WORKER="off")
+    try:
+        health = wait_for(lambda: _get_json(f"{base}/health"), timeout=60, every=0.2)
+        assert health["worker"] == "off"
+    finally:
+        stop(proc)
+
+
+def _get_json(url):
+    try:
+        return requests.get(url, timeout=2).json()
+    except requests.ConnectionError:
+        return None
+
+
+@pytest.mark.parametrize("script", ["app.py", "worker.py"])
+def test_bad_setting_exits_2_with_a_one_line_reason(tmp_path, script):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_WORKER": "bogus"}
+    done = subprocess.run([sys.executable, str(ROOT / script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"{script}: error: T2V_WORKER must be one of thread, off, got 'bogus'"
