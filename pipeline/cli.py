@@ -18,13 +18,15 @@ from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams,
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line and exit code 2."""
+
     def error(self, message):  # one line, not argparse's usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(prog: str, description: str, upscale: bool) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True, help="what the video shows (1-2000 characters)")
     p.add_argument("--negative-prompt", help="what to avoid; turns on true CFG, which doubles the work per step")
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="frame width, a multiple of 16")

@@ -1,4 +1,5 @@
-"""`run_job`: prompt -> frames -> upscaled batches -> MP4. The CLI scripts and the worker both call it.
+"""`run_job` (prompt -> frames -> upscaled batches -> MP4) and `upscale_file` (an existing clip -> a
+sharper MP4). The command-line scripts and the worker all call these two.
 
 Frames move between stages in memory: the generated clip as uint8 frames, the upscaled clip one
 batch at a time, straight into the encoder, which runs in its own thread so that encoding overlaps
@@ -17,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import av
 import numpy as np
 
 from config import Settings
 from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator
 from pipeline.spec import JobParams
 from pipeline.upscale import Upscaler, resolve_upscaler
-from pipeline.video import VideoWriter, write_poster
+from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
+                            read_frames, write_poster)
 
 # on_progress(stage, done, total): stages are "denoising" (steps), "upscaling" and "encoding" (frames).
 ProgressFn = Callable[[str, int, int], None]
@@ -37,7 +40,7 @@ class VideoResult:
     frames: int
     fps: int
     duration_s: float
-    seed: int
+    seed: int | None  # None for an upscaled upload
     size_bytes: int
     sha256: str
     poster_path: Path | None = None
@@ -60,7 +63,7 @@ class Models:
         self.upscaler_name = upscaler or settings.upscaler
         self.half_upscaler = half_upscaler
         self._generator: VideoGenerator | None = None
-        self._upscaler: Upscaler | None = None
+        self._upscalers: dict[str, Upscaler] = {}
 
     @property
     def generator(self) -> VideoGenerator:
@@ -73,14 +76,19 @@ class Models:
 
     @property
     def upscaler(self) -> Upscaler | None:
-        if self._upscaler is None:
-            path = resolve_upscaler(self.upscaler_name, self.settings.models_dir, self.settings.data_dir)
+        """The configured upscaler (T2V_UPSCALER), or None when it is `none`."""
+        return self.upscaler_named(self.upscaler_name)
+
+    def upscaler_named(self, name: str) -> Upscaler | None:
+        """An upscaler by release name, path, `tiny` or `none`; each is loaded once."""
+        if name not in self._upscalers:
+            s = self.settings
+            path = resolve_upscaler(name, s.models_dir, s.data_dir)
             if path is None:
                 return None
-            s = self.settings
-            self._upscaler = Upscaler(path, s.device, half=self.half_upscaler, tile=s.upscale_tile,
-                                      batch=s.upscale_batch)
-        return self._upscaler
+            self._upscalers[name] = Upscaler(path, s.device, half=self.half_upscaler, tile=s.upscale_tile,
+                                             batch=s.upscale_batch)
+        return self._upscalers[name]
 
 
 def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,
@@ -104,19 +112,11 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
     stage = "upscaling" if upscaler else "encoding"
     total = len(frames)
 
-    def progressed(items: Iterable[np.ndarray]):
-        for i, frame in enumerate(items, 1):
-            yield frame
-            on_progress(stage, i, total)
-            if should_cancel():
-                raise JobCanceled()
-
     if progress_bar:
-        from tqdm import tqdm
-
-        stream = tqdm(stream, total=total, desc=stage, unit="frame")
+        stream = _bar(stream, total, stage)
     poster = write_poster(frames[len(frames) // 2], output.with_suffix(".jpg"))
-    encode_s, upscale_s = encode_stream(progressed(stream), output, params.fps, settings.crf)
+    stream = _progressed(stream, stage, total, on_progress, should_cancel)
+    encode_s, upscale_s = encode_stream(stream, output, params.fps, settings.crf)
     timings["upscale" if upscaler else "encode"] = upscale_s
     timings["encode_thread"] = encode_s
     timings["total"] = time.perf_counter() - started
@@ -127,6 +127,127 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def upscale_file(source: Path, output: Path, upscaler: Upscaler, outscale: int, crf: int,
+                 on_progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None,
+                 progress_bar: bool = False, info: VideoInfo | None = None) -> VideoResult:
+    """Upscale an existing clip into `output`, keeping its frame rate, frame count and audio.
+
+    Decoding runs in its own thread ahead of the model, and encoding in another behind it, so on
+    a GPU both overlap the upscaler. The clip is never held whole. A file that stops decoding
+    early (truncated or damaged) raises VideoInputError and leaves no output behind.
+    """
+    on_progress = on_progress or (lambda stage, done, total: None)
+    should_cancel = should_cancel or (lambda: False)
+    info = info or inspect_video(source)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    video_only = output.with_name(f".{output.stem}.video.mp4")
+    poster = output.with_suffix(".jpg")
+    timings = {}
+
+    started = time.perf_counter()
+    decoded = [0]
+
+    def counted(frames):
+        for frame in frames:
+            decoded[0] += 1
+            yield frame
+
+    stream = upscaler.stream(prefetch(counted(read_frames(source))), outscale)
+    if progress_bar:
+        stream = _bar(stream, info.frames, "upscaling")
+    stream = _poster_at(stream, info.frames // 2, poster)
+    stream = _progressed(stream, "upscaling", info.frames, on_progress, should_cancel)
+    try:
+        encode_s, upscale_s = encode_stream(stream, video_only, info.fps, crf)
+    except (av.FFmpegError, ValueError) as exc:
+        poster.unlink(missing_ok=True)
+        raise VideoInputError(f"the video stopped decoding after {decoded[0]} of {info.frames} frames "
+                              f"({type(exc).__name__}); the file is truncated or damaged") from None
+    timings.update(upscale=upscale_s, encode_thread=encode_s)
+    if decoded[0] < info.frames:
+        video_only.unlink(missing_ok=True)
+        poster.unlink(missing_ok=True)
+        raise VideoInputError(f"the video ended after {decoded[0]} of {info.frames} frames; "
+                              "the file is truncated or damaged")
+
+    t = time.perf_counter()
+    if info.audio_codec:
+        tmp = output.with_name(f".{output.name}.part")
+        try:
+            timings_key = "audio_" + mux_audio(video_only, source, tmp)
+            os.replace(tmp, output)
+        finally:
+            video_only.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        timings[timings_key] = time.perf_counter() - t
+    else:
+        os.replace(video_only, output)
+    timings["total"] = time.perf_counter() - started
+
+    return VideoResult(
+        path=output, width=info.width * outscale, height=info.height * outscale, frames=decoded[0], fps=info.fps,
+        duration_s=decoded[0] / info.fps, seed=None, size_bytes=output.stat().st_size,
+        sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def _progressed(frames: Iterable[np.ndarray], stage: str, total: int, on_progress: ProgressFn,
+                should_cancel: Callable[[], bool]):
+    """Report each frame as it passes, and stop at a cancel."""
+    for i, frame in enumerate(frames, 1):
+        yield frame
+        on_progress(stage, i, total)
+        if should_cancel():
+            raise JobCanceled()
+
+
+def _bar(frames: Iterable[np.ndarray], total: int, stage: str):
+    from tqdm import tqdm
+
+    return tqdm(frames, total=total, desc=stage, unit="frame")
+
+
+def _poster_at(frames: Iterable[np.ndarray], index: int, path: Path):
+    for i, frame in enumerate(frames):
+        if i == index:
+            write_poster(frame, path)
+        yield frame
+
+
+def prefetch(items: Iterable, depth: int = 8):
+    """Run `items` in a thread, `depth` ahead of the consumer (decoding overlaps the model)."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        handoff.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer
+            failure.append(exc)
+        handoff.put(done)
+
+    thread = threading.Thread(target=produce, name="t2v-decoder", daemon=True)
+    thread.start()
+    try:
+        while (item := handoff.get()) is not done:
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
 
 
 def encode_stream(frames: Iterable[np.ndarray], output: Path, fps: float, crf: int) -> tuple[float, float]:

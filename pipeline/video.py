@@ -5,7 +5,9 @@ PyAV bundles its own ffmpeg with libx264, so nothing here needs a system ffmpeg.
 
 from __future__ import annotations
 
+import heapq
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -109,3 +111,108 @@ def write_poster(frame: np.ndarray, path: Path, max_side: int = 640) -> Path:
     image.save(tmp, format="JPEG", quality=88)
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------- existing clips
+
+class VideoInputError(ValueError):
+    """The file is not a video t2v can upscale. The message is one line, safe to show a user."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    frames: int
+    fps: float
+    duration_s: float
+    audio_codec: str | None  # None: no audio track
+
+
+def inspect_video(path: Path, max_side: int | None = None, max_frames: int | None = None,
+                  max_duration_s: float | None = None) -> VideoInfo:
+    """Check that `path` holds a decodable video within the limits, without decoding its frames.
+
+    The frame count comes from the container, or from counting packets where it does not say.
+    Limits are checked on the header first, so a file claiming 100000x100000 is refused before
+    any frame is decoded.
+    """
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoInputError("the file has no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if not width or not height:
+                raise VideoInputError("the video stream has no frame size")
+            if max_side and max(width, height) > max_side:
+                raise VideoInputError(f"the video is {width}x{height}; the longest side allowed is {max_side}")
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if frames < 1:
+                raise VideoInputError("the video stream has no frames")
+            fps = float(rate) if rate else 0.0
+            if not 0 < fps <= 240:
+                raise VideoInputError("the video has no usable frame rate")
+            if max_frames and frames > max_frames:
+                raise VideoInputError(f"the video has {frames} frames; at most {max_frames} are allowed")
+            duration = frames / fps
+            if max_duration_s and duration > max_duration_s:
+                raise VideoInputError(f"the video lasts {duration:.1f}s; at most {max_duration_s:g}s is allowed")
+            audio = _codec_name(container.streams.audio[0]) if container.streams.audio else None
+            return VideoInfo(width, height, frames, fps, duration, audio)
+    except VideoInputError:
+        raise
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise VideoInputError(f"not a video that can be decoded ({type(exc).__name__})") from None
+
+
+def _codec_name(stream) -> str:
+    """The codec's own name ("mp3"), not its decoder's ("mp3float")."""
+    return stream.codec_context.codec.canonical_name
+
+
+# Audio codecs an MP4 can carry as they are; anything else is re-encoded to AAC.
+MP4_AUDIO_COPY = {"aac", "mp3", "alac", "ac3", "eac3"}
+
+
+def mux_audio(video_only: Path, audio_source: Path, output: Path) -> str:
+    """Write `output`: the video of `video_only` plus the first audio track of `audio_source`.
+
+    Packets of both are interleaved by time. Audio is stream-copied when MP4 allows the codec,
+    otherwise re-encoded to AAC. Returns "copy" or "aac".
+    """
+    with av.open(str(video_only)) as vin, av.open(str(audio_source)) as ain, \
+            av.open(str(output), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        v_in, a_in = vin.streams.video[0], ain.streams.audio[0]
+        v_out = out.add_stream_from_template(v_in)
+        copy = _codec_name(a_in) in MP4_AUDIO_COPY
+        if copy:
+            a_out = out.add_stream_from_template(a_in)
+        else:
+            a_out = out.add_stream("aac", rate=a_in.codec_context.sample_rate or 48000)
+            a_out.layout = a_in.codec_context.layout.name if a_in.codec_context.layout else "stereo"
+        video = _copied(vin.demux(v_in), v_out)
+        audio = _copied(ain.demux(a_in), a_out) if copy else _encoded(ain.decode(a_in), a_out)
+        for packet in heapq.merge(video, audio, key=_packet_time):
+            out.mux(packet)
+    return "copy" if copy else "aac"
+
+
+def _copied(packets, stream):
+    for packet in packets:
+        if packet.dts is None:  # the demuxer's end-of-stream marker
+            continue
+        packet.stream = stream
+        yield packet
+
+
+def _encoded(frames, stream):
+    for frame in frames:
+        frame.pts = None  # let the encoder number samples from zero
+        yield from stream.encode(frame)
+    yield from stream.encode(None)
+
+
+def _packet_time(packet) -> float:
+    return float((packet.dts if packet.dts is not None else packet.pts or 0) * packet.time_base)

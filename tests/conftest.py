@@ -128,3 +128,58 @@ def s3_bucket(moto_server, monkeypatch):
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket=bucket)
     return moto_server, bucket
+
+
+# ---------------------------------------------------------------------------------------- clips
+
+def make_clip(path, frames=48, width=64, height=48, fps=24, audio="aac", video_codec="libx264", rate=44100,
+              faststart=False):
+    """Write a test clip: a smooth moving picture and, if `audio` names a codec, a 440 Hz sine track."""
+    import av
+
+    path = Path(path)
+    clip = smooth_clip(frames, height, width)
+    with av.open(str(path), "w", options={"movflags": "+faststart"} if faststart else {}) as out:
+        v = out.add_stream(video_codec, rate=fps)
+        v.width, v.height = width, height
+        v.pix_fmt = "yuv420p" if video_codec != "gif" else "rgb8"
+        a = None
+        if audio:
+            a = out.add_stream(audio, rate=rate)
+            a.layout = "mono"
+        for i, frame in enumerate(clip):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts = i
+            out.mux(v.encode(vf))
+        out.mux(v.encode(None))
+        if a is not None:
+            fmt = a.codec_context.codec.audio_formats[0].name
+            samples = int(rate * frames / fps)
+            t = np.arange(samples) / rate
+            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            chunk = 1024
+            for start in range(0, samples, chunk):
+                piece = wave[start:start + chunk]
+                scale = {"s16": (32767, np.int16), "s32": (2**31 - 1, np.int32)}.get(fmt[:3], (1, np.float32))
+                data = (piece * scale[0]).astype(scale[1])
+                af = av.AudioFrame.from_ndarray(data[None, :], format=fmt, layout="mono")
+                af.sample_rate, af.pts = rate, start
+                out.mux(a.encode(af))
+            out.mux(a.encode(None))
+    return path
+
+
+def audio_duration(path) -> float | None:
+    """Seconds of the first audio track, from its packets, or None without one."""
+    import av
+
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return None
+        s = c.streams.audio[0]
+        end = 0.0
+        for p in c.demux(s):
+            if p.pts is not None:
+                end = max(end, float((p.pts + (p.duration or 0)) * p.time_base))
+        start = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+        return end - start
