@@ -20,8 +20,11 @@ from werkzeug.exceptions import HTTPException
 from config import Settings, settings_or_exit
 from openapi import build_spec
 from pipeline.spec import JobParams, Limits, ParamError
+from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
+from pipeline.video import VideoInputError, inspect_video
 from storage.blobs import BlobStore, open_blob_store
-from storage.jobs import COMPLETED, TERMINAL, JobStore, StoreUnavailable, new_job, open_job_store
+from storage.jobs import CANCELED, COMPLETED, TERMINAL, JobStore, StoreUnavailable, new_job, open_job_store
+from worker import Worker, discard_upload, upload_path
 
 log = logging.getLogger("t2v.api")
 
@@ -52,8 +55,6 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     jobs = jobs or open_job_store(settings)
     blobs = blobs or open_blob_store(settings)
     if worker is None and settings.worker == "thread":
-        from worker import Worker
-
         worker = Worker(settings, jobs, blobs).start()
 
     app = Flask(__name__)
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     app.extensions["t2v"] = Service(settings, jobs, blobs, worker)
     _register_errors(app)
     app.before_request(_authenticate)
+    app.before_request(_upload_limit)
     _register_routes(app)
     return app
 
@@ -87,6 +89,12 @@ def _authenticate():
         raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
     g.owner = "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
     return None
+
+
+def _upload_limit():
+    """Uploads get their own, larger body limit (T2V_MAX_UPLOAD_MB); JSON bodies keep T2V_MAX_BODY_KB."""
+    if request.endpoint == "upscale_video":
+        request.max_content_length = _svc().settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
 
 
 def _new_id() -> str:
@@ -115,7 +123,38 @@ def _owned_job(reference_id: str, session_id: str | None = None) -> dict:
     return job
 
 
+def _check_queue_room() -> None:
+    if _svc().jobs.count_queued() >= _svc().settings.max_queue:
+        raise ApiError(429, "queue_full", "the queue is full; try again later")
+
+
+def _form_outscale() -> int:
+    raw = request.form.get("outscale", "4")
+    if raw not in ("2", "4"):
+        raise ApiError(400, "invalid_parameter", "outscale must be 2 or 4")
+    return int(raw)
+
+
+def _form_upscaler(settings: Settings) -> str | None:
+    """A release name (or `tiny`) installed on this server; never a path from the client."""
+    name = request.form.get("upscaler") or None
+    if name is None:
+        return None
+    if name not in (*RELEASES, "tiny"):
+        raise ApiError(400, "invalid_parameter", f"upscaler must be one of {', '.join(RELEASES)} or tiny")
+    try:
+        resolve_upscaler(name, settings.models_dir, settings.data_dir)
+    except UpscalerLoadError:
+        raise ApiError(400, "invalid_parameter", f"upscaler {name} is not installed on this server") from None
+    return name
+
+
 # ---------------------------------------------------------------------------------------- answers
+
+def _accepted(job: dict):
+    return jsonify(session_id=job["session_id"], reference_id=job["reference_id"], status=job["status"],
+                   queue_position=_svc().jobs.queue_position(job))
+
 
 def _status_view(job: dict) -> dict:
     return {
@@ -162,12 +201,35 @@ def _register_routes(app: Flask) -> None:
             params = JobParams.from_dict(body, Limits.from_settings(_svc().settings))
         except ParamError as exc:
             raise ApiError(400, "invalid_parameter", str(exc)) from None
-        jobs = _svc().jobs
-        if jobs.count_queued() >= _svc().settings.max_queue:
-            raise ApiError(429, "queue_full", "the queue is full; try again later")
-        job = jobs.create(new_job(_new_id(), session_id, g.owner, "generate", params.to_dict()))
-        return jsonify(session_id=session_id, reference_id=job["reference_id"], status=job["status"],
-                       queue_position=jobs.queue_position(job))
+        _check_queue_room()
+        return _accepted(_svc().jobs.create(new_job(_new_id(), session_id, g.owner, "generate", params.to_dict())))
+
+    @app.post("/upscale_video")
+    def upscale_video():
+        settings = _svc().settings
+        upload = request.files.get("video")
+        if upload is None:
+            raise ApiError(400, "missing_field", "send the clip as the multipart/form-data field 'video'")
+        session_id = request.form.get("session_id")
+        session_id = _new_id() if session_id is None else _check_id(session_id, "session_id")
+        params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
+                  "filename": (upload.filename or "")[:200]}
+        _check_queue_room()
+        reference_id = _new_id()
+        path = upload_path(settings, reference_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            upload.save(path)
+            info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
+            params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
+                          duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
+            return _accepted(_svc().jobs.create(new_job(reference_id, session_id, g.owner, "upscale", params)))
+        except VideoInputError as exc:
+            path.unlink(missing_ok=True)
+            raise ApiError(400, "invalid_video", str(exc)) from None
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     @app.post("/get_status")
     def get_status():
@@ -201,6 +263,8 @@ def _register_routes(app: Flask) -> None:
         if job["status"] in TERMINAL:
             raise ApiError(409, "already_finished", f"job {reference_id} is already {job['status']}")
         status = _svc().jobs.request_cancel(reference_id)
+        if status == CANCELED:
+            discard_upload(_svc().settings, job)
         return jsonify(reference_id=reference_id, status=status, cancel_requested=True)
 
     @app.get("/jobs/<reference_id>/video")
@@ -244,7 +308,10 @@ def _register_errors(app: Flask) -> None:
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         if exc.code == 413:
-            return error(413, "too_large", f"the request body is over {_svc().settings.max_body_kb} KB")
+            settings = _svc().settings
+            limit = (f"{settings.max_upload_mb} MB" if request.endpoint == "upscale_video"
+                     else f"{settings.max_body_kb} KB")
+            return error(413, "too_large", f"the request body is over {limit}")
         return error(exc.code or 500, code, exc.description or exc.name)
 
     @app.errorhandler(StoreUnavailable)

@@ -58,6 +58,13 @@ class Settings:
     max_frames: int = 129
     max_steps: int = 100
 
+    # Limits on an uploaded clip (POST /upscale_video).
+    max_upload_mb: int = 200
+    max_upload_side: int = 1920
+    max_upload_frames: int = 1800
+    max_upload_s: float = 120.0
+    keep_inputs: bool = False
+
     # Service.
     worker: str = "thread"
     api_keys: tuple[str, ...] = _secret(())
@@ -119,7 +126,10 @@ class Settings:
             raise ConfigError(f"T2V_MAX_FRAMES must be of the form 4k+1, got {self.max_frames}")
         for name, value in (("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
                             ("T2V_MAX_QUEUE", self.max_queue), ("T2V_MAX_ATTEMPTS", self.max_attempts),
-                            ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s)):
+                            ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s),
+                            ("T2V_MAX_UPLOAD_MB", self.max_upload_mb), ("T2V_MAX_UPLOAD_SIDE", self.max_upload_side),
+                            ("T2V_MAX_UPLOAD_FRAMES", self.max_upload_frames),
+                            ("T2V_MAX_UPLOAD_S", self.max_upload_s)):
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:

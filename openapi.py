@@ -64,6 +64,19 @@ def build_spec(settings) -> dict:
             "/generate_video": {"post": {
                 "summary": "Queue a text-to-video job", "requestBody": {"required": True, **_json(generate_body)},
                 "responses": _ok(accepted, 400, 401, 413, 429, 503)}},
+            "/upscale_video": {"post": {
+                "summary": "Queue an upscale of an uploaded clip (same queue, status and history as generation)",
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["video"],
+                    "properties": {
+                        "video": {"type": "string", "contentMediaType": "application/octet-stream",
+                                  "description": f"the clip: at most {settings.max_upload_mb} MB, "
+                                                 f"{settings.max_upload_side} px on the long side, "
+                                                 f"{settings.max_upload_frames} frames and {settings.max_upload_s:g} s"},
+                        "session_id": ID,
+                        "outscale": {"type": "string", "enum": ["2", "4"], "default": "4"},
+                        "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"}}}}}},
+                "responses": _ok(accepted, 400, 401, 413, 429, 503)}},
             "/get_status": {"post": {
                 "summary": "Status of one job",
                 "requestBody": {"required": True, **_json({"type": "object", "required": ["session_id", "reference_id"],

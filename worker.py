@@ -24,9 +24,21 @@ log = logging.getLogger("t2v.worker")
 
 # Share of the whole job each stage covers, for the progress bar and the ETA.
 STAGE_SPANS = {
-    True: {"denoising": (0.0, 0.7), "upscaling": (0.7, 0.97), "uploading": (0.97, 1.0)},
-    False: {"denoising": (0.0, 0.9), "encoding": (0.9, 0.97), "uploading": (0.97, 1.0)},
+    "generate+upscale": {"denoising": (0.0, 0.7), "upscaling": (0.7, 0.97), "uploading": (0.97, 1.0)},
+    "generate": {"denoising": (0.0, 0.9), "encoding": (0.9, 0.97), "uploading": (0.97, 1.0)},
+    "upscale": {"upscaling": (0.0, 0.97), "uploading": (0.97, 1.0)},
 }
+
+
+def upload_path(settings: Settings, reference_id: str) -> Path:
+    """Where an uploaded clip waits for its job. The name is the server-made reference id, never the client's."""
+    return Path(settings.data_dir) / "uploads" / f"{reference_id}.video"
+
+
+def discard_upload(settings: Settings, job: dict) -> None:
+    """Delete an upscale job's input once the job has ended, unless T2V_KEEP_INPUTS is on."""
+    if job["kind"] == "upscale" and not settings.keep_inputs:
+        upload_path(settings, job["reference_id"]).unlink(missing_ok=True)
 PROGRESS_EVERY_S = 0.5
 
 
@@ -105,6 +117,8 @@ class Worker:
         log.info("job %s: claimed (attempt %d)", job["reference_id"], job["attempts"])
         with _Lease(self.jobs, job["reference_id"], self.worker_id, self.settings.lease_s) as lease:
             self._run(job, lease)
+        if not lease.lost:
+            discard_upload(self.settings, job)
         return True
 
     def _run(self, job: dict, lease: "_Lease") -> None:
@@ -112,11 +126,11 @@ class Worker:
 
         ref = job["reference_id"]
         try:
-            if self.load_error:
+            if self.load_error and job["kind"] == "generate":  # upscale jobs do not need the generator
                 self.load_models()
                 if self.load_error:
                     raise ModelUnavailable(self.load_error)
-            result = self._generate(job, lease)
+            result = self._produce(job, lease)
         except JobCanceled:
             if lease.lost:
                 log.warning("job %s: lease lost to another worker; dropped", ref)
@@ -134,16 +148,26 @@ class Worker:
         else:
             log.warning("job %s: finished, but the lease was lost; the record was not changed", ref)
 
-    def _generate(self, job: dict, lease: "_Lease") -> dict:
-        from pipeline.run import run_job
+    def _produce(self, job: dict, lease: "_Lease") -> dict:
+        """Make the job's MP4 in the work folder, then store it and its poster; return the result record."""
+        from pipeline.run import run_job, upscale_file
         from pipeline.spec import JobParams
 
-        ref = job["reference_id"]
-        params = JobParams(**job["params"])
-        progress = _ProgressReporter(self.jobs, ref, self.worker_id, params.upscale)
+        ref, params = job["reference_id"], job["params"]
         self.work_dir.mkdir(parents=True, exist_ok=True)
         output = self.work_dir / f"{ref}.mp4"
-        result = run_job(params, self.settings, progress, lease.should_cancel, models=self.models, output=output)
+        if job["kind"] == "upscale":
+            progress = _ProgressReporter(self.jobs, ref, self.worker_id, STAGE_SPANS["upscale"])
+            upscaler = self.models.upscaler_named(params["upscaler"] or self.settings.upscaler)
+            if upscaler is None:
+                raise ModelUnavailable("this server has no upscaler (T2V_UPSCALER=none)")
+            result = upscale_file(upload_path(self.settings, ref), output, upscaler, params["outscale"],
+                                  self.settings.crf, progress, lease.should_cancel)
+        else:
+            spec = JobParams(**params)
+            progress = _ProgressReporter(self.jobs, ref, self.worker_id,
+                                         STAGE_SPANS["generate+upscale" if spec.upscale else "generate"])
+            result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models, output=output)
         progress("uploading", 0, 1)
         started = time.perf_counter()
         video_key, poster_key = f"videos/{ref}.mp4", f"posters/{ref}.jpg"
@@ -170,7 +194,10 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
 
     from pipeline.generate import MissingWeightsError
     from pipeline.upscale import UpscalerLoadError
+    from pipeline.video import VideoInputError
 
+    if isinstance(exc, VideoInputError):
+        return "invalid_video", str(exc)
     if isinstance(exc, StorageError):
         return "storage_error", f"{exc}; the video was kept on the worker's disk"
     if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError)):
@@ -217,9 +244,9 @@ class _Lease:
 class _ProgressReporter:
     """Turns per-stage progress into one overall fraction and an ETA, written at most twice a second."""
 
-    def __init__(self, jobs: JobStore, reference_id: str, worker_id: str, upscale: bool):
+    def __init__(self, jobs: JobStore, reference_id: str, worker_id: str, spans: dict):
         self.jobs, self.ref, self.worker_id = jobs, reference_id, worker_id
-        self.spans = STAGE_SPANS[upscale]
+        self.spans = spans
         self.started = time.monotonic()
         self.last_write = 0.0
         self.stage = None
