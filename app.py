@@ -195,8 +195,7 @@ def _register_routes(app: Flask) -> None:
     @app.post("/generate_video")
     def generate_video():
         body = _json_body()
-        session_id = body.pop("session_id", None)
-        session_id = _new_id() if session_id is None else _check_id(session_id, "session_id")
+        session_id = _check_id(body.pop("session_id"), "session_id") if "session_id" in body else _new_id()
         try:
             params = JobParams.from_dict(body, Limits.from_settings(_svc().settings))
         except ParamError as exc:
@@ -210,8 +209,7 @@ def _register_routes(app: Flask) -> None:
         upload = request.files.get("video")
         if upload is None:
             raise ApiError(400, "missing_field", "send the clip as the multipart/form-data field 'video'")
-        session_id = request.form.get("session_id")
-        session_id = _new_id() if session_id is None else _check_id(session_id, "session_id")
+        session_id = _check_id(request.form["session_id"], "session_id") if "session_id" in request.form else _new_id()
         params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
                   "filename": (upload.filename or "")[:200]}
         _check_queue_room()
@@ -312,7 +310,11 @@ def _register_errors(app: Flask) -> None:
             limit = (f"{settings.max_upload_mb} MB" if request.endpoint == "upscale_video"
                      else f"{settings.max_body_kb} KB")
             return error(413, "too_large", f"the request body is over {limit}")
-        return error(exc.code or 500, code, exc.description or exc.name)
+        response, status = error(exc.code or 500, code, exc.description or exc.name)
+        for name, value in exc.get_headers():  # keeps Allow on 405, as RFC 9110 requires
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, status
 
     @app.errorhandler(StoreUnavailable)
     def store_unavailable(exc):

@@ -37,7 +37,7 @@ def build_spec(settings) -> dict:
                       "default": DEFAULT_WIDTH},
             "height": {"type": "integer", "minimum": 16, "maximum": settings.max_side, "multipleOf": 16,
                        "default": DEFAULT_HEIGHT},
-            "num_frames": {"type": "integer", "minimum": 1, "maximum": settings.max_frames,
+            "num_frames": {"type": "integer", "enum": list(range(1, settings.max_frames + 1, 4)),
                            "description": "4k+1", "default": settings.max_frames},
             "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": DEFAULT_FPS},
             "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": settings.max_steps,

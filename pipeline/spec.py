@@ -57,7 +57,7 @@ class JobParams:
         unknown = sorted(k for k in data if k not in known)
         if unknown:
             raise ParamError(unknown[0], "is not a known parameter")
-        values = {k: v for k, v in data.items() if v is not None}
+        values = {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}  # null there = absent
         if "prompt" not in values:
             raise ParamError("prompt", "is required")
 
@@ -96,9 +96,13 @@ class JobParams:
         return asdict(self)
 
 
+# Fields where JSON null means "not given"; anywhere else null is a type error.
+NULLABLE = {"seed", "negative_prompt"}
+
+
 def _text(values: dict, name: str, max_chars: int, required: bool) -> str | None:
     value = values.get(name)
-    if value is None:
+    if value is None and not required:
         return None
     if not isinstance(value, str):
         raise ParamError(name, "must be a string")
@@ -115,7 +119,7 @@ def _text(values: dict, name: str, max_chars: int, required: bool) -> str | None
 
 def _int(values: dict, name: str, default, low: int, high: int):
     value = values.get(name, default)
-    if value is None:
+    if value is None and default is None:
         return None
     # bool is an int in Python; a JSON `true` is not a width.
     if isinstance(value, float) and value.is_integer():
