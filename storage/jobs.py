@@ -12,6 +12,7 @@ Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -20,6 +21,9 @@ from typing import Any, Protocol
 
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
 TERMINAL = (COMPLETED, FAILED, CANCELED)
+
+
+log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(RuntimeError):
@@ -103,8 +107,9 @@ class _Outcomes:
 class SqliteJobStore(_Outcomes):
     """Jobs in one SQLite file (WAL mode). Each thread gets its own connection."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout_s: float = 10.0):
         self.path = Path(path)
+        self.timeout_s = timeout_s  # how long a write waits on another writer's lock before StoreUnavailable
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -115,7 +120,7 @@ class SqliteJobStore(_Outcomes):
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -282,11 +287,20 @@ class MongoJobStore(_Outcomes):
         self._pymongo = pymongo
         self.client = client or pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
         self.jobs = self.client[database]["jobs"]
-        self._guard(lambda: (
-            self.jobs.create_index("reference_id", unique=True),
-            self.jobs.create_index([("owner", 1), ("session_id", 1), ("created_at", -1)]),
-            self.jobs.create_index([("status", 1), ("created_at", 1)]),
-        ))
+        self._indexed = False
+        try:
+            self._ensure_indexes()
+        except StoreUnavailable:  # start anyway: the API answers 503 until MongoDB answers
+            log.warning("MongoDB is unreachable; the indexes will be made when it answers")
+
+    def _ensure_indexes(self) -> None:
+        if not self._indexed:
+            self._guard(lambda: (
+                self.jobs.create_index("reference_id", unique=True),
+                self.jobs.create_index([("owner", 1), ("session_id", 1), ("created_at", -1)]),
+                self.jobs.create_index([("status", 1), ("created_at", 1)]),
+            ))
+            self._indexed = True
 
     def _guard(self, call):
         try:
@@ -379,6 +393,7 @@ class MongoJobStore(_Outcomes):
 
     def ping(self) -> None:
         self._guard(lambda: self.client.admin.command("ping"))
+        self._ensure_indexes()
 
 
 def open_job_store(settings) -> JobStore:
