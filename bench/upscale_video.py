@@ -29,16 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_inputs(folder: Path, frames: int, width: int, height: int) -> tuple[Path, Path]:
-    """The fixed clip and the seeded full-size compact weights."""
+def make_clip(folder: Path, frames: int, width: int, height: int) -> Path:
+    """The fixed synthetic clip: a moving gradient over fine, seeded texture, H.264 at 24 fps."""
     import numpy as np
 
-    from pipeline import tiny
     from pipeline.video import VideoWriter
 
-    weights = folder / "compact-64x16.pth"
-    if not weights.exists():
-        tiny.write_release_pth(weights, tiny.compact_state(num_feat=64, num_conv=16, seed=0), "params")
     clip = folder / f"clip-{frames}-{width}x{height}.mp4"
     rng = np.random.default_rng(0)
     texture = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
@@ -48,7 +44,17 @@ def make_inputs(folder: Path, frames: int, width: int, height: int) -> tuple[Pat
             base = np.stack([128 + 90 * np.sin((x + 3 * i) / width * 6), 128 + 90 * np.cos((y - 2 * i) / height * 5),
                              (x + y + 4 * i) % 256], axis=-1)
             writer.write((base * 0.85 + texture).clip(0, 255).astype(np.uint8))
-    return clip, weights
+    return clip
+
+
+def make_inputs(folder: Path, frames: int, width: int, height: int) -> tuple[Path, Path]:
+    """The fixed clip and the seeded full-size compact weights."""
+    from pipeline import tiny
+
+    weights = folder / "compact-64x16.pth"
+    if not weights.exists():
+        tiny.write_release_pth(weights, tiny.compact_state(num_feat=64, num_conv=16, seed=0), "params")
+    return make_clip(folder, frames, width, height), weights
 
 
 def run_pipeline(clip: Path, weights: Path, output: Path) -> dict:

@@ -1,0 +1,139 @@
+"""Upscale throughput on the CPU for both Real-ESRGAN architectures, and what batching and overlap buy.
+
+Random weights at the release sizes (seeded, so every run uses the same networks):
+- compact: SRVGGNetCompact, 64 features, 16 convolutions (realesr-animevideov3's size);
+- rrdb: RRDBNet, 64 features, 23 blocks (RealESRGAN_x4plus's size).
+Each arch upscales the same synthetic H.264 clip 4x at a fixed frame size, three ways, each in a
+fresh subprocess (so peak RSS is its own):
+Timing starts once the weights are loaded, as in a running service.
+
+- plain: decode all frames, call spandrel's model on one frame at a time in fp32, then encode all;
+- serial: t2v's Upscaler (batches) with decode, upscale and encode taking turns in one thread;
+- overlapped: `upscale_file`, where decoding and encoding run in their own threads beside the model.
+
+    python bench/upscale.py
+    python bench/upscale.py --arch compact --frames 192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from upscale_video import make_clip  # noqa: E402
+
+ARCHS = {"compact": {"frames": 96, "size": (128, 72)}, "rrdb": {"frames": 16, "size": (64, 36)}}
+
+
+def make_weights(folder: Path, arch: str) -> Path:
+    from pipeline import tiny
+
+    path = folder / f"{arch}.pth"
+    if arch == "compact":
+        tiny.write_release_pth(path, tiny.compact_state(num_feat=64, num_conv=16, seed=0), "params")
+    else:
+        tiny.write_release_pth(path, tiny.rrdbnet_state(num_feat=64, num_block=23), "params_ema")
+    return path
+
+
+def run_plain(clip: Path, weights: Path, output: Path) -> int:
+    import numpy as np
+    import spandrel
+    import torch
+
+    from pipeline.video import VideoWriter, read_frames
+
+    model = spandrel.ModelLoader().load_from_file(weights).to("cpu").eval()
+    started = time.perf_counter()
+    frames = list(read_frames(clip))
+    upscaled = []
+    with torch.inference_mode():
+        for frame in frames:
+            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float().div(255)
+            upscaled.append(np.ascontiguousarray(
+                model(x)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()))
+    with VideoWriter(output, fps=24, crf=18) as writer:
+        for frame in upscaled:
+            writer.write(frame)
+    return len(upscaled), time.perf_counter() - started
+
+
+def run_serial(clip: Path, weights: Path, output: Path) -> int:
+    from pipeline.upscale import Upscaler
+    from pipeline.video import VideoWriter, read_frames
+
+    upscaler = Upscaler(weights, "cpu", batch=4)
+    started = time.perf_counter()
+    with VideoWriter(output, fps=24, crf=18) as writer:
+        for frame in upscaler.stream(read_frames(clip)):
+            writer.write(frame)
+    return writer.frames, time.perf_counter() - started
+
+
+def run_overlapped(clip: Path, weights: Path, output: Path) -> int:
+    from pipeline.run import upscale_file
+    from pipeline.upscale import Upscaler
+
+    upscaler = Upscaler(weights, "cpu", batch=4)
+    started = time.perf_counter()
+    return upscale_file(clip, output, upscaler, 4, crf=18).frames, time.perf_counter() - started
+
+
+MODES = {"plain": run_plain, "serial": run_serial, "overlapped": run_overlapped}
+
+
+def measure(mode: str, clip: str, weights: str, output: str) -> None:
+    """Child process: one mode; prints seconds (after the model is loaded), frames and peak RSS as JSON."""
+    import torch
+
+    frames, seconds = MODES[mode](Path(clip), Path(weights), Path(output))
+    print(json.dumps({"seconds": seconds, "frames": frames, "threads": torch.get_num_threads(),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def child(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--arch", choices=ARCHS, nargs="+", default=list(ARCHS))
+    parser.add_argument("--frames", type=int, help="override the clip length for every arch")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        measure(*args.child)
+        return
+    print("| arch | frames | input | output | mode | frames/s | output MP/s | vs plain | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for arch in args.arch:
+            frames = args.frames or ARCHS[arch]["frames"]
+            width, height = ARCHS[arch]["size"]
+            clip, weights = make_clip(folder, frames, width, height), make_weights(folder, arch)
+            plain_fps = None
+            for mode in MODES:
+                r = child(mode, str(clip), str(weights), str(folder / f"{mode}.mp4"))
+                assert r["frames"] == frames, r
+                fps = frames / r["seconds"]
+                plain_fps = plain_fps or fps
+                megapixels = fps * 16 * width * height / 1e6
+                print(f"| {arch} | {frames} | {width}x{height} | {4 * width}x{4 * height} | {mode} | {fps:.2f} "
+                      f"| {megapixels:.2f} | {fps / plain_fps:.2f}x | {r['peak_rss_mb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
