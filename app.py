@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 
 from flask import Flask, g, jsonify, redirect, request, send_file, url_for
@@ -19,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from config import Settings, settings_or_exit
 from openapi import build_spec
-from pipeline.spec import JobParams, Limits, ParamError
+from pipeline.spec import OUTSCALES, JobParams, Limits, ParamError, size_presets
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
 from pipeline.video import VideoInputError, inspect_video
 from storage.blobs import BlobStore, open_blob_store
@@ -29,7 +30,10 @@ from worker import Worker, discard_upload, upload_path
 log = logging.getLogger("t2v.api")
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-PUBLIC_ENDPOINTS = {"health", "static"}  # everything else needs a key when keys are on
+PUBLIC_ENDPOINTS = {"health", "static", "index"}  # everything else needs a key when keys are on
+# With keys on, these also accept a signed link (?expires=&sig=), because a <video> or <img> tag
+# cannot send an Authorization header. The job view hands such links to the key's owner.
+SIGNED_ENDPOINTS = {"job_video", "job_poster"}
 
 
 class ApiError(Exception):
@@ -46,6 +50,7 @@ class Service:
     jobs: JobStore
     blobs: BlobStore
     worker: object | None  # worker.Worker when T2V_WORKER=thread
+    url_secret: bytes
 
 
 def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None, blobs: BlobStore | None = None,
@@ -57,11 +62,12 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     if worker is None and settings.worker == "thread":
         worker = Worker(settings, jobs, blobs).start()
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder="static")
     app.url_map.merge_slashes = False  # "/jobs//video" is a 404, not a redirect to another URL
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_kb * 1024
     app.json.sort_keys = False
-    app.extensions["t2v"] = Service(settings, jobs, blobs, worker)
+    url_secret = settings.url_secret.encode() if settings.url_secret else secrets.token_bytes(32)
+    app.extensions["t2v"] = Service(settings, jobs, blobs, worker, url_secret)
     _register_errors(app)
     app.before_request(_authenticate)
     app.before_request(_upload_limit)
@@ -83,12 +89,44 @@ def _authenticate():
     if request.endpoint in PUBLIC_ENDPOINTS or not keys:
         g.owner = "local"
         return None
+    if request.endpoint in SIGNED_ENDPOINTS and "sig" in request.args:
+        if not _signature_valid():
+            raise ApiError(401, "invalid_signature", "this link is invalid or has expired")
+        g.owner, g.signed_ref = None, request.view_args["reference_id"]
+        return None
     auth = request.headers.get("Authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
     if not key or not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
         raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
     g.owner = "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
     return None
+
+
+def _signature(endpoint: str, reference_id: str, expires: int) -> str:
+    message = f"{endpoint}:{reference_id}:{expires}".encode()
+    return hmac.new(_svc().url_secret, message, hashlib.sha256).hexdigest()
+
+
+def _signature_valid() -> bool:
+    expires = request.args.get("expires", "")
+    if not expires.isdigit() or int(expires) < time.time():
+        return False
+    expected = _signature(request.endpoint, request.view_args["reference_id"], int(expires))
+    return hmac.compare_digest(expected, request.args.get("sig", ""))
+
+
+def _media_url(endpoint: str, reference_id: str, external: bool = False) -> str:
+    """A link to a job's video or poster; signed when keys are on, so tags and plain browsers can use it.
+
+    The expiry is rounded to half the TTL, so the link stays the same from one poll to the next.
+    """
+    settings = _svc().settings
+    if not settings.api_keys:
+        return url_for(endpoint, reference_id=reference_id, _external=external)
+    half = max(settings.url_ttl_s // 2, 1)
+    expires = (int(time.time()) // half + 2) * half
+    return url_for(endpoint, reference_id=reference_id, expires=expires,
+                   sig=_signature(endpoint, reference_id, expires), _external=external)
 
 
 def _upload_limit():
@@ -118,7 +156,8 @@ def _owned_job(reference_id: str, session_id: str | None = None) -> dict:
     """The job, if it exists, belongs to the caller (and to `session_id` when given); else 404."""
     _check_id(reference_id, "reference_id")
     job = _svc().jobs.get(reference_id)
-    if job is None or job["owner"] != g.owner or (session_id is not None and job["session_id"] != session_id):
+    owner_ok = job is not None and (job["owner"] == g.owner or g.get("signed_ref") == reference_id)
+    if not owner_ok or (session_id is not None and job["session_id"] != session_id):
         raise ApiError(404, "not_found", f"no job {reference_id} for this caller")
     return job
 
@@ -170,8 +209,8 @@ def _job_view(job: dict) -> dict:
             "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None}
     if job["status"] == COMPLETED and job["result"]:
         view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
-        view["video_url"] = url_for("job_video", reference_id=job["reference_id"])
-        view["poster_url"] = url_for("job_poster", reference_id=job["reference_id"])
+        view["video_url"] = _media_url("job_video", job["reference_id"])
+        view["poster_url"] = _media_url("job_poster", job["reference_id"])
     return view
 
 
@@ -243,7 +282,7 @@ def _register_routes(app: Flask) -> None:
         if job["status"] != COMPLETED:
             raise ApiError(409, "not_ready", f"job {reference_id} is {job['status']}, not completed")
         url = _svc().blobs.presigned_url(job["result"]["video_key"])
-        return jsonify(s3_url=url or url_for("job_video", reference_id=reference_id, _external=True))
+        return jsonify(s3_url=url or _media_url("job_video", reference_id, external=True))
 
     @app.post("/history")
     def history():
@@ -272,6 +311,19 @@ def _register_routes(app: Flask) -> None:
     @app.get("/jobs/<reference_id>/poster")
     def job_poster(reference_id):
         return _blob_response(_owned_job(reference_id), "poster_key", "image/jpeg")
+
+    @app.get("/")
+    def index():
+        """The web page: plain HTML, CSS and JavaScript that use this same API."""
+        return app.send_static_file("index.html")
+
+    @app.get("/limits")
+    def limits():
+        """What this server accepts, so a client (the web page) offers nothing it would refuse."""
+        s = _svc().settings
+        return jsonify(max_prompt_chars=s.max_prompt_chars, sizes=size_presets(s.max_side), max_side=s.max_side,
+                       max_frames=s.max_frames, max_steps=s.max_steps, default_steps=min(30, s.max_steps),
+                       outscales=list(OUTSCALES), upscale=s.upscaler != "none", max_upload_mb=s.max_upload_mb)
 
     @app.get("/health")
     def health():

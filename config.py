@@ -73,6 +73,7 @@ class Settings:
     max_queue: int = 100
     max_body_kb: int = 64
     url_ttl_s: int = 3600
+    url_secret: str | None = _secret()  # signs the web page's video links; random per process if unset
 
     # Stores. Without MONGODB_URI jobs go to SQLite; without BUCKET_NAME videos stay local.
     mongodb_uri: str | None = _secret()

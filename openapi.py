@@ -24,6 +24,9 @@ def _ok(schema: dict, *errors: int) -> dict:
 def build_spec(settings) -> dict:
     """The spec, with the limits this server enforces."""
     ref_param = {"name": "reference_id", "in": "path", "required": True, "schema": ID}
+    # A signed link from a job view, for tags that cannot send a key (<video>, <img>).
+    signed_params = [{"name": "expires", "in": "query", "required": False, "schema": {"type": "string"}},
+                     {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
     generate_body = {
         "type": "object",
         "required": ["prompt"],
@@ -104,16 +107,33 @@ def build_spec(settings) -> dict:
                                  400, 401, 404, 409, 503)}},
             "/jobs/{reference_id}/video": {"get": {
                 "summary": "The MP4 (local storage: streamed with Range support; S3: a redirect)",
-                "parameters": [ref_param],
+                "parameters": [ref_param, *signed_params],
                 "responses": {"200": {"description": "the video", "content": {"video/mp4": {}}},
                               "206": {"description": "a byte range", "content": {"video/mp4": {}}},
                               "302": {"description": "redirect to a presigned URL"},
                               **_errors(400, 401, 404, 409, 416, 503)}}},
             "/jobs/{reference_id}/poster": {"get": {
-                "summary": "The poster image", "parameters": [ref_param],
+                "summary": "The poster image", "parameters": [ref_param, *signed_params],
                 "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
                               "302": {"description": "redirect to a presigned URL"},
                               **_errors(400, 401, 404, 409, 503)}}},
+            "/": {"get": {
+                "summary": "The web page", "security": [],
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
+            "/limits": {"get": {
+                "summary": "What this server accepts: sizes, frames, steps, prompt length, upscale",
+                "responses": _ok({"type": "object", "required": ["max_prompt_chars", "sizes", "max_frames", "max_steps"],
+                                  "properties": {
+                                      "max_prompt_chars": {"type": "integer"}, "max_side": {"type": "integer"},
+                                      "sizes": {"type": "array", "items": {
+                                          "type": "object", "required": ["label", "width", "height"],
+                                          "properties": {"label": {"type": "string"}, "width": {"type": "integer"},
+                                                         "height": {"type": "integer"}}}},
+                                      "max_frames": {"type": "integer"}, "max_steps": {"type": "integer"},
+                                      "default_steps": {"type": "integer"},
+                                      "outscales": {"type": "array", "items": {"type": "integer"}},
+                                      "upscale": {"type": "boolean"}, "max_upload_mb": {"type": "integer"}}},
+                                 401)}},
             "/health": {"get": {
                 "summary": "Liveness: store, worker, model, queue", "security": [],
                 "responses": {"200": {"description": "healthy", **_json({"$ref": "#/components/schemas/Health"})},

@@ -12,6 +12,24 @@ OUTSCALES = (2, 4)
 MAX_SEED = 2**32 - 1
 
 
+# HunyuanVideo's own resolutions (its README): (tier, aspect, width, height).
+SIZE_PRESETS = (
+    ("540p", "16:9", 960, 544), ("540p", "9:16", 544, 960), ("540p", "1:1", 720, 720),
+    ("720p", "16:9", 1280, 720), ("720p", "9:16", 720, 1280), ("720p", "1:1", 960, 960),
+)
+
+
+def size_presets(max_side: int) -> list[dict]:
+    """The presets this deployment allows; if none fit T2V_MAX_SIDE, each aspect scaled down to fit."""
+    fitting = [{"label": f"{tier} {aspect}", "width": w, "height": h}
+               for tier, aspect, w, h in SIZE_PRESETS if max(w, h) <= max_side]
+    if fitting:
+        return fitting
+    short = max(16, max_side * 9 // 16 // 16 * 16)
+    return [{"label": f"{aspect} (small)", "width": w, "height": h}
+            for aspect, w, h in (("16:9", max_side, short), ("9:16", short, max_side), ("1:1", max_side, max_side))]
+
+
 class ParamError(ValueError):
     """A parameter breaks a rule. `field` names it; the message says the rule."""
 

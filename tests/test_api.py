@@ -287,3 +287,43 @@ def test_openapi_spec_matches_the_routes(make_app):
         path = rule.rule.replace("<", "{").replace(">", "}")
         served |= {(path, m) for m in rule.methods - {"HEAD", "OPTIONS"}}
     assert documented == served
+
+
+def test_signed_media_links_work_without_a_key_and_only_as_issued(make_app):
+    app, _ = make_app(api_keys=("key-one",), url_ttl_s=600)
+    client = app.test_client()
+    key = {"X-API-Key": "key-one"}
+    sub = submit(client, **key)
+    wait_status(client, sub, **key)
+    job = client.get(f"/jobs/{sub['reference_id']}", headers=key).json
+    video, poster = job["video_url"], job["poster_url"]
+    assert "sig=" in video and "expires=" in video
+    assert client.get(video).status_code == 200 and client.get(video).mimetype == "video/mp4"
+    assert client.get(poster).mimetype == "image/jpeg"
+    assert client.get(video.split("?")[0]).status_code == 401
+    tampered = video[:-1] + ("0" if video[-1] != "0" else "1")
+    swapped = poster.replace("/poster?", "/video?")  # a poster's signature does not open the video
+    import time
+
+    import app as app_module
+
+    with app.test_request_context():  # a correctly signed link whose time is up
+        past = int(time.time()) - 10
+        expired = f"/jobs/{sub['reference_id']}/video?expires={past}&sig=" + app_module._signature(
+            "job_video", sub["reference_id"], past)
+    for link in (tampered, swapped, expired):
+        r = client.get(link)
+        assert r.status_code == 401 and r.json["error"]["code"] == "invalid_signature"
+    # download_video hands out the same kind of link, usable in a plain browser.
+    url = client.post(f"/download_video/{sub['reference_id']}", json={"session_id": sub["session_id"]},
+                      headers=key).json["s3_url"]
+    assert client.get(url.removeprefix("http://localhost")).status_code == 200
+
+
+def test_limits_tell_the_page_what_the_server_accepts(make_app):
+    app, _ = make_app(worker=False, max_side=960, max_frames=65, max_steps=40)
+    limits = app.test_client().get("/limits").json
+    assert [(s["width"], s["height"]) for s in limits["sizes"]] == [(960, 544), (544, 960), (720, 720), (960, 960)]
+    assert (limits["max_frames"], limits["max_steps"], limits["default_steps"]) == (65, 40, 30)
+    page = app.test_client().get("/")
+    assert page.status_code == 200 and b'<form id="job-form"' in page.data
