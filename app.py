@@ -84,7 +84,8 @@ def _svc() -> Service:
 # ---------------------------------------------------------------------------------------- identity
 
 def _authenticate():
-    """With T2V_API_KEYS set, every route but /health needs a key; the owner is a hash of that key."""
+    """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video or
+    poster, a signed link). The owner of a job is a hash of the key that made it."""
     keys = _svc().settings.api_keys
     if request.endpoint in PUBLIC_ENDPOINTS or not keys:
         g.owner = "local"

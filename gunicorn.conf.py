@@ -6,8 +6,6 @@ refuses to start that way. To serve more requests, run API processes with T2V_WO
 `python worker.py` on the GPU nodes, all sharing MongoDB and S3.
 """
 
-import os
-
 from config import Settings
 
 _settings = Settings.from_env()
@@ -15,7 +13,7 @@ _settings = Settings.from_env()
 bind = f"{_settings.host}:{_settings.port}"
 workers = 1
 worker_class = "gthread"
-threads = int(os.environ.get("T2V_THREADS", "16"))
+threads = _settings.threads
 preload_app = False  # the model and the worker thread start inside the serving process, after the fork
 timeout = 120  # a busy model must not get the request process killed as "stuck"
 graceful_timeout = 30

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from config import Settings, settings_or_exit
 from storage.blobs import BlobStore, StorageError, open_blob_store
-from storage.jobs import JobStore, StoreUnavailable, open_job_store
+from storage.jobs import TERMINAL, JobStore, StoreUnavailable, open_job_store
 
 log = logging.getLogger("t2v.worker")
 
@@ -110,6 +110,7 @@ class Worker:
             requeued, ended = self.jobs.requeue_expired(self.settings.max_attempts)
             if requeued or ended:
                 log.info("lost workers: %d job(s) re-queued, %d ended", requeued, ended)
+            self.sweep_uploads()
             self._last_requeue = now
         job = self.jobs.claim(self.worker_id, self.settings.lease_s)
         if job is None:
@@ -120,6 +121,27 @@ class Worker:
         if not lease.lost:
             discard_upload(self.settings, job)
         return True
+
+    def sweep_uploads(self, min_age_s: float = 300) -> int:
+        """Delete uploads no job will read: their job has ended (say, failed `worker_lost`), or no job
+        was ever recorded for them (the API died between saving and queueing). Returns how many."""
+        if self.settings.keep_inputs:
+            return 0
+        folder = Path(self.settings.data_dir) / "uploads"
+        removed = 0
+        for path in folder.glob("*.video") if folder.is_dir() else ():
+            try:
+                if time.time() - path.stat().st_mtime < min_age_s:
+                    continue  # the API may be saving it, or about to queue its job
+                job = self.jobs.get(path.stem)
+                if job is None or job["status"] in TERMINAL:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d upload(s) whose job had ended", removed)
+        return removed
 
     def _run(self, job: dict, lease: "_Lease") -> None:
         from pipeline.generate import JobCanceled

@@ -40,11 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, log_path: Path, threads: int, env_extra: dict) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, log_path: Path, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_MODEL": "tiny", "T2V_UPSCALER": "tiny",
            "T2V_DATA_DIR": str(data_dir), "T2V_PORT": str(port), "T2V_MAX_QUEUE": "100000",
-           "T2V_THREADS": str(threads), **env_extra}
+           "T2V_THREADS": str(threads)}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("gunicorn")), "-c", str(ROOT / "gunicorn.conf.py"),
                              "--access-logfile", "/dev/null", "app:create_app()"],
                             cwd=data_dir, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
@@ -107,8 +107,7 @@ def pct(values, q):
 def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        proc, base = start_server(data, data / "server.log", args.threads,
-                                  {"T2V_WORKER_MODE": args.worker_mode} if args.worker_mode else {})
+        proc, base = start_server(data, data / "server.log", args.threads)
         try:
             # Reference jobs: one per client session, so history has something to list.
             sessions = []
@@ -159,9 +158,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=20, help="length of each phase")
     parser.add_argument("--threads", type=int, default=16, help="gunicorn threads (T2V_THREADS)")
     parser.add_argument("--backlog", type=int, default=60, help="jobs queued when the busy phase starts")
-    parser.add_argument("--worker-mode", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the report here")
-    report = run(parser.parse_args())
+    args = parser.parse_args()
+    report = run(args)
     print("| phase | route | requests | req/s | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for name, routes in report["phases"].items():
@@ -170,8 +169,8 @@ def main():
                   f"{r['p99_ms']} | {r['errors']} {' '.join(r['error_kinds'])} |")
     print(f"\nget_status p99 busy/idle: {report['get_status_p99_busy_over_idle']}x; "
           f"errors: {report['total_errors']}; jobs run during the busy phase: {report['jobs_run_while_busy']}")
-    if parser.parse_args().json:
-        parser.parse_args().json.write_text(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

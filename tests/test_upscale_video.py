@@ -207,3 +207,25 @@ def test_cancel_a_queued_upload_deletes_it(make_app, tmp_path):
     assert (tmp_path / "data" / "uploads" / f"{r.json['reference_id']}.video").is_file()
     assert client.post(f"/jobs/{r.json['reference_id']}/cancel").json["status"] == "canceled"
     assert not list((tmp_path / "data" / "uploads").iterdir())
+
+
+def test_worker_sweeps_uploads_whose_job_ended_without_it(make_app, tmp_path):
+    from storage.jobs import new_job
+
+    app, svc = make_app(worker=False)
+    uploads = tmp_path / "data" / "uploads"
+    uploads.mkdir(parents=True)
+    svc.jobs.create(new_job("lostjob-0001", "s", "local", "upscale", {"outscale": 4, "upscaler": None}))
+    claimed = svc.jobs.claim("dead-worker", 0.01)
+    svc.jobs.fail(claimed["reference_id"], "dead-worker", "worker_lost", "the worker stopped responding")
+    svc.jobs.create(new_job("waiting-0002", "s", "local", "upscale", {"outscale": 4, "upscaler": None}))
+    for name in ("lostjob-0001", "waiting-0002", "orphan-0003"):
+        (uploads / f"{name}.video").write_bytes(b"clip")
+        os.utime(uploads / f"{name}.video", (0, 0))  # old enough to sweep
+    (uploads / "fresh-0004.video").write_bytes(b"clip")  # being saved right now: left alone
+
+    from worker import Worker
+
+    worker = Worker(svc.settings, svc.jobs, svc.blobs, models=object())
+    assert worker.sweep_uploads() == 2
+    assert sorted(p.name for p in uploads.iterdir()) == ["fresh-0004.video", "waiting-0002.video"]
