@@ -1,6 +1,7 @@
 """The service on S3, with S3 failing, and served for real: `python app.py` and gunicorn as subprocesses."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,26 @@ def test_bad_setting_exits_2_with_a_one_line_reason(tmp_path, script):
                           text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == f"{script}: error: T2V_WORKER must be one of thread, off, got 'bogus'"
+
+
+def test_api_node_with_a_standalone_worker_process(tmp_path, data_dir, tiny_model, tiny_upscalers):
+    """T2V_WORKER=off on the API, `python worker.py` beside it, sharing the job store and the videos."""
+    os.symlink(data_dir / "tiny", tmp_path / "tiny")  # both processes find the tiny models here
+    api, base = serve([sys.executable, str(ROOT / "app.py")], tmp_path, tmp_path, T2V_WORKER="off")
+    worker_log = open(tmp_path / "server-worker.log", "wb")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_MODEL": "tiny", "T2V_UPSCALER": "tiny",
+           "T2V_DATA_DIR": str(tmp_path)}
+    worker = None
+    try:
+        health = wait_for(lambda: _get_json(f"{base}/health"), timeout=60, every=0.2)
+        assert health["worker"] == "off" and health["model_loaded"] is False
+        worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=tmp_path, env=env,
+                                  stdout=worker_log, stderr=subprocess.STDOUT)
+        curl_flow(base, tmp_path)
+        worker.send_signal(signal.SIGTERM)  # stops after the current job, cleanly
+        assert worker.wait(30) == 0
+    finally:
+        if worker and worker.poll() is None:
+            worker.kill()
+        stop(api)
+    assert ": completed in " in (tmp_path / "server-worker.log").read_text()
