@@ -386,10 +386,18 @@ def main() -> int:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         log.warning("listening on %s with no T2V_API_KEYS: anyone who can reach it can use the GPU", settings.host)
     app = create_app(settings)
-    from werkzeug.serving import run_simple
+    from werkzeug.serving import WSGIRequestHandler, run_simple
+
+    class QuietQueryHandler(WSGIRequestHandler):
+        """Logs each request's path without its query string, where signed links keep their signature."""
+
+        def log_request(self, code="-", size="-"):
+            path = self.path.split("?", 1)[0].translate(self._control_char_table)
+            self.log("info", '"%s %s" %s %s', self.command, path, code, size)
 
     log.info("t2v on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
-    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False, use_debugger=False)
+    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False, use_debugger=False,
+               request_handler=QuietQueryHandler)
     return 0
 
 

@@ -18,8 +18,8 @@ preload_app = False  # the model and the worker thread start inside the serving 
 timeout = 120  # a busy model must not get the request process killed as "stuck"
 graceful_timeout = 30
 accesslog = "-"
-# Never log request headers: they carry the API keys.
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
+# Never log request headers (API keys) or query strings (signed links): the method and path only.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss'
 
 
 def on_starting(server):

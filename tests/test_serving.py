@@ -150,10 +150,12 @@ def test_gunicorn_serves_one_process_with_threads(tmp_path, data_dir, tiny_model
     try:
         wait_healthy(proc, base, tmp_path)
         curl_flow(base, tmp_path)
+        requests.get(f"{base}/jobs/abcdefgh/video?expires=1&sig=deadbeef", timeout=5)
     finally:
         stop(proc)
     assert proc.returncode == 0, _logs(tmp_path)
     assert "gthread" in _logs(tmp_path)
+    assert '"GET /jobs/abcdefgh/video" 404' in _logs(tmp_path) and "sig=" not in _logs(tmp_path)
 
 
 def test_gunicorn_refuses_two_processes_with_the_thread_worker(tmp_path, data_dir):

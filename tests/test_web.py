@@ -131,3 +131,7 @@ def test_prompt_to_video_in_the_browser(page, server, tmp_path):
     # Usable on a phone-width screen: nothing runs off the side.
     page.set_viewport_size({"width": 375, "height": 800})
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+    # The signed links and the key were used all along, and neither reached the server's log.
+    log = (tmp_path / "server.log").read_text()
+    assert "/jobs/" in log and "sig=" not in log and KEY not in log
