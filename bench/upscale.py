@@ -28,11 +28,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from upscale_video import make_clip  # noqa: E402
 
 ARCHS = {"compact": {"frames": 96, "size": (128, 72)}, "rrdb": {"frames": 16, "size": (64, 36)}}
+
+
+def make_clip(folder: Path, frames: int, width: int, height: int) -> Path:
+    """The fixed synthetic clip: a moving gradient over fine, seeded texture, H.264 at 24 fps."""
+    import numpy as np
+
+    from pipeline.video import VideoWriter
+
+    clip = folder / f"clip-{frames}-{width}x{height}.mp4"
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    with VideoWriter(clip, fps=24, crf=18) as writer:
+        for i in range(frames):
+            base = np.stack([128 + 90 * np.sin((x + 3 * i) / width * 6), 128 + 90 * np.cos((y - 2 * i) / height * 5),
+                             (x + y + 4 * i) % 256], axis=-1)
+            writer.write((base * 0.85 + texture).clip(0, 255).astype(np.uint8))
+    return clip
 
 
 def make_weights(folder: Path, arch: str) -> Path:
