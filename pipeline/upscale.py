@@ -22,6 +22,7 @@ from pipeline import tiny
 log = logging.getLogger(__name__)
 
 MIN_TILE = 32
+WEIGHT_SUFFIXES = (".pth", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class Upscaler:
         import spandrel
 
         path = Path(path)
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            # spandrel would load a .pt as TorchScript, which can carry code; .pth goes through its
+            # allow-listed unpickler, and .safetensors holds tensors only.
+            raise UpscalerLoadError(f"upscaler weights {path}: only .pth and .safetensors files are loaded")
         try:
             descriptor = spandrel.ModelLoader().load_from_file(path)
         except FileNotFoundError:

@@ -128,3 +128,14 @@ def _chunks(iterable, n):
             batch = []
     if batch:
         yield batch
+
+
+def test_only_pth_and_safetensors_are_loaded(tmp_path, tiny_upscalers):
+    import shutil
+
+    for suffix in (".pt", ".ckpt", ".bin"):  # .pt would be loaded as TorchScript, which can carry code
+        other = tmp_path / f"weights{suffix}"
+        shutil.copy(tiny_upscalers["compact"], other)
+        with pytest.raises(UpscalerLoadError, match=f"weights{suffix}: only .pth and .safetensors"):
+            Upscaler(other)
+    assert Upscaler(tiny_upscalers["compact"]).scale == 4
