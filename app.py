@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from flask import Flask, g, jsonify, redirect, request, send_file, url_for
+from flask import Flask, current_app, g, jsonify, redirect, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
 from config import Settings, settings_or_exit
@@ -76,8 +76,6 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
 
 
 def _svc() -> Service:
-    from flask import current_app
-
     return current_app.extensions["t2v"]
 
 
@@ -169,9 +167,9 @@ def _check_queue_room() -> None:
 
 
 def _form_outscale() -> int:
-    raw = request.form.get("outscale", "4")
-    if raw not in ("2", "4"):
-        raise ApiError(400, "invalid_parameter", "outscale must be 2 or 4")
+    raw = request.form.get("outscale", str(max(OUTSCALES)))
+    if raw not in {str(n) for n in OUTSCALES}:
+        raise ApiError(400, "invalid_parameter", f"outscale must be one of {', '.join(map(str, OUTSCALES))}")
     return int(raw)
 
 
@@ -215,10 +213,14 @@ def _job_view(job: dict) -> dict:
     return view
 
 
-def _blob_response(job: dict, key_name: str, mimetype: str):
+def _completed(job: dict) -> dict:
     if job["status"] != COMPLETED:
         raise ApiError(409, "not_ready", f"job {job['reference_id']} is {job['status']}, not completed")
-    key = job["result"][key_name]
+    return job
+
+
+def _blob_response(job: dict, key_name: str, mimetype: str):
+    key = _completed(job)["result"][key_name]
     blobs = _svc().blobs
     path = blobs.local_path(key)
     if path is not None:
@@ -279,9 +281,7 @@ def _register_routes(app: Flask) -> None:
     @app.post("/download_video/<reference_id>")
     def download_video(reference_id):
         body = _json_body()
-        job = _owned_job(reference_id, _check_id(body.get("session_id"), "session_id"))
-        if job["status"] != COMPLETED:
-            raise ApiError(409, "not_ready", f"job {reference_id} is {job['status']}, not completed")
+        job = _completed(_owned_job(reference_id, _check_id(body.get("session_id"), "session_id")))
         url = _svc().blobs.presigned_url(job["result"]["video_key"])
         return jsonify(s3_url=url or _media_url("job_video", reference_id, external=True))
 
