@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_owner_session ON jobs (owner, session_id, created_at);
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 
@@ -233,8 +234,8 @@ class SqliteJobStore(_Outcomes):
         return requeued, ended
 
     def ping(self) -> None:
+        """A one-row write: a locked or read-only database fails here, as it would for a new job."""
         with self._tx(write=True) as db:
-            db.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL)")
             db.execute("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),))
 
 
