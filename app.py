@@ -24,7 +24,7 @@ from pipeline.spec import OUTSCALES, JobParams, Limits, ParamError, size_presets
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
 from pipeline.video import VideoInputError, inspect_video
 from storage.blobs import BlobStore, open_blob_store
-from storage.jobs import CANCELED, COMPLETED, TERMINAL, JobStore, StoreUnavailable, new_job, open_job_store
+from storage.jobs import CANCELED, COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, open_job_store
 from worker import Worker, discard_upload, upload_path
 
 log = logging.getLogger("t2v.api")
@@ -161,9 +161,12 @@ def _owned_job(reference_id: str, session_id: str | None = None) -> dict:
     return job
 
 
-def _check_queue_room() -> None:
-    if _svc().jobs.count_queued() >= _svc().settings.max_queue:
-        raise ApiError(429, "queue_full", "the queue is full; try again later")
+def _enqueue(job: dict) -> dict:
+    """Store the job unless the queue is full (429): one atomic step in the store, even under concurrency."""
+    try:
+        return _svc().jobs.create(job, max_queued=_svc().settings.max_queue)
+    except QueueFull:
+        raise ApiError(429, "queue_full", "the queue is full; try again later") from None
 
 
 def _form_outscale() -> int:
@@ -242,8 +245,7 @@ def _register_routes(app: Flask) -> None:
             params = JobParams.from_dict(body, Limits.from_settings(_svc().settings))
         except ParamError as exc:
             raise ApiError(400, "invalid_parameter", str(exc)) from None
-        _check_queue_room()
-        return _accepted(_svc().jobs.create(new_job(_new_id(), session_id, g.owner, "generate", params.to_dict())))
+        return _accepted(_enqueue(new_job(_new_id(), session_id, g.owner, "generate", params.to_dict())))
 
     @app.post("/upscale_video")
     def upscale_video():
@@ -254,7 +256,6 @@ def _register_routes(app: Flask) -> None:
         session_id = _check_id(request.form["session_id"], "session_id") if "session_id" in request.form else _new_id()
         params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
                   "filename": (upload.filename or "")[:200]}
-        _check_queue_room()
         reference_id = _new_id()
         path = upload_path(settings, reference_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +264,7 @@ def _register_routes(app: Flask) -> None:
             info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
             params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
                           duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
-            return _accepted(_svc().jobs.create(new_job(reference_id, session_id, g.owner, "upscale", params)))
+            return _accepted(_enqueue(new_job(reference_id, session_id, g.owner, "upscale", params)))
         except VideoInputError as exc:
             path.unlink(missing_ok=True)
             raise ApiError(400, "invalid_video", str(exc)) from None

@@ -5,17 +5,25 @@ Both keep the same contract, checked by one test suite:
 - a worker renews the lease with `heartbeat()`; a job whose lease ran out goes back to the queue
   (`requeue_expired`), or fails with `worker_lost` after its last attempt;
 - `complete()`, `fail()` and `mark_canceled()` only act on a job the calling worker still holds,
-  so a job can never complete twice.
+  so a job can never complete twice;
+- `create(job, max_queued=n)` admits a job only while fewer than n are queued, in one atomic step,
+  and raises `QueueFull` otherwise.
 Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import random
 import sqlite3
 import threading
 import time
+import urllib.parse
+import weakref
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,8 +38,12 @@ class StoreUnavailable(RuntimeError):
     """The job store cannot be reached or written. The message is safe to show (no credentials)."""
 
 
+class QueueFull(RuntimeError):
+    """`create(job, max_queued=n)` found n jobs queued already; the job was not stored."""
+
+
 class JobStore(Protocol):
-    def create(self, job: dict) -> dict: ...
+    def create(self, job: dict, max_queued: int | None = None) -> dict: ...
     def get(self, reference_id: str) -> dict | None: ...
     def history(self, owner: str, session_id: str) -> list[dict]: ...
     def count_queued(self) -> int: ...
@@ -45,6 +57,7 @@ class JobStore(Protocol):
     def request_cancel(self, reference_id: str) -> str | None: ...
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]: ...
     def ping(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: dict) -> dict:
@@ -106,27 +119,80 @@ class _Outcomes:
 
 
 class SqliteJobStore(_Outcomes):
-    """Jobs in one SQLite file (WAL mode). Each thread gets its own connection."""
+    """Jobs in one SQLite file (WAL mode). Each thread gets its own connection.
 
-    def __init__(self, path: Path, timeout_s: float = 10.0):
-        self.path = Path(path)
+    The file is made once, here at start-up. Every later connection opens it with `mode=rw`, so a
+    database moved away is `StoreUnavailable`, never a new empty file whose close would delete the
+    `-wal` that holds the rows. A connection is dropped as soon as the path no longer names the file
+    it opened (moved, replaced or gone), and the next transaction opens the file found there.
+    A timer, `close()` and interpreter exit checkpoint the WAL into the main file."""
+
+    def __init__(self, path: Path, timeout_s: float = 10.0, checkpoint_every_s: float = 30.0):
+        self.path = Path(path).absolute()
         self.timeout_s = timeout_s  # how long a write waits on another writer's lock before StoreUnavailable
+        self._uri = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+            with closing(sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)) as creator:  # may create
+                creator.execute("PRAGMA journal_mode=WAL")
+                creator.executescript(_SCHEMA)  # executescript manages its own transaction
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"job database unavailable: {exc}") from None
+        self._closed = threading.Event()
+        threading.Thread(target=_checkpoint_every, args=(weakref.ref(self), checkpoint_every_s, self._closed),
+                         name="t2v-sqlite-checkpoint", daemon=True).start()
+        _OPEN_STORES.add(self)
+
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+        """This thread's connection to the file now at `path`; one stat per call keeps it honest."""
+        file_id = self._file_id()  # taken before connecting: a swap in between only costs a reconnect
+        if getattr(self._local, "conn", None) is not None and self._local.file_id != file_id:
+            self._drop_conn()  # SQLite neither checkpoints nor deletes the -wal when closing a moved file
+        if file_id is None:
+            raise StoreUnavailable(f"job database unavailable: {self.path.name} is missing")
+        if getattr(self._local, "conn", None) is None:
+            conn = sqlite3.connect(self._uri, uri=True, timeout=self.timeout_s, isolation_level=None)
+            self._local.conn, self._local.file_id = conn, file_id  # kept first, so a failing PRAGMA drops it
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        return self._local.conn
+
+    def _drop_conn(self) -> None:
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def checkpoint(self, truncate: bool = False) -> None:
+        """Copy the WAL into the main file, so that file alone holds every committed row.
+
+        PASSIVE never waits on other connections; TRUNCATE (at close) also empties the -wal file."""
+        try:
+            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)" if truncate else "PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            self._drop_conn()
+            raise StoreUnavailable(f"job database unavailable: {exc}") from None
+
+    def close(self) -> None:
+        """Checkpoint (and empty) the WAL and stop the timer. Runs at interpreter exit for every open store."""
+        self._closed.set()
+        _OPEN_STORES.discard(self)
+        try:
+            self.checkpoint(truncate=True)
+        except StoreUnavailable as exc:
+            log.warning("job database not checkpointed at close: %s", exc)
+        self._drop_conn()
 
     def _tx(self, write: bool = False) -> "_SqliteTx":
         return _SqliteTx(self, write)
@@ -141,10 +207,13 @@ class SqliteJobStore(_Outcomes):
         job["cancel_requested"] = bool(job["cancel_requested"])
         return job
 
-    def create(self, job: dict) -> dict:
+    def create(self, job: dict, max_queued: int | None = None) -> dict:
         values = {k: (json.dumps(v) if k in _JSON_FIELDS and v is not None else v) for k, v in job.items()}
         cols = ", ".join(values)
-        with self._tx() as db:
+        with self._tx(write=True) as db:  # BEGIN IMMEDIATE: no other writer between the count and the insert
+            if max_queued is not None:
+                if db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0] >= max_queued:
+                    raise QueueFull(f"{max_queued} jobs are queued already")
             db.execute(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
         return job
 
@@ -251,7 +320,7 @@ class _SqliteTx:
             self.db = self.store._conn()
             self.db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
         except sqlite3.Error as exc:
-            self._drop()
+            self.store._drop_conn()
             raise StoreUnavailable(f"job database unavailable: {exc}") from None
         return self.db
 
@@ -259,28 +328,46 @@ class _SqliteTx:
         try:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         except sqlite3.Error as commit_error:
-            self._drop()
+            self.store._drop_conn()
             if exc_type is None:
                 raise StoreUnavailable(f"job database unavailable: {commit_error}") from None
         if isinstance(exc, sqlite3.Error):
-            self._drop()
+            self.store._drop_conn()
             raise StoreUnavailable(f"job database unavailable: {exc}") from None
         return False
 
-    def _drop(self):
-        conn = getattr(self.store._local, "conn", None)
-        self.store._local.conn = None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+
+_OPEN_STORES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    """Entry points need no shutdown code: the main file holds the data when the process ends."""
+    for store in list(_OPEN_STORES):
+        store.close()
+
+
+def _checkpoint_every(store_ref: weakref.ref, every_s: float, closed: threading.Event) -> None:
+    """The checkpoint timer. It holds the store weakly, so a store nobody uses can be collected."""
+    while not closed.wait(every_s):
+        store = store_ref()
+        if store is None:
+            return
+        try:
+            store.checkpoint()
+        except StoreUnavailable as exc:  # the file is away; the next tick tries again
+            log.debug("checkpoint skipped: %s", exc)
+        del store
 
 
 # ---------------------------------------------------------------------------------------- MongoDB
 
 class MongoJobStore(_Outcomes):
-    """Jobs in a MongoDB collection; claims are single `find_one_and_update` calls."""
+    """Jobs in a MongoDB collection; claims are single `find_one_and_update` calls.
+
+    Queue admission needs no multi-document transaction (a standalone server has none): an admitted
+    job holds a numbered `slot` below the cap until it leaves the queue, and a unique index lets
+    only one job hold each slot, so concurrent API processes can never queue more than the cap."""
 
     def __init__(self, uri: str | None = None, database: str = "t2v", client: Any = None):
         import pymongo
@@ -300,6 +387,7 @@ class MongoJobStore(_Outcomes):
                 self.jobs.create_index("reference_id", unique=True),
                 self.jobs.create_index([("owner", 1), ("session_id", 1), ("created_at", -1)]),
                 self.jobs.create_index([("status", 1), ("created_at", 1)]),
+                self.jobs.create_index("slot", unique=True, partialFilterExpression={"slot": {"$exists": True}}),
             ))
             self._indexed = True
 
@@ -316,11 +404,28 @@ class MongoJobStore(_Outcomes):
             return None
         doc = dict(doc)
         doc.pop("_id", None)
+        doc.pop("slot", None)
         return doc
 
-    def create(self, job: dict) -> dict:
-        self._guard(lambda: self.jobs.insert_one(dict(job)))
-        return job
+    def create(self, job: dict, max_queued: int | None = None) -> dict:
+        if max_queued is None:
+            self._guard(lambda: self.jobs.insert_one(dict(job)))
+            return job
+        self._ensure_indexes()  # the unique slot index is what makes admission atomic
+        if self.count_queued() >= max_queued:  # jobs re-queued after a lost worker hold no slot but count here
+            raise QueueFull(f"{max_queued} jobs are queued already")
+        taken = set(self._guard(lambda: self.jobs.distinct("slot", {"slot": {"$exists": True}})))
+        free = [n for n in range(max_queued) if n not in taken]
+        random.shuffle(free)  # concurrent callers seldom try the same slot first
+        for slot in free:
+            try:
+                self.jobs.insert_one({**job, "slot": slot})
+                return job
+            except self._pymongo.errors.DuplicateKeyError:
+                continue  # another job took this slot since `taken` was read
+            except self._pymongo.errors.PyMongoError as exc:
+                raise StoreUnavailable(f"job database unavailable: {type(exc).__name__}") from None
+        raise QueueFull(f"{max_queued} jobs are queued already")
 
     def get(self, reference_id: str) -> dict | None:
         return self._doc(self._guard(lambda: self.jobs.find_one({"reference_id": reference_id})))
@@ -348,7 +453,7 @@ class MongoJobStore(_Outcomes):
         return self._update_one(
             {"status": QUEUED},
             {"$set": {"status": PROCESSING, "stage": "starting", "worker_id": worker_id, "lease_until": now + lease_s,
-                      "started_at": now}, "$inc": {"attempts": 1}},
+                      "started_at": now}, "$inc": {"attempts": 1}, "$unset": {"slot": ""}},
             sort=[("created_at", 1), ("_id", 1)])
 
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None:
@@ -370,7 +475,7 @@ class MongoJobStore(_Outcomes):
     def request_cancel(self, reference_id: str) -> str | None:
         self._guard(lambda: self.jobs.update_one(
             {"reference_id": reference_id, "status": QUEUED},
-            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": time.time()}}))
+            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": time.time()}, "$unset": {"slot": ""}}))
         self._guard(lambda: self.jobs.update_one(
             {"reference_id": reference_id, "status": PROCESSING}, {"$set": {"cancel_requested": True}}))
         job = self.get(reference_id)
@@ -395,6 +500,9 @@ class MongoJobStore(_Outcomes):
     def ping(self) -> None:
         self._guard(lambda: self.client.admin.command("ping"))
         self._ensure_indexes()
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def open_job_store(settings) -> JobStore:

@@ -1,6 +1,8 @@
 """One contract, every job store: SQLite, MongoDB through mongomock, and a real MongoDB when
 T2V_TEST_MONGODB_URI is set."""
 
+import functools
+import io
 import os
 import threading
 import time
@@ -8,7 +10,8 @@ import time
 import mongomock
 import pytest
 
-from storage.jobs import (CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, MongoJobStore, SqliteJobStore,
+from conftest import TINY_JOB, make_clip
+from storage.jobs import (CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, MongoJobStore, QueueFull, SqliteJobStore,
                           StoreUnavailable, new_job)
 
 BACKENDS = ["sqlite", "mongomock"] + (["mongodb"] if os.environ.get("T2V_TEST_MONGODB_URI") else [])
@@ -54,12 +57,33 @@ def test_claims_are_fifo_and_queue_positions_follow(store):
     assert store.claim("w1", 30) is None
 
 
-@pytest.fixture(params=[b for b in BACKENDS if b != "mongomock"])
+@pytest.fixture
+def serial_mongomock(monkeypatch):
+    """A mongomock client whose every collection call is atomic, as each single-document write is on a
+    real server. mongomock alone runs a call as Python steps that threads interleave (its
+    find_one_and_update is a find, then an update); the store's own steps still interleave freely."""
+    lock = threading.RLock()
+
+    def atomic(call):
+        @functools.wraps(call)
+        def locked(*args, **kwargs):
+            with lock:
+                return call(*args, **kwargs)
+        return locked
+
+    for name in ("insert_one", "find_one", "find_one_and_update", "update_one", "update_many", "delete_one",
+                 "count_documents", "distinct"):
+        monkeypatch.setattr(mongomock.Collection, name, atomic(getattr(mongomock.Collection, name)))
+    return mongomock.MongoClient()
+
+
+@pytest.fixture(params=BACKENDS)
 def atomic_store(request, tmp_path):
-    """Backends that can prove atomic claims under threads. mongomock is not thread-safe (its
-    find_one_and_update is a find, then an update), so real MongoDB stands in for it when available."""
+    """The backends under threads; mongomock made atomic per call (serial_mongomock)."""
     if request.param == "sqlite":
         return SqliteJobStore(tmp_path / "jobs.sqlite3")
+    if request.param == "mongomock":
+        return MongoJobStore(client=request.getfixturevalue("serial_mongomock"), database="t2v_atomic")
     return MongoJobStore(os.environ["T2V_TEST_MONGODB_URI"], database=f"t2v_atomic_{os.getpid()}_{time.time_ns()}")
 
 
@@ -80,6 +104,93 @@ def test_concurrent_claims_never_hand_out_a_job_twice(atomic_store):
     for t in threads:
         t.join()
     assert sorted(claimed) == [f"job{i:05d}" for i in range(6)]
+
+
+def test_concurrent_admissions_never_pass_the_cap(atomic_store):
+    store, gate = atomic_store, threading.Barrier(24)
+    outcomes, lock = [], threading.Lock()
+
+    def submit(i):
+        gate.wait(60)
+        try:
+            store.create(new_job(f"adm{i:05d}", "s", "o", "generate", {"prompt": "p"}), max_queued=2)
+            outcome = "queued"
+        except QueueFull:
+            outcome = "full"
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(outcomes) == ["full"] * 22 + ["queued"] * 2
+    assert store.count_queued() == 2
+
+
+def test_admission_counts_queued_jobs_only(store):
+    def admit(ref):
+        return store.create(new_job(ref, "s", "o", "generate", {"prompt": "p"}), max_queued=2)
+
+    admit("cap00001")
+    time.sleep(0.002)
+    admit("cap00002")
+    with pytest.raises(QueueFull):
+        admit("cap00003")
+    assert store.get("cap00003") is None, "a refused job is not stored"
+    assert store.claim("w1", 30)["reference_id"] == "cap00001"  # a claimed job leaves the queue
+    time.sleep(0.002)
+    admit("cap00004")
+    assert store.request_cancel("cap00002") == CANCELED  # so does a canceled one
+    time.sleep(0.002)
+    admit("cap00005")
+    with pytest.raises(QueueFull):
+        admit("cap00006")
+    assert [store.queue_position(store.get(r)) for r in ("cap00004", "cap00005")] == [1, 2]
+    assert set(store.get("cap00004")) == set(new_job("x", "s", "o", "generate", {})), "no store-private fields"
+    assert [j["reference_id"] for j in store.history("o", "s")] == ["cap00005", "cap00004", "cap00002", "cap00001"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mongomock"])
+def test_24_concurrent_submits_queue_exactly_max_queue(make_app, request, tmp_path, monkeypatch, backend):
+    if backend == "sqlite":
+        jobs = SqliteJobStore(tmp_path / "data" / "jobs.sqlite3")
+    else:
+        jobs = MongoJobStore(client=request.getfixturevalue("serial_mongomock"))
+    count_queued = jobs.count_queued
+
+    def count_then_pause():  # a loaded machine: a count is old by the time anything acts on it
+        n = count_queued()
+        time.sleep(0.05)
+        return n
+
+    monkeypatch.setattr(jobs, "count_queued", count_then_pause)
+    app, svc = make_app(worker=False, max_queue=2, jobs=jobs)
+    gate, codes = threading.Barrier(24), []
+
+    def submit():
+        client = app.test_client()
+        gate.wait(60)
+        codes.append(client.post("/generate_video", json=TINY_JOB).status_code)
+
+    threads = [threading.Thread(target=submit) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(codes) == [200] * 2 + [429] * 22
+    assert svc.jobs.count_queued() == 2
+
+
+def test_a_full_queue_refuses_an_upload_and_keeps_no_file(make_app, tmp_path):
+    app, _ = make_app(worker=False, max_queue=1)
+    client = app.test_client()
+    assert client.post("/generate_video", json=TINY_JOB).status_code == 200
+    clip = make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes()
+    r = client.post("/upscale_video", data={"video": (io.BytesIO(clip), "in.mp4")}, content_type="multipart/form-data")
+    assert r.status_code == 429 and r.json["error"]["code"] == "queue_full"
+    assert not list((tmp_path / "data" / "uploads").iterdir())
 
 
 def test_only_the_holder_finishes_a_job_and_only_once(store):
