@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
 import sys
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, jsonify, redirect, request, send_file, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import Settings, settings_or_exit
 from openapi import build_spec
@@ -34,6 +36,13 @@ PUBLIC_ENDPOINTS = {"health", "static", "index"}  # everything else needs a key 
 # With keys on, these also accept a signed link (?expires=&sig=), because a <video> or <img> tag
 # cannot send an Authorization header. The job view hands such links to the key's owner.
 SIGNED_ENDPOINTS = {"job_video", "job_poster"}
+EXPIRES_PATTERN = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True, and int() refuses it
+SIG_PATTERN = re.compile(r"[0-9a-f]{64}")
+MAX_JSON_DEPTH = 16  # the API's bodies are flat; deeper nesting is refused before any route sees it
+HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?", re.IGNORECASE)
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+UPLOAD_ENDPOINTS = {"upscale_video"}  # multipart/form-data; every other body is application/json
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
 
 
 class ApiError(Exception):
@@ -69,8 +78,12 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     url_secret = settings.url_secret.encode() if settings.url_secret else secrets.token_bytes(32)
     app.extensions["t2v"] = Service(settings, jobs, blobs, worker, url_secret)
     _register_errors(app)
+    app.before_request(_check_host)
+    app.before_request(_refuse_cross_site)
+    app.before_request(_check_body_type)
     app.before_request(_authenticate)
     app.before_request(_upload_limit)
+    app.after_request(_cors_headers)
     _register_routes(app)
     return app
 
@@ -79,13 +92,77 @@ def _svc() -> Service:
     return current_app.extensions["t2v"]
 
 
-# ---------------------------------------------------------------------------------------- identity
+# ---------------------------------------------------------------------------------------- who may call
+
+def _check_host():
+    """Answer only to the Host names allowed (T2V_ALLOWED_HOSTS), so a page cannot reach a loopback server
+    under a name of its own (DNS rebinding)."""
+    trusted = _svc().settings.trusted_hosts
+    match = HOST_HEADER.fullmatch(request.host)  # Werkzeug gives "" for a Host with invalid characters
+    if trusted is not None and (match is None or match["name"].lower() not in trusted):
+        raise ApiError(400, "host_not_allowed", "this server does not answer to that Host name (T2V_ALLOWED_HOSTS)")
+
+
+def _cross_site_origin() -> str | None:
+    """The Origin of a request sent by another site's page, or "" when Sec-Fetch-Site alone says so; else None."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        try:
+            same = urlsplit(origin).netloc.lower() == request.host.lower()
+        except ValueError:  # "http://[::1" and the like
+            same = False
+        if not same:
+            return origin
+    return "" if request.headers.get("Sec-Fetch-Site") == "cross-site" else None
+
+
+def _cors_allowed(origin: str | None) -> bool:
+    return bool(origin) and origin.lower() in {o.lower() for o in _svc().settings.cors_origins}
+
+
+def _refuse_cross_site():
+    """Another site's page may not change anything here unless T2V_CORS_ORIGINS names it."""
+    if request.method in STATE_CHANGING and request.url_rule is not None:
+        origin = _cross_site_origin()
+        if origin is not None and not _cors_allowed(origin):
+            raise ApiError(403, "cross_site", "requests from other sites are refused (T2V_CORS_ORIGINS)")
+
+
+def _check_body_type():
+    """A state-changing request's body is JSON (multipart for uploads), which no HTML form and no CORS-simple
+    request can send. A POST with no body and no Content-Type (curl -X POST .../cancel) carries nothing."""
+    if request.method not in STATE_CHANGING or request.url_rule is None:
+        return
+    bodyless = request.content_length == 0 or (request.content_length is None
+                                                 and "Transfer-Encoding" not in request.headers)
+    if bodyless and not request.content_type:
+        return
+    wanted = "multipart/form-data" if request.endpoint in UPLOAD_ENDPOINTS else "application/json"
+    if request.mimetype != wanted:
+        raise ApiError(415, "unsupported_media_type", f"send the request body as {wanted}")
+
+
+def _cors_headers(response):
+    """CORS headers for the origins in T2V_CORS_ORIGINS, preflights (OPTIONS) included."""
+    if not _svc().settings.cors_origins:
+        return response
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if _cors_allowed(origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response.headers["Access-Control-Allow-Methods"] = response.headers.get("Allow", "GET, POST")
+            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+            response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
 
 def _authenticate():
     """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video or
-    poster, a signed link). The owner of a job is a hash of the key that made it."""
+    poster, a signed link). The owner of a job is a hash of the key that made it. A CORS preflight
+    (OPTIONS) never carries a key and changes nothing."""
     keys = _svc().settings.api_keys
-    if request.endpoint in PUBLIC_ENDPOINTS or not keys:
+    if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS" or not keys:
         g.owner = "local"
         return None
     if request.endpoint in SIGNED_ENDPOINTS and "sig" in request.args:
@@ -95,9 +172,10 @@ def _authenticate():
         return None
     auth = request.headers.get("Authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
-    if not key or not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+    key_bytes = key.encode("utf-8", "surrogatepass")
+    if not key or not any(hmac.compare_digest(key_bytes, k.encode()) for k in keys):
         raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
-    g.owner = "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    g.owner = "key:" + hashlib.sha256(key_bytes).hexdigest()[:16]
     return None
 
 
@@ -107,11 +185,11 @@ def _signature(endpoint: str, reference_id: str, expires: int) -> str:
 
 
 def _signature_valid() -> bool:
-    expires = request.args.get("expires", "")
-    if not expires.isdigit() or int(expires) < time.time():
+    expires, sig = request.args.get("expires", ""), request.args.get("sig", "")
+    if not EXPIRES_PATTERN.fullmatch(expires) or not SIG_PATTERN.fullmatch(sig) or int(expires) < time.time():
         return False
     expected = _signature(request.endpoint, request.view_args["reference_id"], int(expires))
-    return hmac.compare_digest(expected, request.args.get("sig", ""))
+    return hmac.compare_digest(expected, sig)
 
 
 def _media_url(endpoint: str, reference_id: str, external: bool = False) -> str:
@@ -145,10 +223,46 @@ def _check_id(value, name: str) -> str:
 
 
 def _json_body() -> dict:
-    data = request.get_json(force=True, silent=True)
-    if not isinstance(data, dict):
+    """The body as a JSON object: shallow, and every string in it (keys included) valid Unicode text."""
+    data = request.get_data(cache=True)
+    # Werkzeug stops reading a chunked body at the limit without a word; one that reaches it is refused.
+    if request.content_length is None and len(data) >= request.max_content_length:
+        raise RequestEntityTooLarge()
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
+        body = None
+    if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the request body must be a JSON object")
-    return data
+    _check_json_values(body, "")
+    return body
+
+
+def _check_json_values(value, field: str, depth: int = 1) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH, and text that cannot be encoded (a lone surrogate, "\\ud800")."""
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, "invalid_json", f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{field}.{_printable(key)}" if field else _printable(key)
+            _check_text(key, name)
+            _check_json_values(item, name, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_values(item, f"{field}[{i}]", depth + 1)
+    elif isinstance(value, str):
+        _check_text(value, field)
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_text", f"{field} is not valid Unicode text (a lone surrogate)") from None
+
+
+def _printable(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _owned_job(reference_id: str, session_id: str | None = None) -> dict:

@@ -7,7 +7,9 @@ The variable names are a contract with scripts and deployments: `T2V_*`, plus th
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +18,9 @@ from dotenv import dotenv_values
 
 MEMORY_PRESETS = ("auto", "none", "model", "group", "sequential")
 WORKER_MODES = ("thread", "off")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 class ConfigError(ValueError):
@@ -75,6 +80,8 @@ class Settings:
     max_body_kb: int = 64
     url_ttl_s: int = 3600
     url_secret: str | None = _secret()  # signs the web page's video links; random per process if unset
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered; empty: loopback names on a loopback T2V_HOST, else any
+    cors_origins: tuple[str, ...] = ()  # other sites whose pages may call the API from a browser
 
     # Stores. Without MONGODB_URI jobs go to SQLite; without BUCKET_NAME videos stay local.
     mongodb_uri: str | None = _secret()
@@ -92,6 +99,17 @@ class Settings:
         if not torch.cuda.is_available():
             return "cpu"
         return f"cuda:{self.cuda_device_id or 0}"
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...] | None:
+        """The Host names the API answers to, lowercase; None means any.
+
+        A loopback listener answers only loopback names by default, so a web page cannot reach it
+        under a name of its own (DNS rebinding). "*" in T2V_ALLOWED_HOSTS lifts the check.
+        """
+        if self.allowed_hosts:
+            return None if "*" in self.allowed_hosts else tuple(h.lower() for h in self.allowed_hosts)
+        return LOOPBACK_NAMES if is_loopback(self.host) else None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, dotenv_path: str | None = ".env", **overrides) -> "Settings":
@@ -136,6 +154,22 @@ class Settings:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:
             raise ConfigError(f"T2V_LEASE_S must be positive, got {self.lease_s}")
+        for host in self.allowed_hosts:
+            if host != "*" and not HOST_NAME.fullmatch(host):
+                raise ConfigError(f"T2V_ALLOWED_HOSTS takes host names without scheme or port (or *), got {host!r}")
+        for origin in self.cors_origins:
+            if not ORIGIN.fullmatch(origin):
+                raise ConfigError(f"T2V_CORS_ORIGINS takes origins such as https://app.example.com, got {origin!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address (T2V_HOST) only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def settings_or_exit(prog: str) -> Settings:

@@ -177,7 +177,7 @@ def test_hostile_ids_get_4xx_json_and_touch_no_files(make_app, tmp_path, bad_id)
 
 @pytest.mark.parametrize("kwargs, status_code, code", [
     ({"data": "not json", "content_type": "application/json"}, 400, "invalid_json"),
-    ({"data": "prompt=fox", "content_type": "application/x-www-form-urlencoded"}, 400, "invalid_json"),
+    ({"data": "prompt=fox", "content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
     ({"json": ["a", "list"]}, 400, "invalid_json"),
     ({"json": {}}, 400, "invalid_parameter"),
     ({"json": {"prompt": 42}}, 400, "invalid_parameter"),
