@@ -1,9 +1,11 @@
 """Tiny random-weight models in the real file formats, for tests and offline smoke runs.
 
-The HunyuanVideo folder is written by `save_pretrained` from the real diffusers and transformers
-classes (sizes from diffusers' own HunyuanVideo tests), with tokenizers trained offline by the
-`tokenizers` package. The Real-ESRGAN files are `.pth` state dicts in the release key layout:
-basicsr RRDBNet names under `params_ema`, SRVGGNetCompact names under `params`.
+Every model folder (HunyuanVideo, HunyuanVideo-I2V, HunyuanVideo-1.5, Wan 2.1 and 2.2) is written by
+`save_pretrained` from the real diffusers and transformers classes (sizes from diffusers' own pipeline
+tests, `tests/pipelines/<family>/`), with tokenizers trained offline by the `tokenizers` package.
+Each accepts every frame count (4k+1) and size (its size multiple) that its real model does.
+The Real-ESRGAN files are `.pth` state dicts in the release key layout: basicsr RRDBNet names under
+`params_ema`, SRVGGNetCompact names under `params`.
 Their output is noise: they prove the code paths, not the pictures.
 """
 
@@ -21,6 +23,23 @@ import torch
 # The tiny tokenizer has no system prompt to crop, and short sequences keep it fast.
 FOLDER_CONFIG = "t2v.json"
 TINY_CALL_DEFAULTS = {"prompt_template": {"template": "{}", "crop_start": 0}, "max_sequence_length": 16}
+# HunyuanVideo-I2V's Llava encoder: 16 image tokens (32 px CLIP tower, patch 8) written over positions 5..21.
+TINY_HUNYUAN_I2V_CALL_DEFAULTS = {
+    "prompt_template": {"template": "{}", "crop_start": 0, "image_emb_len": 16, "image_emb_start": 5,
+                        "image_emb_end": 21},
+    "max_sequence_length": 32,
+}
+# HunyuanVideo-1.5 reads its chat template from the tokenizer (Qwen2.5-VL's markers, here as special tokens).
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Wan's UMT5 prompt length; the real default is 512 tokens.
+TINY_WAN_CALL_DEFAULTS = {"max_sequence_length": 16}
+WAN_VARIANTS = ("2.1-t2v", "2.2-ti2v", "2.2-t2v-a14b", "2.2-i2v-a14b")
+# Sizes shared by the tiny Llama and CLIP text encoders (diffusers' HunyuanVideo tests).
+_TINY_LLAMA = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, intermediate_size=37,
+                   layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, hidden_act="gelu")
 
 _CORPUS = (
     "a red fox runs through the snow in a quiet forest at dawn. a cat walks on the grass, realistic. "
@@ -31,49 +50,30 @@ _CORPUS = (
 
 def build_tiny_hunyuan(folder: Path) -> Path:
     """Write a tiny HunyuanVideo diffusers folder to `folder` (atomically) and return it."""
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from diffusers import HunyuanVideoPipeline
+    from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
-        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1,
-        guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
-    )
+    transformer = _tiny_hunyuan_transformer(guidance_embeds=True)
+    vae = _tiny_hunyuan_vae()
     torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
-        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
-        mid_block_add_attention=True,
-    )
-    shared = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, intermediate_size=37,
-                  layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, hidden_act="gelu")
+    text_encoder = LlamaModel(LlamaConfig(hidden_size=16, **_TINY_LLAMA))
     torch.manual_seed(0)
-    text_encoder = LlamaModel(LlamaConfig(hidden_size=16, **shared))
-    torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=8, projection_dim=32, **shared))
+    text_encoder_2 = _tiny_clip_text()
     pipe = HunyuanVideoPipeline(
-        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer, vae=vae, scheduler=_flow_match(shift=7.0),
         text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), text_encoder_2=text_encoder_2,
         tokenizer_2=_tiny_tokenizer(),
     )
-
-    def write(tmp: Path):
-        pipe.save_pretrained(tmp)
-        (tmp / FOLDER_CONFIG).write_text(json.dumps({"tiny": True, "call_defaults": TINY_CALL_DEFAULTS}, indent=2))
-
-    return _write_atomically(folder, write)
+    return _save_pipeline(pipe, folder, TINY_CALL_DEFAULTS)
 
 
-def _tiny_tokenizer():
-    """A byte-level BPE tokenizer of at most 1000 tokens, trained offline on a few sentences."""
+def _tiny_tokenizer(special_tokens=("<s>", "<pad>", "</s>"), chat_template=None, model_max_length=256):
+    """A byte-level BPE tokenizer of at most 1000 tokens, trained offline on a few sentences.
+
+    The first three special tokens are bos, pad and eos; any others (an image placeholder, chat
+    markers) get the ids after them, so plain text never maps to them.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,12 +81,208 @@ def _tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<s>", "<pad>", "</s>"],
+        vocab_size=1000, special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator([_CORPUS], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   model_max_length=256)
+    bos, pad, eos = special_tokens[:3]
+    extra = {"chat_template": chat_template} if chat_template else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   model_max_length=model_max_length, **extra)
+
+
+def build_tiny_hunyuan_i2v(folder: Path) -> Path:
+    """A tiny HunyuanVideo-I2V folder: Llava (CLIP vision + Llama) prompt encoder, token-replace conditioning.
+
+    `token_replace` is the conditioning of the released HunyuanVideo-I2V weights: the first latent
+    frame stays the image's latent through every step.
+    """
+    from diffusers import HunyuanVideoImageToVideoPipeline
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+    )
+
+    tokenizer = _tiny_tokenizer(special_tokens=("<s>", "<pad>", "</s>", "<image>"))
+    llava = LlavaConfig(
+        text_config=LlamaConfig(hidden_size=16, **_TINY_LLAMA),
+        vision_config=CLIPVisionConfig(hidden_size=8, intermediate_size=37, projection_dim=32, num_attention_heads=4,
+                                       num_hidden_layers=2, image_size=32, patch_size=8),
+        pad_token_id=1, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    text_encoder = LlavaForConditionalGeneration(llava)
+    torch.manual_seed(0)
+    text_encoder_2 = _tiny_clip_text()
+    torch.manual_seed(0)
+    transformer = _tiny_hunyuan_transformer(guidance_embeds=True, image_condition_type="token_replace", patch_size=2)
+    pipe = HunyuanVideoImageToVideoPipeline(
+        transformer=transformer, vae=_tiny_hunyuan_vae(), scheduler=_flow_match(shift=7.0),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=_tiny_tokenizer(),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    )
+    return _save_pipeline(pipe, folder, TINY_HUNYUAN_I2V_CALL_DEFAULTS)
+
+
+def build_tiny_hunyuan15(folder: Path, i2v: bool = False, target_size: int = 64, guidance_scale: float = 6.0,
+                         shift: float = 5.0, use_meanflow: bool = False) -> Path:
+    """A tiny HunyuanVideo-1.5 folder (text-to-video, or image-to-video with a SigLIP image encoder).
+
+    The VAE keeps the real 16x spatial and 4x temporal compression (five blocks), so sizes are
+    multiples of 16 and frame counts 4k+1. `target_size` is the pixel area the image-to-video pipeline
+    sizes its output by (640 for the 480p models, 960 for 720p); the tiny default keeps it small.
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=4 * 2 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32,
+        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=target_size, task_type="i2v" if i2v else "t2v",
+        use_meanflow=use_meanflow,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1,
+        spatial_compression_ratio=16, temporal_compression_ratio=4,
+        downsample_match_channel=False, upsample_match_channel=False,
+    )
+    torch.manual_seed(0)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1, rope_theta=1e6,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+    ))
+    torch.manual_seed(0)
+    # ByT5's vocabulary: 256 bytes, 3 specials and 125 extra ids.
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+                                             relative_attention_num_buckets=8))
+    components = dict(
+        transformer=transformer, vae=vae, scheduler=_flow_match(shift=shift), text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(special_tokens=("<s>", "<|endoftext|>", "</s>", "<|im_start|>", "<|im_end|>"),
+                                  chat_template=_QWEN_CHAT_TEMPLATE, model_max_length=2048),
+        text_encoder_2=text_encoder_2, tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+    )
+    if not i2v:
+        return _save_pipeline(HunyuanVideo15Pipeline(**components), folder)
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    image_encoder = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=12, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+    ))
+    feature_extractor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    pipe = HunyuanVideo15ImageToVideoPipeline(**components, image_encoder=image_encoder,
+                                              feature_extractor=feature_extractor)
+    return _save_pipeline(pipe, folder)
+
+
+def build_tiny_wan(folder: Path, variant: str) -> Path:
+    """A tiny Wan folder. `variant` picks what differs between the released models:
+
+    - `2.1-t2v`: one expert, Wan 2.1 VAE (8x spatial), `WanPipeline` (Wan2.1-T2V-1.3B);
+    - `2.2-ti2v`: one expert, Wan 2.2 VAE (16x spatial, patchified, 48 latent channels) and
+      `expand_timesteps` (the first latent frame may be an image's), `WanPipeline` (Wan2.2-TI2V-5B);
+    - `2.2-t2v-a14b` / `2.2-i2v-a14b`: two experts (`transformer` for high noise, `transformer_2`
+      below `boundary_ratio`), Wan 2.1 VAE; image-to-video adds a mask and the image latent as
+      input channels (16 + 4 + 16), `WanImageToVideoPipeline` without a CLIP image encoder.
+    """
+    from diffusers import (
+        AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"unknown tiny Wan variant {variant!r}; known: {', '.join(WAN_VARIANTS)}")
+    ti2v = variant == "2.2-ti2v"
+    torch.manual_seed(0)
+    if ti2v:
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+        )
+    else:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    latent = vae.config.z_dim
+    in_channels = {"2.2-i2v-a14b": latent + 4 + latent}.get(variant, latent)
+
+    def expert():
+        torch.manual_seed(0)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+            out_channels=latent, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        )
+
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=32, d_ff=37, d_kv=8, num_heads=4,
+                                               num_layers=2, relative_attention_num_buckets=8))
+    two_experts = variant in ("2.2-t2v-a14b", "2.2-i2v-a14b")
+    components = dict(
+        transformer=expert(), transformer_2=expert() if two_experts else None, vae=vae, text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        boundary_ratio={"2.2-t2v-a14b": 0.875, "2.2-i2v-a14b": 0.9}.get(variant), expand_timesteps=ti2v,
+    )
+    if variant == "2.2-i2v-a14b":
+        pipe = WanImageToVideoPipeline(**components, image_encoder=None, image_processor=None)
+    else:
+        pipe = WanPipeline(**components)
+    return _save_pipeline(pipe, folder, TINY_WAN_CALL_DEFAULTS)
+
+
+def _tiny_hunyuan_transformer(guidance_embeds: bool, image_condition_type: str | None = None, patch_size: int = 1):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=patch_size, patch_size_t=1,
+        guidance_embeds=guidance_embeds, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+        image_condition_type=image_condition_type,
+    )
+
+
+def _tiny_hunyuan_vae():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(0)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+
+
+def _tiny_clip_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(hidden_size=8, projection_dim=32, **_TINY_LLAMA))
+
+
+def _flow_match(shift: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def _save_pipeline(pipe, folder: Path, call_defaults: dict | None = None) -> Path:
+    """`save_pretrained` into `folder` atomically, with the t2v.json that marks it tiny."""
+
+    def write(tmp: Path):
+        pipe.save_pretrained(tmp)
+        config = {"tiny": True, **({"call_defaults": call_defaults} if call_defaults else {})}
+        (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2))
+
+    return _write_atomically(folder, write)
 
 
 def rrdbnet_state(num_feat=64, num_block=23, num_grow_ch=32, scale=4, seed=0) -> dict[str, torch.Tensor]:
@@ -154,11 +350,17 @@ def build_tiny_upscalers(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def tiny_model_dir(data_dir: Path) -> Path:
-    """The tiny HunyuanVideo folder under `data_dir`, built on first use."""
-    folder = Path(data_dir) / "tiny" / "HunyuanVideo"
+def tiny_model_dir(data_dir: Path, model_id: str = "hunyuanvideo") -> Path:
+    """The tiny folder of a registry id (or its `tiny:` name) under `data_dir/tiny`, built on first use.
+
+    The tiny HunyuanVideo keeps its first folder name, `HunyuanVideo`.
+    """
+    from pipeline import models  # the registry names each id's builder, and imports this module
+
+    entry = models.get(model_id)
+    folder = Path(data_dir) / "tiny" / ("HunyuanVideo" if entry.id == "hunyuanvideo" else entry.id)
     if not (folder / FOLDER_CONFIG).exists():
-        build_tiny_hunyuan(folder)
+        entry.tiny_builder(folder)
     return folder
 
 

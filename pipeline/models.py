@@ -1,0 +1,318 @@
+"""The model registry: every model t2v serves, what it takes, its rules and its defaults, in one place.
+
+One frozen `ModelEntry` per id. What differs in the diffusers call between families is written once,
+in `FAMILIES` and `prepare_call` (the adapter), so the rest of the service never special-cases a
+model by name. Figures from upstream carry their source in a comment; an unknown figure is None.
+
+Nothing here imports diffusers until a pipeline is asked for: the API validates requests with this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import tiny
+
+TINY_PREFIX = "tiny:"
+MODES = ("t2v", "i2v")  # text-to-video; image-to-video (the prompt is still taken)
+MEMORY_PRESETS = ("none", "model", "group", "sequential")  # as in pipeline.generate
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    label: str  # "<tier> <aspect W:H>", e.g. "480p 16:9"
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the pipeline call needs that differs between families (the adapter's data)."""
+
+    name: str
+    guidance: str  # "guidance_scale": a call argument; "guider": the pipeline's `guider` component carries it
+    step_callback: bool  # __call__ takes `callback_on_step_end` (progress and cancel between steps)
+    lora_loader: str | None  # the diffusers LoRA mixin of the family's pipelines, if any
+    # HunyuanVideo's guidance is embedded (distilled), so a negative prompt acts only under true CFG, at this
+    # `true_cfg_scale` (twice the work per step). The others use it whenever their guidance is above 1.
+    negative_prompt_cfg: float | None = None
+
+
+FAMILIES = {
+    f.name: f for f in (
+        Family("hunyuanvideo", guidance="guidance_scale", step_callback=True,
+               lora_loader="HunyuanVideoLoraLoaderMixin", negative_prompt_cfg=6.0),
+        Family("hunyuanvideo15", guidance="guider", step_callback=False, lora_loader=None),
+        Family("wan", guidance="guidance_scale", step_callback=True, lora_loader="WanLoraLoaderMixin"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    family: str  # a key of FAMILIES
+    hub_repo: str  # the diffusers-format folder on the Hugging Face Hub
+    pipelines: dict[str, str]  # mode -> diffusers pipeline class name; the first loads the folder
+    fps: int  # native frame rate
+    default_frames: int  # native clip length; every frame count is frame_multiple * k + 1
+    max_frames: int
+    size_multiple: int  # width and height: VAE spatial compression x transformer patch
+    presets: tuple[SizePreset, ...]
+    default_steps: int
+    default_guidance: float
+    dtypes: dict[str, str]  # component -> torch dtype name; "default" for the rest (diffusers' dtype dict)
+    vram_gb: dict[str, float | None]  # memory preset -> published peak VRAM; None where none is published
+    tiny_builder: Callable[[Path], Path]  # writes the tiny random-weight folder
+    published_speed: str | None = None  # upstream's own figure, with its source
+    default_guidance_2: float | None = None  # two-expert Wan: guidance of the low-noise expert
+    size_from_image: bool = False  # image-to-video output size is set by the image, not width/height
+    frame_multiple: int = 4
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self.pipelines)
+
+    @property
+    def lora(self) -> bool:
+        """diffusers 0.42.1 has a LoRA loader for this model's pipelines (HunyuanVideo-1.5 has none)."""
+        return FAMILIES[self.family].lora_loader is not None
+
+    @property
+    def inputs(self) -> str:
+        """`text` (text-to-video), `image` (an image is required) or `both` (an image is optional)."""
+        return {("t2v",): "text", ("i2v",): "image"}.get(self.modes, "both")
+
+    @property
+    def default_preset(self) -> SizePreset:
+        return self.presets[0]
+
+    def pipeline_class_name(self, mode: str) -> str:
+        if mode not in self.pipelines:
+            raise ValueError(f"{self.id} does not do {mode}")
+        return self.pipelines[mode]
+
+    def torch_dtypes(self) -> dict[str, Any]:
+        """The `dtype` argument for `from_pretrained` on a GPU (the CPU runs float32)."""
+        import torch
+
+        return {name: getattr(torch, dtype) for name, dtype in self.dtypes.items()}
+
+
+def _presets(*rows: tuple[str, int, int]) -> tuple[SizePreset, ...]:
+    return tuple(SizePreset(label, w, h) for label, w, h in rows)
+
+
+# HunyuanVideo (2024): transformer bf16, text encoders and VAE fp16 (docs/DESIGN.md, GPU policy).
+_HUNYUAN_DTYPES = {"transformer": "bfloat16", "default": "float16"}
+# HunyuanVideo-1.5: the whole pipeline in bf16 (its README's diffusers example, `torch_dtype=torch.bfloat16`).
+_HUNYUAN15_DTYPES = {"default": "bfloat16"}
+# Wan: VAE in fp32, the rest bf16 (diffusers' Wan docs load `AutoencoderKLWan` with torch.float32).
+_WAN_DTYPES = {"vae": "float32", "default": "bfloat16"}
+
+# HunyuanVideo's own sizes (github.com/Tencent-Hunyuan/HunyuanVideo README, "Single-gpu Inference").
+_HUNYUAN_PRESETS = _presets(
+    ("540p 16:9", 960, 544), ("540p 9:16", 544, 960), ("540p 1:1", 720, 720),
+    ("720p 16:9", 1280, 720), ("720p 9:16", 720, 1280), ("720p 1:1", 960, 960),
+)
+# HunyuanVideo-1.5's buckets for target_size 640 (480p) and 960 (720p), as its pipelines compute them.
+_HUNYUAN15_480P = _presets(("480p 16:9", 848, 480), ("480p 9:16", 480, 848), ("480p 1:1", 640, 640))
+_HUNYUAN15_720P = _presets(("720p 16:9", 1280, 720), ("720p 9:16", 720, 1280), ("720p 1:1", 960, 960))
+# Wan 2.2 SUPPORTED_SIZES (github.com/Wan-Video/Wan2.2, wan/configs/__init__.py).
+_WAN_A14B_PRESETS = _presets(("720p 16:9", 1280, 720), ("720p 9:16", 720, 1280),
+                             ("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
+_WAN_TI2V_PRESETS = _presets(("720p 16:9", 1280, 704), ("720p 9:16", 704, 1280))
+_WAN21_PRESETS = _presets(("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
+
+_HV15 = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
+_HV15_SOURCE = "github.com/Tencent-Hunyuan/HunyuanVideo-1.5 README"
+
+ENTRIES: tuple[ModelEntry, ...] = (
+    ModelEntry(
+        id="hunyuanvideo", family="hunyuanvideo", hub_repo="hunyuanvideo-community/HunyuanVideo",
+        pipelines={"t2v": "HunyuanVideoPipeline"}, fps=24, default_frames=129, max_frames=129, size_multiple=16,
+        presets=_HUNYUAN_PRESETS,
+        # 30 steps is the service's default since its first release (upstream uses 50); embedded guidance 6.0.
+        default_steps=30, default_guidance=6.0, dtypes=_HUNYUAN_DTYPES,
+        # HunyuanVideo README, "Requirements": peak 60 GB at 720x1280x129f, 45 GB at 544x960x129f (with
+        # --use-cpu-offload, which is model-level offload).
+        vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
+        tiny_builder=tiny.build_tiny_hunyuan,
+        published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
+                        "(HunyuanVideo README, xDiT latency table)",
+    ),
+    ModelEntry(
+        id="hunyuanvideo-i2v", family="hunyuanvideo", hub_repo="hunyuanvideo-community/HunyuanVideo-I2V",
+        pipelines={"i2v": "HunyuanVideoImageToVideoPipeline"}, fps=24, default_frames=129, max_frames=129,
+        size_multiple=16, presets=_HUNYUAN_PRESETS,
+        # HunyuanVideo-I2V README: 50 steps, --embedded-cfg-scale 6.0 (diffusers' own call default is 1.0).
+        default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN_DTYPES,
+        # HunyuanVideo-I2V README, "Requirements": 60 GB peak at 720p (its commands use --use-cpu-offload).
+        vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
+        tiny_builder=tiny.build_tiny_hunyuan_i2v,
+    ),
+    ModelEntry(
+        id="hunyuanvideo-1.5-480p", family="hunyuanvideo15", hub_repo=_HV15 + "480p_t2v",
+        pipelines={"t2v": "HunyuanVideo15Pipeline"}, fps=24, default_frames=121, max_frames=121, size_multiple=16,
+        presets=_HUNYUAN15_480P,
+        # HunyuanVideo-1.5 README, "Optimal Inference Configurations": CFG 6, shift 5, 50 steps.
+        default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,
+        # HunyuanVideo-1.5 README, "Hardware Requirements": 14 GB minimum with offloading (its default is
+        # group offloading); no figure without offloading.
+        vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
+        tiny_builder=partial(tiny.build_tiny_hunyuan15, target_size=64, shift=5.0),
+    ),
+    ModelEntry(
+        id="hunyuanvideo-1.5-720p", family="hunyuanvideo15", hub_repo=_HV15 + "720p_t2v",
+        pipelines={"t2v": "HunyuanVideo15Pipeline"}, fps=24, default_frames=121, max_frames=121, size_multiple=16,
+        presets=_HUNYUAN15_720P,
+        default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,  # README: CFG 6, shift 9, 50 steps
+        vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        tiny_builder=partial(tiny.build_tiny_hunyuan15, target_size=96, shift=9.0),
+    ),
+    ModelEntry(
+        id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
+        hub_repo=_HV15 + "480p_i2v_step_distilled", pipelines={"i2v": "HunyuanVideo15ImageToVideoPipeline"},
+        fps=24, default_frames=121, max_frames=121, size_multiple=16, presets=_HUNYUAN15_480P, size_from_image=True,
+        # README: the step-distilled model uses CFG 1, shift 7, "8 or 12 (recommended)" steps.
+        default_steps=8, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
+        vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        tiny_builder=partial(tiny.build_tiny_hunyuan15, i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
+                             use_meanflow=True),
+        published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
+    ),
+    ModelEntry(
+        id="hunyuanvideo-1.5-720p-i2v-distilled", family="hunyuanvideo15", hub_repo=_HV15 + "720p_i2v_distilled",
+        pipelines={"i2v": "HunyuanVideo15ImageToVideoPipeline"}, fps=24, default_frames=121, max_frames=121,
+        size_multiple=16, presets=_HUNYUAN15_720P, size_from_image=True,
+        # README: the CFG-distilled models use CFG 1 and "must use 50 steps"; shift 7.
+        default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
+        vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        tiny_builder=partial(tiny.build_tiny_hunyuan15, i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
+    ),
+    ModelEntry(
+        id="wan2.2-ti2v-5b", family="wan", hub_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        # One model for both: the folder loads as WanPipeline; WanImageToVideoPipeline.from_pipe shares its weights.
+        pipelines={"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"},
+        fps=24, default_frames=121, max_frames=121, size_multiple=32, presets=_WAN_TI2V_PRESETS,
+        # Wan2.2 wan/configs/wan_ti2v_5B.py: 50 steps, guide scale 5.0, shift 5.0, 121 frames at 24 fps.
+        default_steps=50, default_guidance=5.0, dtypes=_WAN_DTYPES,
+        # Wan2.2 README: "at least 24GB VRAM (e.g, RTX 4090)" with --offload_model True --convert_model_dtype
+        # --t5_cpu (model-level offload) at 1280x704.
+        vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
+        tiny_builder=partial(tiny.build_tiny_wan, variant="2.2-ti2v"),
+        published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
+                         "'Efficient High-Definition Hybrid TI2V')",
+    ),
+    ModelEntry(
+        id="wan2.2-t2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        pipelines={"t2v": "WanPipeline"}, fps=16, default_frames=81, max_frames=81, size_multiple=16,
+        presets=_WAN_A14B_PRESETS,
+        # Wan2.2 wan/configs/wan_t2v_A14B.py: 40 steps, guide scale (3.0 low noise, 4.0 high noise), boundary 0.875.
+        default_steps=40, default_guidance=4.0, default_guidance_2=3.0, dtypes=_WAN_DTYPES,
+        # Wan2.2 README: "at least 80GB VRAM" for 1280x720 with --offload_model True --convert_model_dtype.
+        vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
+        tiny_builder=partial(tiny.build_tiny_wan, variant="2.2-t2v-a14b"),
+    ),
+    ModelEntry(
+        id="wan2.2-i2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        pipelines={"i2v": "WanImageToVideoPipeline"}, fps=16, default_frames=81, max_frames=81, size_multiple=16,
+        presets=_WAN_A14B_PRESETS,
+        # Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps, guide scale (3.5, 3.5), boundary 0.900.
+        default_steps=40, default_guidance=3.5, default_guidance_2=3.5, dtypes=_WAN_DTYPES,
+        vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
+        tiny_builder=partial(tiny.build_tiny_wan, variant="2.2-i2v-a14b"),
+    ),
+    ModelEntry(
+        id="wan2.1-t2v-1.3b", family="wan", hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        pipelines={"t2v": "WanPipeline"}, fps=16, default_frames=81, max_frames=81, size_multiple=16,
+        presets=_WAN21_PRESETS,
+        default_steps=50, default_guidance=5.0, dtypes=_WAN_DTYPES,  # diffusers' WanPipeline defaults, 480p
+        # Wan2.1 README: "requires only 8.19 GB VRAM" (480p, with --offload_model True --t5_cpu).
+        vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
+        tiny_builder=partial(tiny.build_tiny_wan, variant="2.1-t2v"),
+        published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
+    ),
+)
+
+MODELS: dict[str, ModelEntry] = {entry.id: entry for entry in ENTRIES}
+DEFAULT_MODEL = "hunyuanvideo"
+
+
+def split_tiny(name: str) -> tuple[str, bool]:
+    """`tiny:<id>` -> (id, True); plain `tiny` is the tiny HunyuanVideo; anything else -> (name, False)."""
+    if name == "tiny":
+        return DEFAULT_MODEL, True
+    if name.startswith(TINY_PREFIX):
+        return name[len(TINY_PREFIX):], True
+    return name, False
+
+
+def get(name: str) -> ModelEntry:
+    """The entry for a registry id or its `tiny:` name; KeyError names the known ids."""
+    model_id, _ = split_tiny(name)
+    try:
+        return MODELS[model_id]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+def pipeline_for(pipe, entry: ModelEntry, mode: str):
+    """The pipeline object for `mode`: `pipe` itself, or one sharing its modules (Wan TI2V's image mode).
+
+    Not `from_pipe`: it casts every shared module to one dtype (float32 unless told), which would undo
+    a bf16 transformer beside an fp32 VAE. Build it before a memory preset is applied: offload hooks
+    belong to the pipeline they were set on.
+    """
+    name = entry.pipeline_class_name(mode)
+    if type(pipe).__name__ == name:
+        return pipe
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    accepted = inspect.signature(cls.__init__).parameters
+    shared = {**{k: v for k, v in pipe.config.items() if not k.startswith("_")}, **pipe.components}
+    return cls(**{k: v for k, v in shared.items() if k in accepted})
+
+
+def size_for_image(pipe, entry: ModelEntry, image, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) the pipeline will make: the request's, or for HunyuanVideo-1.5 image-to-video the
+    size bucket nearest the image's aspect at the model's `target_size` (what its pipeline computes)."""
+    if not (entry.size_from_image and image is not None):
+        return width, height
+    h, w = pipe.video_processor.calculate_default_height_width(image.height, image.width, pipe.target_size)
+    return w, h
+
+
+def prepare_call(pipe, entry: ModelEntry, *, prompt: str, num_frames: int, steps: int, generator,
+                 width: int | None = None, height: int | None = None, guidance: float | None = None,
+                 guidance_2: float | None = None, negative_prompt: str | None = None, image=None,
+                 output_type: str = "pt") -> dict:
+    """Keyword arguments for `pipe(...)` with what differs per family applied.
+
+    HunyuanVideo-1.5 takes guidance through its `guider` component, so that is set on `pipe` here.
+    Its image-to-video pipeline has no width/height: the image's aspect and the model's size tier set them.
+    """
+    family = FAMILIES[entry.family]
+    guidance = entry.default_guidance if guidance is None else guidance
+    kwargs: dict[str, Any] = dict(prompt=prompt, num_frames=num_frames, num_inference_steps=steps,
+                                  generator=generator, output_type=output_type)
+    if image is not None:
+        kwargs["image"] = image
+    if not (entry.size_from_image and image is not None):
+        kwargs.update(width=width, height=height)
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+        if family.negative_prompt_cfg:
+            kwargs["true_cfg_scale"] = family.negative_prompt_cfg
+    if family.guidance == "guider":
+        pipe.guider = pipe.guider.new(guidance_scale=guidance)
+    else:
+        kwargs["guidance_scale"] = guidance
+    if entry.default_guidance_2 is not None:
+        kwargs["guidance_scale_2"] = entry.default_guidance_2 if guidance_2 is None else guidance_2
+    return kwargs
