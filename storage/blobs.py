@@ -16,7 +16,8 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^(videos|posters)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)$")
+# Videos and posters; `inputs/<reference_id>`: a job's checked input image, kept as it was sent.
+_KEY = re.compile(r"^((videos|posters)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)|inputs/[A-Za-z0-9_-]{8,128})$")
 CONTENT_TYPES = {"mp4": "video/mp4", "jpg": "image/jpeg"}
 
 
@@ -98,7 +99,7 @@ class S3BlobStore:
         from botocore.exceptions import BotoCoreError, ClientError
 
         check_key(key)
-        extra = {"ContentType": CONTENT_TYPES[key.rsplit(".", 1)[1]]}
+        extra = {"ContentType": CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")}
         for attempt in range(1, self.attempts + 1):
             try:
                 self.client.upload_file(str(local_path), self.bucket, key, ExtraArgs=extra, Config=self.transfer)
