@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,9 +26,9 @@ from openapi import build_spec
 from pipeline.spec import OUTSCALES, JobParams, Limits, ParamError, size_presets
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
 from pipeline.video import VideoInputError, inspect_video
-from storage.blobs import BlobStore, open_blob_store
+from storage.blobs import BlobStore, StorageError, open_blob_store
 from storage.jobs import CANCELED, COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, open_job_store
-from worker import Worker, discard_upload, upload_path
+from worker import Worker, discard_input, input_key, upload_path
 
 log = logging.getLogger("t2v.api")
 
@@ -304,6 +305,27 @@ def _form_upscaler(settings: Settings) -> str | None:
     return name
 
 
+def _store_input(upload, reference_id: str):
+    """Check the clip on a temporary file here, then put it in the blob store (`inputs/<id>`), where a
+    worker on any node fetches it. A disk or storage fault is a 503, never a 500."""
+    settings = _svc().settings
+    path = upload_path(settings, reference_id)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        upload.save(path)
+        info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
+        _svc().blobs.put(path, input_key(reference_id))
+        return info
+    except VideoInputError as exc:
+        raise ApiError(400, "invalid_video", str(exc)) from None
+    except (OSError, StorageError) as exc:
+        log.error("could not store an upload: %s", exc)
+        raise ApiError(503, "storage_unavailable", "the upload could not be stored; try again shortly") from None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------- answers
 
 def _accepted(job: dict):
@@ -371,19 +393,14 @@ def _register_routes(app: Flask) -> None:
         params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
                   "filename": (upload.filename or "")[:200]}
         reference_id = _new_id()
-        path = upload_path(settings, reference_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        info = _store_input(upload, reference_id)
+        params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
+                      duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
         try:
-            upload.save(path)
-            info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
-            params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
-                          duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
             return _accepted(_enqueue(new_job(reference_id, session_id, g.owner, "upscale", params)))
-        except VideoInputError as exc:
-            path.unlink(missing_ok=True)
-            raise ApiError(400, "invalid_video", str(exc)) from None
         except BaseException:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(StorageError):
+                _svc().blobs.delete(input_key(reference_id))  # no job will read it
             raise
 
     @app.post("/get_status")
@@ -417,7 +434,7 @@ def _register_routes(app: Flask) -> None:
             raise ApiError(409, "already_finished", f"job {reference_id} is already {job['status']}")
         status = _svc().jobs.request_cancel(reference_id)
         if status == CANCELED:
-            discard_upload(_svc().settings, job)
+            discard_input(_svc().settings, _svc().blobs, job)
         return jsonify(reference_id=reference_id, status=status, cancel_requested=True)
 
     @app.get("/jobs/<reference_id>/video")
@@ -448,7 +465,7 @@ def _register_routes(app: Flask) -> None:
         body = {"status": "ok", "store": "ok", "queue_length": None,
                 "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
                 "model_loaded": bool(worker and worker.model_loaded),
-                "model_error": worker.load_error if worker else None}
+                "model_error": worker.model_error if worker else None}
         try:
             svc.jobs.ping()
             body["queue_length"] = svc.jobs.count_queued()
