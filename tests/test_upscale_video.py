@@ -163,7 +163,8 @@ def test_upload_poll_download(make_app, tmp_path):
     assert job["kind"] == "upscale" and job["params"]["filename"] == "clip.mp4" and job["result"]["frames"] == 24
     history = client.post("/history", json={"session_id": "my-session"}).json["history"]
     assert [h["reference_id"] for h in history] == [ref]
-    assert stored_inputs(svc.blobs) == [], "the upload is deleted when its job ends"
+    # The worker deletes the input just after it records the outcome.
+    wait_for(lambda: stored_inputs(svc.blobs) == [])
     assert leftovers(tmp_path / "data" / "uploads") == leftovers(tmp_path / "data" / "work") == []
 
 
@@ -209,7 +210,7 @@ def test_hostile_uploads_get_4xx_or_a_failed_job_and_the_worker_carries_on(make_
     after = upload(client, good)
     assert wait_done(client, after.json["reference_id"])["status"] == "completed"
     assert svc.worker.alive
-    assert stored_inputs(svc.blobs) == []
+    wait_for(lambda: stored_inputs(svc.blobs) == [])  # deleted just after the outcome is recorded
 
 
 def test_cancel_a_queued_upload_deletes_it(make_app, tmp_path):
