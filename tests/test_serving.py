@@ -269,7 +269,7 @@ def test_python_app_py_answers_while_slow_clients_outnumber_its_threads(hardened
 
 
 def test_python_app_py_help_starts_nothing(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
     done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
