@@ -1,11 +1,12 @@
 """The t2v REST API: `create_app(settings=None)`. Routes parse, validate, call the stores, and answer JSON.
 
-    python app.py                                   # 127.0.0.1:7866, SQLite, local files, thread worker
+    python app.py                                   # waitress on 127.0.0.1:7866, SQLite, local files, thread worker
     gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import hmac
@@ -13,16 +14,20 @@ import json
 import logging
 import re
 import secrets
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import waitress
 from flask import Flask, current_app, g, jsonify, redirect, request, send_file, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from config import Settings, settings_or_exit
+from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from openapi import build_spec
+from pipeline.cli import ArgumentParser
 from pipeline.spec import OUTSCALES, JobParams, Limits, ParamError, size_presets
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
 from pipeline.video import VideoInputError, inspect_video
@@ -511,26 +516,95 @@ def _register_errors(app: Flask) -> None:
         return error(500, "internal_error", "an unexpected error happened; it was logged")
 
 
-def main() -> int:
-    """`python app.py`: the embedded default. Never Flask's debug server."""
+def main(argv: list[str] | None = None) -> int:
+    """`python app.py`: the app under waitress, a production WSGI server. Never Flask's debug server."""
+    args = _command_line().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_or_exit("app.py")
+    flags = {name: value for name, value in vars(args).items() if value is not None}
+    settings = replace(settings_or_exit("app.py"), **flags)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         log.warning("listening on %s with no T2V_API_KEYS: anyone who can reach it can use the GPU", settings.host)
     app = create_app(settings)
-    from werkzeug.serving import WSGIRequestHandler, run_simple
-
-    class QuietQueryHandler(WSGIRequestHandler):
-        """Logs each request's path without its query string, where signed links keep their signature."""
-
-        def log_request(self, code="-", size="-"):
-            path = self.path.split("?", 1)[0].translate(self._control_char_table)
-            self.log("info", '"%s %s" %s %s', self.command, path, code, size)
-
-    log.info("t2v on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
-    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False, use_debugger=False,
-               request_handler=QuietQueryHandler)
+    try:
+        server = waitress.create_server(_access_logged(app), **_server_options(settings))
+    except OSError as exc:
+        print(f"app.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # server.run() stops on SystemExit
+    log.info("t2v on http://%s:%d (waitress, %d threads; model %s)",
+             settings.host, settings.port, settings.threads, settings.model)
+    server.run()
     return 0
+
+
+def _command_line() -> argparse.ArgumentParser:
+    """Flags for the main settings; each overrides its environment variable. Parsing starts nothing."""
+    parser = ArgumentParser(
+        prog="app.py", description="Serve the t2v API and web page with waitress, a production WSGI server.",
+        epilog="Every other setting (T2V_API_KEYS, MONGODB_URI, BUCKET_NAME, T2V_MAX_*, ...) comes from the "
+               "environment or .env; .env.example lists them all.")
+
+    def flag(name: str, field: str, text: str, **kw):
+        default = getattr(Settings, field)
+        default = f"./{default}" if isinstance(default, Path) else default
+        parser.add_argument(name, dest=field, help=f"{text} (${ENV_NAMES[field]}, default {default})", **kw)
+
+    flag("--host", "host", "address to listen on; keep loopback unless T2V_API_KEYS is set", metavar="ADDR")
+    flag("--port", "port", "port to listen on", type=_whole_number(1, 65535))
+    flag("--threads", "threads", "request threads", type=_whole_number(1))
+    flag("--client-timeout", "client_timeout_s", "seconds a silent connection (a stalled request, an idle "
+         "keep-alive) stays open", type=_whole_number(1), metavar="SECONDS")
+    flag("--worker", "worker", "run jobs in this process (thread), or leave them to python worker.py (off)",
+         choices=WORKER_MODES)
+    flag("--model", "model", "diffusers model folder, or 'tiny' for random weights")
+    flag("--upscaler", "upscaler", "Real-ESRGAN weights: a path, a release name, 'tiny' or 'none'")
+    flag("--data-dir", "data_dir", "jobs database, local videos and temporary files", type=Path, metavar="DIR")
+    return parser
+
+
+def _whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` to `high`, with a reason when it is not."""
+    def parse(text: str) -> int:
+        value = int(text) if text.isascii() and text.isdigit() else None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+        return value
+    return parse
+
+
+def _server_options(settings: Settings) -> dict:
+    """waitress reads a whole request (head and body) before a thread sees it, so a slow or stalled client
+    holds a connection, never a thread, and one silent for T2V_CLIENT_TIMEOUT_S is closed."""
+    return {"host": settings.host, "port": settings.port, "threads": settings.threads,
+            "channel_timeout": settings.client_timeout_s,
+            "cleanup_interval": 1,  # how often silent connections are looked for, in seconds
+            "connection_limit": 100,  # open connections; past it, new ones wait in the listen backlog
+            "max_request_header_size": 16 * 1024,  # request line and headers: a longer one is a 431
+            "max_request_body_size": (settings.max_upload_mb + 1) * 2**20,  # Flask's own limits answer first
+            "asyncore_use_poll": True}  # poll(), not select(): no limit of 1024 open sockets
+
+
+def _access_logged(wsgi_app):
+    """One access line per request: the method and path, never the query string (signed links carry
+    `sig=`) or headers (API keys). Escapes keep a crafted path from forging log lines."""
+    access = logging.getLogger("t2v.access")
+
+    def logged(environ, start_response):
+        started = time.monotonic()
+
+        def start(status, headers, exc_info=None):
+            size = next((v for k, v in headers if k.lower() == "content-length"), "-")
+            method, path = (environ.get(key, "").encode("unicode_escape").decode()
+                            for key in ("REQUEST_METHOD", "PATH_INFO"))
+            access.info('%s "%s %s" %s %s %.3fs', environ.get("REMOTE_ADDR", "-"), method, path,
+                        status.split(" ", 1)[0], size, time.monotonic() - started)
+            return start_response(status, headers, exc_info)
+
+        return wsgi_app(environ, start)
+
+    return logged
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class Settings:
     models_dir: Path = Path("./models")
     host: str = "127.0.0.1"
     port: int = 7866
-    threads: int = 16  # request threads under gunicorn
+    threads: int = 16  # request threads (python app.py and gunicorn)
+    client_timeout_s: int = 30  # a connection silent this long (stalled request, idle keep-alive) is closed
 
     # Models and the GPU.
     model: str = "./models/HunyuanVideo"
@@ -144,7 +145,8 @@ class Settings:
             raise ConfigError(f"T2V_MAX_SIDE must be a positive multiple of 16, got {self.max_side}")
         if self.max_frames < 1 or self.max_frames % 4 != 1:
             raise ConfigError(f"T2V_MAX_FRAMES must be of the form 4k+1, got {self.max_frames}")
-        for name, value in (("T2V_THREADS", self.threads), ("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
+        for name, value in (("T2V_THREADS", self.threads), ("T2V_CLIENT_TIMEOUT_S", self.client_timeout_s),
+                            ("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
                             ("T2V_MAX_QUEUE", self.max_queue), ("T2V_MAX_ATTEMPTS", self.max_attempts),
                             ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s),
                             ("T2V_MAX_UPLOAD_MB", self.max_upload_mb), ("T2V_MAX_UPLOAD_SIDE", self.max_upload_side),
