@@ -442,6 +442,29 @@ def _register_routes(app: Flask) -> None:
             discard_input(_svc().settings, _svc().blobs, job)
         return jsonify(reference_id=reference_id, status=status, cancel_requested=True)
 
+    @app.delete("/jobs/<reference_id>")
+    def delete_job(reference_id):
+        """Remove a job for good: its video, poster and uploaded clip (T2V_KEEP_INPUTS or not), then its record.
+        A queued or running job is canceled first. A running job's worker finds its lease gone at its next
+        heartbeat and stops at its next cancel check; its later writes match no record, so none brings it back.
+        The files go first: if that fails (503), the record stays and the DELETE can be sent again."""
+        svc = _svc()
+        job = _owned_job(reference_id)
+        if job["status"] not in TERMINAL:
+            svc.jobs.request_cancel(reference_id)
+            job = svc.jobs.get(reference_id) or job  # it may have completed meanwhile, with files to delete
+        try:
+            for key in ("video_key", "poster_key"):
+                if job["result"] and job["result"].get(key):
+                    svc.blobs.delete(job["result"][key])
+            if job["kind"] == "upscale":
+                upload_path(svc.settings, reference_id).unlink(missing_ok=True)
+        except (OSError, StorageError) as exc:
+            log.error("job %s: its files could not be deleted: %s", reference_id, exc)
+            raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None
+        svc.jobs.delete(reference_id)
+        return jsonify(reference_id=reference_id, deleted=True)
+
     @app.get("/jobs/<reference_id>/video")
     def job_video(reference_id):
         return _blob_response(_owned_job(reference_id), "video_key", "video/mp4")
