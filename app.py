@@ -457,8 +457,7 @@ def _register_routes(app: Flask) -> None:
             for key in ("video_key", "poster_key"):
                 if job["result"] and job["result"].get(key):
                     svc.blobs.delete(job["result"][key])
-            if job["kind"] == "upscale":
-                upload_path(svc.settings, reference_id).unlink(missing_ok=True)
+            svc.blobs.delete(input_key(reference_id))  # an uploaded clip or image, if the job had one
         except (OSError, StorageError) as exc:
             log.error("job %s: its files could not be deleted: %s", reference_id, exc)
             raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None

@@ -74,7 +74,7 @@ def test_delete_an_upscale_job_removes_its_uploaded_clip(make_app, tmp_path):
                     content_type="multipart/form-data")
     assert r.status_code == 200, r.json
     ref = r.json["reference_id"]
-    assert stored_files(svc) == [f"uploads/{ref}.video"]
+    assert stored_files(svc) == [f"blobs/inputs/{ref}"]  # the clip waits in the blob store
     assert client.delete(f"/jobs/{ref}").status_code == 200
     assert stored_files(svc) == [] and svc.jobs.get(ref) is None
 
