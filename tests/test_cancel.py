@@ -81,8 +81,8 @@ def test_a_running_job_turns_canceled_within_two_seconds_over_the_api(deep_model
 
     jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")
     app, _ = make_app(worker=False, jobs=jobs, blobs=blobs)
-    # lease_s=1.5: the worker's lease thread reads cancel_requested every 0.5 s (min(lease/3, 1 s)).
-    settings = Settings.from_env(env={}, model=deep_model, upscaler="none", data_dir=tmp_path / "data", lease_s=1.5)
+    # The worker's lease thread reads cancel_requested every 0.5 s (make_app's lease is 5 s).
+    settings = Settings.from_env(env={}, model=deep_model, upscaler="none", data_dir=tmp_path / "data", lease_s=5.0)
     models = Models(settings)
     models.generator  # noqa: B018  (loaded here, not by the worker thread: loads are not thread-safe)
     worker = Worker(settings, jobs, blobs, models=models, poll_s=0.05).start()
