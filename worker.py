@@ -314,7 +314,7 @@ class _Lease:
 
     def __init__(self, jobs: JobStore, reference_id: str, worker_id: str, lease_s: float):
         self.jobs, self.ref, self.worker_id, self.lease_s = jobs, reference_id, worker_id, lease_s
-        self.every_s = min(lease_s / 3, 1.0)
+        self.every_s = min(lease_s / 3, 0.5)  # how soon a cancel is seen: the generator stops at the next block
         self.canceled = False
         self.lost = False
         self._done = threading.Event()
