@@ -1,37 +1,42 @@
 """The t2v REST API: `create_app(settings=None)`. Routes parse, validate, call the stores, and answer JSON.
 
-    python app.py                                   # 127.0.0.1:7866, SQLite, local files, thread worker
+    python app.py                                   # waitress on 127.0.0.1:7866, SQLite, local files, thread worker
     gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import re
 import secrets
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import waitress
 from flask import Flask, current_app, g, jsonify, redirect, request, send_file, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from config import Settings, settings_or_exit
+from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from openapi import build_spec
 from pipeline import models
+from pipeline.cli import ArgumentParser
 from pipeline.spec import OUTSCALES, JobParams, ParamError, Rules, check_image, describe, form_values
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
 from pipeline.video import VideoInputError, inspect_video
 from storage.blobs import BlobStore, StorageError, open_blob_store
 from storage.jobs import CANCELED, COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, open_job_store
-from worker import Worker, discard_upload, upload_path
+from worker import Worker, discard_input, input_key, upload_path
 
 log = logging.getLogger("t2v.api")
 
@@ -373,25 +378,41 @@ def _image_too_large(settings: Settings) -> ApiError:
     return ApiError(400, "invalid_image", f"image: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
 
 
-def _store_image(data: bytes, key: str, reference_id: str) -> None:
-    """Put a checked image in the blob store under its server-made key, for the worker to read."""
-    svc = _svc()
-    path = Path(svc.settings.data_dir) / "work" / f"{reference_id}.image"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _store_image(data: bytes, reference_id: str) -> None:
+    """Put a checked image in the blob store (`inputs/<id>`, as uploaded clips), where a worker on any node
+    fetches it. A disk or storage fault is a 503, never a 500."""
+    path = Path(_svc().settings.data_dir) / "work" / f"{reference_id}.image"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        svc.blobs.put(path, key)
-    except (OSError, StorageError):
-        raise ApiError(503, "store_unavailable", "the image could not be stored; try again shortly") from None
+        _svc().blobs.put(path, input_key(reference_id))
+    except (OSError, StorageError) as exc:
+        log.error("could not store an input image: %s", exc)
+        raise ApiError(503, "storage_unavailable", "the image could not be stored; try again shortly") from None
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
-def _forget_image(key: str) -> None:
+def _store_input(upload, reference_id: str):
+    """Check the clip on a temporary file here, then put it in the blob store (`inputs/<id>`), where a
+    worker on any node fetches it. A disk or storage fault is a 503, never a 500."""
+    settings = _svc().settings
+    path = upload_path(settings, reference_id)
     try:
-        _svc().blobs.delete(key)
-    except Exception:  # the job was not queued; a stray input is a tidy-up matter, not the client's error
-        log.warning("could not delete %s", key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        upload.save(path)
+        info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
+        _svc().blobs.put(path, input_key(reference_id))
+        return info
+    except VideoInputError as exc:
+        raise ApiError(400, "invalid_video", str(exc)) from None
+    except (OSError, StorageError) as exc:
+        log.error("could not store an upload: %s", exc)
+        raise ApiError(503, "storage_unavailable", "the upload could not be stored; try again shortly") from None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- answers
@@ -447,7 +468,7 @@ def _register_routes(app: Flask) -> None:
         body, image = _job_request(settings)
         session_id = _check_id(body.pop("session_id"), "session_id") if "session_id" in body else _new_id()
         reference_id = _new_id()
-        image_key = None if image is None else f"inputs/{reference_id}"
+        image_key = None if image is None else input_key(reference_id)
         try:
             params = JobParams.from_dict(body, _job_rules(), image_key=image_key)
         except ParamError as exc:
@@ -457,12 +478,13 @@ def _register_routes(app: Flask) -> None:
                 check_image(image, settings.max_image_pixels)
             except ParamError as exc:
                 raise ApiError(400, "invalid_image", str(exc)) from None
-            _store_image(image, image_key, reference_id)
+            _store_image(image, reference_id)
         try:
             return _accepted(_enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict())))
         except BaseException:
             if image_key:
-                _forget_image(image_key)
+                with contextlib.suppress(StorageError):
+                    _svc().blobs.delete(image_key)  # no job will read it
             raise
 
     @app.post("/upscale_video")
@@ -475,19 +497,14 @@ def _register_routes(app: Flask) -> None:
         params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
                   "filename": (upload.filename or "")[:200]}
         reference_id = _new_id()
-        path = upload_path(settings, reference_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        info = _store_input(upload, reference_id)
+        params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
+                      duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
         try:
-            upload.save(path)
-            info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
-            params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
-                          duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
             return _accepted(_enqueue(new_job(reference_id, session_id, g.owner, "upscale", params)))
-        except VideoInputError as exc:
-            path.unlink(missing_ok=True)
-            raise ApiError(400, "invalid_video", str(exc)) from None
         except BaseException:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(StorageError):
+                _svc().blobs.delete(input_key(reference_id))  # no job will read it
             raise
 
     @app.post("/get_status")
@@ -521,8 +538,30 @@ def _register_routes(app: Flask) -> None:
             raise ApiError(409, "already_finished", f"job {reference_id} is already {job['status']}")
         status = _svc().jobs.request_cancel(reference_id)
         if status == CANCELED:
-            discard_upload(_svc().settings, job)
+            discard_input(_svc().settings, _svc().blobs, job)
         return jsonify(reference_id=reference_id, status=status, cancel_requested=True)
+
+    @app.delete("/jobs/<reference_id>")
+    def delete_job(reference_id):
+        """Remove a job for good: its video, poster and uploaded clip (T2V_KEEP_INPUTS or not), then its record.
+        A queued or running job is canceled first. A running job's worker finds its lease gone at its next
+        heartbeat and stops at its next cancel check; its later writes match no record, so none brings it back.
+        The files go first: if that fails (503), the record stays and the DELETE can be sent again."""
+        svc = _svc()
+        job = _owned_job(reference_id)
+        if job["status"] not in TERMINAL:
+            svc.jobs.request_cancel(reference_id)
+            job = svc.jobs.get(reference_id) or job  # it may have completed meanwhile, with files to delete
+        try:
+            for key in ("video_key", "poster_key"):
+                if job["result"] and job["result"].get(key):
+                    svc.blobs.delete(job["result"][key])
+            svc.blobs.delete(input_key(reference_id))  # an uploaded clip or image, if the job had one
+        except (OSError, StorageError) as exc:
+            log.error("job %s: its files could not be deleted: %s", reference_id, exc)
+            raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None
+        svc.jobs.delete(reference_id)
+        return jsonify(reference_id=reference_id, deleted=True)
 
     @app.get("/jobs/<reference_id>/video")
     def job_video(reference_id):
@@ -566,7 +605,7 @@ def _register_routes(app: Flask) -> None:
         body = {"status": "ok", "store": "ok", "queue_length": None,
                 "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
                 "model_loaded": bool(worker and worker.model_loaded),
-                "model_error": worker.load_error if worker else None}
+                "model_error": worker.model_error if worker else None}
         try:
             svc.jobs.ping()
             body["queue_length"] = svc.jobs.count_queued()
@@ -613,26 +652,95 @@ def _register_errors(app: Flask) -> None:
         return error(500, "internal_error", "an unexpected error happened; it was logged")
 
 
-def main() -> int:
-    """`python app.py`: the embedded default. Never Flask's debug server."""
+def main(argv: list[str] | None = None) -> int:
+    """`python app.py`: the app under waitress, a production WSGI server. Never Flask's debug server."""
+    args = _command_line().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_or_exit("app.py")
+    flags = {name: value for name, value in vars(args).items() if value is not None}
+    settings = replace(settings_or_exit("app.py"), **flags)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         log.warning("listening on %s with no T2V_API_KEYS: anyone who can reach it can use the GPU", settings.host)
     app = create_app(settings)
-    from werkzeug.serving import WSGIRequestHandler, run_simple
-
-    class QuietQueryHandler(WSGIRequestHandler):
-        """Logs each request's path without its query string, where signed links keep their signature."""
-
-        def log_request(self, code="-", size="-"):
-            path = self.path.split("?", 1)[0].translate(self._control_char_table)
-            self.log("info", '"%s %s" %s %s', self.command, path, code, size)
-
-    log.info("t2v on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
-    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False, use_debugger=False,
-               request_handler=QuietQueryHandler)
+    try:
+        server = waitress.create_server(_access_logged(app), **_server_options(settings))
+    except OSError as exc:
+        print(f"app.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # server.run() stops on SystemExit
+    log.info("t2v on http://%s:%d (waitress, %d threads; model %s)",
+             settings.host, settings.port, settings.threads, settings.model)
+    server.run()
     return 0
+
+
+def _command_line() -> argparse.ArgumentParser:
+    """Flags for the main settings; each overrides its environment variable. Parsing starts nothing."""
+    parser = ArgumentParser(
+        prog="app.py", description="Serve the t2v API and web page with waitress, a production WSGI server.",
+        epilog="Every other setting (T2V_API_KEYS, MONGODB_URI, BUCKET_NAME, T2V_MAX_*, ...) comes from the "
+               "environment or .env; .env.example lists them all.")
+
+    def flag(name: str, field: str, text: str, **kw):
+        default = getattr(Settings, field)
+        default = f"./{default}" if isinstance(default, Path) else default
+        parser.add_argument(name, dest=field, help=f"{text} (${ENV_NAMES[field]}, default {default})", **kw)
+
+    flag("--host", "host", "address to listen on; keep loopback unless T2V_API_KEYS is set", metavar="ADDR")
+    flag("--port", "port", "port to listen on", type=_whole_number(1, 65535))
+    flag("--threads", "threads", "request threads", type=_whole_number(1))
+    flag("--client-timeout", "client_timeout_s", "seconds a silent connection (a stalled request, an idle "
+         "keep-alive) stays open", type=_whole_number(1), metavar="SECONDS")
+    flag("--worker", "worker", "run jobs in this process (thread), or leave them to python worker.py (off)",
+         choices=WORKER_MODES)
+    flag("--model", "model", "diffusers model folder, or 'tiny' for random weights")
+    flag("--upscaler", "upscaler", "Real-ESRGAN weights: a path, a release name, 'tiny' or 'none'")
+    flag("--data-dir", "data_dir", "jobs database, local videos and temporary files", type=Path, metavar="DIR")
+    return parser
+
+
+def _whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` to `high`, with a reason when it is not."""
+    def parse(text: str) -> int:
+        value = int(text) if text.isascii() and text.isdigit() else None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+        return value
+    return parse
+
+
+def _server_options(settings: Settings) -> dict:
+    """waitress reads a whole request (head and body) before a thread sees it, so a slow or stalled client
+    holds a connection, never a thread, and one silent for T2V_CLIENT_TIMEOUT_S is closed."""
+    return {"host": settings.host, "port": settings.port, "threads": settings.threads,
+            "channel_timeout": settings.client_timeout_s,
+            "cleanup_interval": 1,  # how often silent connections are looked for, in seconds
+            "connection_limit": 100,  # open connections; past it, new ones wait in the listen backlog
+            "max_request_header_size": 16 * 1024,  # request line and headers: a longer one is a 431
+            "max_request_body_size": (settings.max_upload_mb + 1) * 2**20,  # Flask's own limits answer first
+            "asyncore_use_poll": True}  # poll(), not select(): no limit of 1024 open sockets
+
+
+def _access_logged(wsgi_app):
+    """One access line per request: the method and path, never the query string (signed links carry
+    `sig=`) or headers (API keys). Escapes keep a crafted path from forging log lines."""
+    access = logging.getLogger("t2v.access")
+
+    def logged(environ, start_response):
+        started = time.monotonic()
+
+        def start(status, headers, exc_info=None):
+            size = next((v for k, v in headers if k.lower() == "content-length"), "-")
+            method, path = (environ.get(key, "").encode("unicode_escape").decode()
+                            for key in ("REQUEST_METHOD", "PATH_INFO"))
+            access.info('%s "%s %s" %s %s %.3fs', environ.get("REMOTE_ADDR", "-"), method, path,
+                        status.split(" ", 1)[0], size, time.monotonic() - started)
+            return start_response(status, headers, exc_info)
+
+        return wsgi_app(environ, start)
+
+    return logged
 
 
 if __name__ == "__main__":

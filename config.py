@@ -21,6 +21,17 @@ WORKER_MODES = ("thread", "off")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+SPEED_PRESETS = ("off", "balanced", "fast")
+CACHES = ("off", "fbc", "magcache")  # First Block Cache, MagCache (diffusers hooks)
+
+# Attention backends t2v accepts, by their diffusers 0.42.1 names. HunyuanVideo passes a text mask to
+# attention unless its prompt is trimmed (T2V_MASK_FREE, on by default); while a mask is passed, only
+# the first group works: the second rejects the mask, but only at the first denoising step.
+MASK_CAPABLE_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn",
+                         "flash_varlen", "_flash_varlen_3", "sage_varlen")
+MASK_FREE_BACKENDS = ("_native_flash", "flash", "_flash_3", "sage", "_sage_qk_int8_pv_fp8_cuda",
+                      "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda", "_sage_qk_int8_pv_fp16_triton")
+ATTENTION_BACKENDS = MASK_CAPABLE_BACKENDS + MASK_FREE_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -40,18 +51,23 @@ class Settings:
     models_dir: Path = Path("./models")
     host: str = "127.0.0.1"
     port: int = 7866
-    threads: int = 16  # request threads under gunicorn
+    threads: int = 16  # request threads (python app.py and gunicorn)
+    client_timeout_s: int = 30  # a connection silent this long (stalled request, idle keep-alive) is closed
 
     # Models and the GPU.
     model: str = "./models/HunyuanVideo"
     upscaler: str = "./models/RealESRGAN_x4plus.pth"
     cuda_device_id: int | None = None
     memory: str = "auto"
-    fp8: bool = False
-    vae_tiling: bool = False
-    fbc_threshold: float = 0.0
+    speed: str = "off"  # a speed preset: fills in each knob below that is left unset (None)
+    fp8: bool | None = None
+    vae_tiling: bool | None = None  # unset: on with every preset on CUDA, off on the CPU
+    cache: str | None = None
+    fbc_threshold: float | None = None  # setting it alone turns First Block Cache on (0: off)
     attention_backend: str | None = None
-    compile: bool = False
+    compile: bool | None = None
+    mask_free: bool = True  # batch 1: trim the prompt's padding so no attention mask is needed
+    keep_latents: bool = False  # save each job's latents (.latents.pt) beside its video, before the decode
 
     # Upscale and encode.
     upscale_tile: int = 0
@@ -134,6 +150,18 @@ class Settings:
         """Reject values that cannot work, naming the variable."""
         if self.memory not in MEMORY_PRESETS:
             raise ConfigError(f"T2V_MEMORY must be one of {', '.join(MEMORY_PRESETS)}, got {self.memory!r}")
+        if self.speed not in SPEED_PRESETS:
+            raise ConfigError(f"T2V_SPEED must be one of {', '.join(SPEED_PRESETS)}, got {self.speed!r}")
+        if self.cache is not None and self.cache not in CACHES:
+            raise ConfigError(f"T2V_CACHE must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if self.fbc_threshold is not None and not 0 <= self.fbc_threshold < 1:
+            raise ConfigError(f"T2V_FBC_THRESHOLD must be at least 0 and below 1, got {self.fbc_threshold}")
+        if self.attention_backend is not None:
+            problem = attention_backend_problem(self.attention_backend, masked=not self.mask_free)
+            if problem:
+                raise ConfigError(problem)
+        if self.cuda_device_id is not None:
+            check_cuda_device(self.cuda_device_id)
         if self.worker not in WORKER_MODES:
             raise ConfigError(f"T2V_WORKER must be one of {', '.join(WORKER_MODES)}, got {self.worker!r}")
         if not 0 <= self.crf <= 51:
@@ -146,7 +174,8 @@ class Settings:
             raise ConfigError(f"T2V_MAX_SIDE must be a positive multiple of 16, got {self.max_side}")
         if self.max_frames < 1 or self.max_frames % 4 != 1:
             raise ConfigError(f"T2V_MAX_FRAMES must be of the form 4k+1, got {self.max_frames}")
-        for name, value in (("T2V_THREADS", self.threads), ("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
+        for name, value in (("T2V_THREADS", self.threads), ("T2V_CLIENT_TIMEOUT_S", self.client_timeout_s),
+                            ("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
                             ("T2V_MAX_IMAGE_MB", self.max_image_mb), ("T2V_MAX_IMAGE_PIXELS", self.max_image_pixels),
                             ("T2V_MAX_QUEUE", self.max_queue), ("T2V_MAX_ATTEMPTS", self.max_attempts),
                             ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s),
@@ -175,6 +204,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def attention_backend_problem(name: str, masked: bool) -> str | None:
+    """Why `name` cannot run (the model passes an attention mask when `masked`), or None when it can."""
+    if name.endswith("_hub"):
+        return (f"T2V_ATTENTION_BACKEND={name} fetches its kernel from the Hugging Face Hub at run time, which t2v "
+                "never does; install the package from requirements-gpu.txt and name its backend instead")
+    if name not in ATTENTION_BACKENDS:
+        return f"T2V_ATTENTION_BACKEND must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}"
+    if masked and name in MASK_FREE_BACKENDS:
+        return (f"T2V_ATTENTION_BACKEND={name} cannot take an attention mask, and the model passes one (with "
+                f"T2V_MASK_FREE off, or a model t2v cannot trim); use one of {', '.join(MASK_CAPABLE_BACKENDS)}")
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as exc:
+        return f"T2V_ATTENTION_BACKEND={name} cannot load here: {exc} (see requirements-gpu.txt)"
+    return None
+
+
+def check_cuda_device(index: int) -> None:
+    """CUDA_DEVICE_ID is an index among the GPUs this process sees (after CUDA_VISIBLE_DEVICES)."""
+    if index < 0:
+        raise ConfigError(f"CUDA_DEVICE_ID must be 0 or more, got {index}")
+    import torch
+
+    if torch.cuda.is_available() and index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"CUDA_DEVICE_ID={index}, but this process sees {count} GPU{'s' * (count != 1)} "
+                          f"(indices 0 to {count - 1}; CUDA_VISIBLE_DEVICES renumbers them from 0)")
+
+
 def settings_or_exit(prog: str) -> Settings:
     """Settings for a server entry point; a bad value exits 2 with a one-line reason naming the variable."""
     try:
@@ -200,7 +260,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(env_name: str, field_name: str, raw: str):
-    kind = Settings.__dataclass_fields__[field_name].type
+    kind = Settings.__dataclass_fields__[field_name].type.removesuffix(" | None")
     try:
         if kind == "Path":
             return Path(raw)
@@ -208,7 +268,7 @@ def _parse(env_name: str, field_name: str, raw: str):
             if raw.lower() in _TRUE | _FALSE:
                 return raw.lower() in _TRUE
             raise ValueError
-        if kind in ("int", "int | None"):
+        if kind == "int":
             return int(raw)
         if kind == "float":
             return float(raw)

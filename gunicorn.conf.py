@@ -4,6 +4,10 @@ One process with threads. The job worker (T2V_WORKER=thread) lives inside that p
 the GPU, so a second process would load a second copy of the model onto the same GPU; gunicorn
 refuses to start that way. To serve more requests, run API processes with T2V_WORKER=off and
 `python worker.py` on the GPU nodes, all sharing MongoDB and S3.
+
+gunicorn's gthread worker reads a request inside a request thread, so a client that stalls mid-request
+holds that thread (BENCHMARKS.md: T2V_THREADS stalled clients leave /health unanswered). Put a
+proxy that buffers whole requests (nginx) in front of it; `python app.py` (waitress) needs none.
 """
 
 from config import Settings
@@ -17,6 +21,7 @@ threads = _settings.threads
 preload_app = False  # the model and the worker thread start inside the serving process, after the fork
 timeout = 120  # a busy model must not get the request process killed as "stuck"
 graceful_timeout = 30
+keepalive = _settings.client_timeout_s  # idle kept-alive connections wait in the poller, not in a thread
 accesslog = "-"
 # Never log request headers (API keys) or query strings (signed links): the method and path only.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss'

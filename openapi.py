@@ -106,9 +106,16 @@ def build_spec(settings, rules: Rules) -> dict:
                                   "properties": {"session_id": ID, "history": {
                                       "type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
                                  400, 401, 413, 503)}},
-            "/jobs/{reference_id}": {"get": {
-                "summary": "One job in full", "parameters": [ref_param],
-                "responses": _ok({"$ref": "#/components/schemas/Job"}, 400, 401, 404, 503)}},
+            "/jobs/{reference_id}": {
+                "get": {
+                    "summary": "One job in full", "parameters": [ref_param],
+                    "responses": _ok({"$ref": "#/components/schemas/Job"}, 400, 401, 404, 503)},
+                "delete": {
+                    "summary": "Delete a job: its record, video, poster and uploaded clip (a running job is canceled)",
+                    "parameters": [ref_param],
+                    "responses": _ok({"type": "object", "required": ["reference_id", "deleted"],
+                                      "properties": {"reference_id": ID, "deleted": {"const": True}}},
+                                     400, 401, 403, 404, 415, 503)}},
             "/jobs/{reference_id}/cancel": {"post": {
                 "summary": "Cancel a queued or running job", "parameters": [ref_param],
                 "responses": _ok({"type": "object", "required": ["reference_id", "status"],

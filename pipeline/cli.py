@@ -70,10 +70,17 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.run import Models, run_job
+    from pipeline.upscale import UpscalerLoadError
 
+    models = Models(settings, progress_bar=True)
+    try:
+        if params.upscale:
+            models.upscaler  # a broken file fails now, not after the whole generation
+    except UpscalerLoadError as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
     cuda = os.environ.get("CUDA_DEVICE_ID")
     print(f"seed {params.seed}; device {settings.device}" + (f" (CUDA_DEVICE_ID={cuda})" if cuda else ""))
-    models = Models(settings, progress_bar=True)
     if models.generator.is_tiny:
         print("note: this is the tiny random-weight model; its video is noise, by design")
     result = run_job(params, settings, models=models, output=output, progress_bar=True)

@@ -2,6 +2,9 @@
 
 HunyuanVideo is the default model, but any diffusers text-to-video folder loads through
 `DiffusionPipeline.from_pretrained`. Frames come out as a uint8 array (frames, height, width, 3).
+
+What differs per model family (trimming the prompt's padding, decoding latents) is one small
+function each, looked up by the pipeline's class name; a family without one takes the generic path.
 """
 
 from __future__ import annotations
@@ -9,13 +12,14 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from config import ConfigError, attention_backend_problem
 from pipeline import tiny
 from pipeline.spec import JobParams
 
@@ -27,6 +31,8 @@ PRESET_MIN_FREE = (("none", 75 * GiB), ("model", 45 * GiB), ("group", 16 * GiB),
 OFFLOAD_PRESETS = ("model", "group", "sequential")
 # A negative prompt only takes effect with HunyuanVideo's true classifier-free guidance (twice the work per step).
 NEGATIVE_PROMPT_CFG = 6.0
+# VAE tiles tried, in sample pixels, after a decode runs out of memory: (tile, stride), 25% overlap.
+DECODE_TILES = ((256, 192), (128, 96), (64, 48))
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -34,7 +40,7 @@ class MissingWeightsError(FileNotFoundError):
 
 
 class JobCanceled(Exception):
-    """Raised between denoising steps when the job was canceled; nothing is decoded after it."""
+    """Raised at the next transformer block once the job is canceled; nothing is decoded after it."""
 
 
 def resolve_model_dir(model: str, data_dir: Path) -> Path:
@@ -55,6 +61,13 @@ def component_dtypes(device: str) -> dict[str, torch.dtype]:
     if device == "cpu":
         return {"default": torch.float32}
     return {"transformer": torch.bfloat16, "default": torch.float16}
+
+
+def use_device(device: str) -> None:
+    """Make `device` this process's current CUDA device, so side streams, contexts and memory
+    statistics land on it rather than on GPU 0. CUDA_DEVICE_ID was checked by `Settings`."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
 
 
 def choose_memory_preset(requested: str, device: str, free_vram: int | None) -> str:
@@ -92,31 +105,225 @@ def apply_memory_preset(pipe, preset: str, device: str) -> None:
         raise ValueError(f"unknown memory preset {preset!r}")
 
 
+# ------------------------------------------------------------------------------------------ speed
+
 @dataclass(frozen=True)
 class SpeedOptions:
-    fp8: bool = False  # store transformer weights in float8, compute in the model dtype
-    vae_tiling: bool = False
-    fbc_threshold: float = 0.0  # First Block Cache; 0 is off
-    attention_backend: str | None = None  # e.g. "native", "flash_varlen", "sage_varlen"
-    compile: bool = False  # regional torch.compile of the repeated transformer blocks
+    """The speed knobs. None leaves a knob to the speed preset (`resolve_speed` fills it in)."""
+
+    preset: str = "off"  # off | balanced | fast
+    fp8: bool | None = None  # store transformer weights in float8, compute in the model dtype
+    vae_tiling: bool | None = None
+    cache: str | None = None  # off | fbc (First Block Cache) | magcache
+    fbc_threshold: float | None = None
+    attention_backend: str | None = None  # a diffusers backend name; config.ATTENTION_BACKENDS
+    compile: bool | None = None  # regional torch.compile of the repeated transformer blocks
+    mask_free: bool = True  # batch 1: trim the prompt's padding, so no attention mask is passed
 
 
-def apply_speed_options(pipe, options: SpeedOptions, device: str) -> None:
-    """Apply memory/speed options to the loaded components. Run before the memory preset places them."""
+# HunyuanVideo's published cache settings.
+# First Block Cache: "0.06 is the default residual difference value for HunyuanVideo models"
+# (diffusers docs, optimization/para_attn.md, from ParaAttention; 1.62x at 720p, "nearly zero quality loss").
+FBC_THRESHOLDS = {"HunyuanVideoPipeline": 0.06}  # per family; others get diffusers' default, 0.05
+# MagCache (github.com/Zehong-Ma/MagCache, MagCache4HunyuanVideo/magcache_sample_video.py): the faster of the
+# two published settings, E024K06R02 (threshold 0.24, at most 6 skipped steps in a row, the first 20% of
+# steps never skipped; about 2.8x), and the magnitude ratios calibrated there over 50 steps at 544p and 720p.
+HUNYUAN_VIDEO_MAGCACHE = dict(threshold=0.24, max_skip_steps=6, retention_ratio=0.2)
+HUNYUAN_VIDEO_MAG_RATIOS = {
+    544: [1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632, 1.02974, 1.00984,
+          1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726, 1.03727, 1.01502, 1.00992,
+          1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461, 1.01152, 1.03082, 1.0061, 1.02162, 1.01999,
+          0.99063, 1.01186, 1.0217, 0.99947, 1.01711, 0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315,
+          0.97728, 0.91154, 0.86139, 0.76592],
+    720: [1.0, 1.0754, 1.27807, 1.11596, 1.09504, 1.05188, 1.00844, 1.05779, 1.00657, 1.04142, 1.03101, 1.00679,
+          1.02556, 1.00908, 1.06949, 1.05438, 1.02214, 1.02321, 1.03019, 1.00779, 1.03381, 1.01886, 1.01161,
+          1.02968, 1.00544, 1.02822, 1.00689, 1.02119, 1.0105, 1.01044, 1.01572, 1.02972, 1.0094, 1.02368, 1.0226,
+          0.98965, 1.01588, 1.02146, 1.0018, 1.01687, 0.99436, 1.00283, 1.01139, 0.97122, 0.98251, 0.94513,
+          0.97656, 0.90943, 0.85703, 0.75456],
+}
+# The cache each speed preset turns on, per family. A family with no published settings gets none.
+PRESET_CACHES = {"HunyuanVideoPipeline": {"balanced": "fbc", "fast": "magcache"}}
+
+
+def preset_choices(preset: str, family: str, device: str, memory_preset: str, mask_free: bool) -> dict:
+    """What a speed preset turns on for this family, device and memory preset. All of it works together:
+    compile runs with fullgraph=False under hooks, and fp8 only where weights travel (offload presets),
+    since with every weight resident it would only add a cast per layer."""
+    if preset == "off":
+        return {}
+    cuda = device.startswith("cuda")
+    return {
+        "attention_backend": best_attention_backend(masked=not mask_free) if cuda else "native",
+        "compile": cuda,
+        "cache": PRESET_CACHES.get(family, {}).get(preset, "off"),
+        "fp8": preset == "fast" and memory_preset in ("model", "group"),
+    }
+
+
+def best_attention_backend(masked: bool) -> str:
+    """The fastest installed backend: FlashAttention 3, then 2, then PyTorch's SDPA (which, given no
+    mask, picks its own flash or cuDNN kernel on CUDA)."""
+    candidates = ("_flash_varlen_3", "flash_varlen") if masked else ("_flash_3", "flash")
+    return next((name for name in candidates if attention_backend_problem(name, masked) is None), "native")
+
+
+def resolve_speed(options: SpeedOptions, family: str, device: str, memory_preset: str) -> SpeedOptions:
+    """Every knob concrete: an explicit setting wins, then the speed preset, then off.
+
+    VAE tiling is on by default on CUDA with every memory preset (HunyuanVideo's VAE mid-block alone
+    peaks near 34 GiB at 720p untiled); the `group` preset stores weights in fp8 unless told not to.
+    """
+    mask_free = options.mask_free and family in PROMPT_TRIMS
+    chosen = preset_choices(options.preset, family, device, memory_preset, mask_free)
+    cache = options.cache
+    if cache is None and options.fbc_threshold is not None:
+        cache = "fbc" if options.fbc_threshold > 0 else "off"
+    fp8 = options.fp8 if options.fp8 is not None else (memory_preset == "group" or chosen.get("fp8", False))
+    return replace(
+        options,
+        fp8=fp8,
+        vae_tiling=options.vae_tiling if options.vae_tiling is not None else device.startswith("cuda"),
+        cache=cache or chosen.get("cache", "off"),
+        fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
+        # Always named: diffusers also makes the last backend set the process-wide default.
+        attention_backend=options.attention_backend or chosen.get("attention_backend") or "native",
+        compile=options.compile if options.compile is not None else chosen.get("compile", False),
+        mask_free=mask_free,
+    )
+
+
+def cache_config(options: SpeedOptions, family: str):
+    """The diffusers cache config for `options.cache`, from the family's published settings."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+
+    if options.cache == "fbc":
+        return FirstBlockCacheConfig(threshold=options.fbc_threshold)
+    if options.cache == "magcache":
+        if family != "HunyuanVideoPipeline":
+            raise ConfigError(f"T2V_CACHE=magcache needs magnitude ratios calibrated for {family}; t2v has them "
+                              "only for HunyuanVideo (use fbc)")
+        ratios = HUNYUAN_VIDEO_MAG_RATIOS[720]
+        return MagCacheConfig(**HUNYUAN_VIDEO_MAGCACHE, num_inference_steps=len(ratios), mag_ratios=ratios)
+    return None
+
+
+def fit_cache_to_job(config, params: JobParams) -> None:
+    """MagCache's ratios are per step: fit them to this job's step count and size before it runs.
+    diffusers' hooks hold this same config object, so they read the new values."""
+    from diffusers.hooks import MagCacheConfig
+    from diffusers.hooks.mag_cache import nearest_interp
+
+    if isinstance(config, MagCacheConfig):
+        ratios = HUNYUAN_VIDEO_MAG_RATIOS[544 if min(params.width, params.height) <= 544 else 720]
+        config.num_inference_steps = params.num_inference_steps
+        config.mag_ratios = nearest_interp(torch.tensor(ratios), params.num_inference_steps)
+
+
+def apply_speed_options(pipe, options: SpeedOptions, device: str):
+    """Apply resolved speed options, before the memory preset places the components (compile comes
+    after it, see `compile_transformer`). Returns the cache config it enabled, if any."""
     transformer = getattr(pipe, "transformer", None)
     if options.fp8 and transformer is not None:
         compute = torch.float32 if device == "cpu" else transformer.dtype
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     if options.vae_tiling and hasattr(pipe, "vae"):
         pipe.vae.enable_tiling()
-    if options.fbc_threshold > 0 and transformer is not None:
-        from diffusers.hooks import FirstBlockCacheConfig
-
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=options.fbc_threshold))
+    config = cache_config(options, type(pipe).__name__) if transformer is not None else None
+    if config is not None:
+        transformer.enable_cache(config)
     if options.attention_backend and transformer is not None:
         transformer.set_attention_backend(options.attention_backend)
-    if options.compile and transformer is not None:
-        transformer.compile_repeated_blocks(fullgraph=True)
+    return config
+
+
+def has_hooks(model: torch.nn.Module) -> bool:
+    """Whether any diffusers hook (cache, layerwise casting, group offload) or accelerate hook
+    (model or sequential CPU offload) sits on `model` or inside it."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if (registry is not None and registry.hooks) or hasattr(module, "_hf_hook"):
+            return True
+    return False
+
+
+def compile_transformer(transformer) -> None:
+    """Regional torch.compile of the repeated blocks. fullgraph=True fails under every diffusers and
+    accelerate hook (they are compiler-disabled, and fp8 casting builds a Parameter inside the region),
+    so it is asked for only when none is present."""
+    fullgraph = not has_hooks(transformer)
+    log.info("compiling the repeated transformer blocks (fullgraph=%s)", fullgraph)
+    transformer.compile_repeated_blocks(fullgraph=fullgraph)
+
+
+# ------------------------------------------------------------------------- per-family functions
+
+def trim_hunyuan_video_prompt(pipe, prompt: str, negative_prompt: str | None, call_kwargs: dict) -> dict:
+    """Encode the prompt (and negative prompt) with the pipeline's own `encode_prompt`, then cut the
+    padding off. For one prompt the text then has no padding token, so its mask is all ones and the
+    transformer blocks get no mask at all (see `_BlockHook`): SDPA's flash and cuDNN kernels apply."""
+    encode = {k: call_kwargs[k] for k in ("prompt_template", "max_sequence_length") if k in call_kwargs}
+
+    def encoded(text: str):
+        embeds, pooled, mask = pipe.encode_prompt(prompt=text, device=pipe._execution_device, **encode)
+        length = int(mask[0].sum())
+        if not bool(mask[0, :length].all()):  # padding on the left: cannot cut it off the end
+            raise ValueError("the tokenizer pads on the left")
+        return embeds[:, :length], pooled, mask[:, :length]
+
+    embeds, pooled, mask = encoded(prompt)
+    trimmed = dict(prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
+    if negative_prompt:
+        embeds, pooled, mask = encoded(negative_prompt)
+        trimmed.update(negative_prompt=None, negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled,
+                       negative_prompt_attention_mask=mask)
+    return trimmed
+
+
+def decode_hunyuan_video(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> (F, C, H, W) floats in [0, 1], as HunyuanVideoPipeline decodes them."""
+    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+    video = pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
+
+
+# Keyed by the pipeline's class name. Other families (Wan, HunyuanVideo-1.5) add theirs here.
+PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
+LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video}
+
+
+# ----------------------------------------------------------------------------------- generator
+
+class _BlockHook:
+    """A forward pre-hook on each repeated transformer block. It raises JobCanceled as soon as the
+    job is canceled (so a cancel lands within one block, not one step), and, for a trimmed prompt,
+    drops the all-ones attention mask that the transformer still builds, so attention gets none."""
+
+    def __init__(self):
+        self.should_cancel: Callable[[], bool] | None = None
+        self.drop_mask = False
+
+    def install(self, transformer) -> int:
+        repeated = getattr(transformer, "_repeated_blocks", None) or ()
+        blocks = [m for m in transformer.modules() if type(m).__name__ in repeated]
+        for block in blocks:
+            block.register_forward_pre_hook(self._hook_for(type(block)), with_kwargs=True)
+        return len(blocks)
+
+    def _hook_for(self, block_class):
+        names = [n for n in inspect.signature(block_class.forward).parameters if n != "self"]
+        index = names.index("attention_mask") if "attention_mask" in names else None
+
+        @torch.compiler.disable  # plain Python, run outside any compiled region
+        def before_block(module, args, kwargs):
+            if self.should_cancel is not None and self.should_cancel():
+                raise JobCanceled()
+            if not self.drop_mask or index is None:
+                return None
+            if len(args) > index:
+                return args[:index] + (None,) + args[index + 1:], kwargs
+            return args, {**kwargs, "attention_mask": None}
+
+        return before_block
 
 
 class VideoGenerator:
@@ -128,28 +335,65 @@ class VideoGenerator:
 
         folder = resolve_model_dir(model, data_dir)
         self.device = device
+        use_device(device)
         if device == "cpu":
             log.info("no GPU: running every component in float32 on the CPU")
         self.pipe = DiffusionPipeline.from_pretrained(folder, dtype=component_dtypes(device))
+        self.family = type(self.pipe).__name__
         self.call_defaults = _folder_call_defaults(folder)
         self.is_tiny = _folder_config(folder).get("tiny", False)
         self.memory_preset = choose_memory_preset(memory, device, free_vram_bytes(device))
-        if self.memory_preset != "none" and not speed.vae_tiling:
-            speed = SpeedOptions(**{**speed.__dict__, "vae_tiling": True})
-        if self.memory_preset == "group" and not speed.fp8:
-            speed = SpeedOptions(**{**speed.__dict__, "fp8": True})
-        self.speed = speed
-        apply_speed_options(self.pipe, speed, device)
+        self.speed = resolve_speed(speed, self.family, device, self.memory_preset)
+        # Settings checked the backend by name; only here is it known whether this family passes a mask.
+        problem = attention_backend_problem(self.speed.attention_backend, masked=not self.speed.mask_free)
+        if problem:
+            raise ConfigError(problem)
+        self.cache = apply_speed_options(self.pipe, self.speed, device)
         apply_memory_preset(self.pipe, self.memory_preset, device)
+        self._blocks = _BlockHook()
+        transformer = getattr(self.pipe, "transformer", None)
+        if transformer is not None:
+            self._blocks.install(transformer)
+            if self.speed.compile:
+                compile_transformer(transformer)
         self.pipe.set_progress_bar_config(disable=not progress_bar, desc="denoising", unit="step")
         self._call_params = set(inspect.signature(self.pipe.__call__).parameters)
+        log.info("speed: %s", self.speed)
 
     def generate(self, params: JobParams, on_step: Callable[[int, int], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
-        """Denoise and decode; return uint8 frames (F, H, W, 3). Raises JobCanceled between steps."""
+                 should_cancel: Callable[[], bool] | None = None, latents_path: Path | None = None) -> np.ndarray:
+        """Denoise and decode; return uint8 frames (F, H, W, 3).
+
+        Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
+        latents are saved there before the decode, and a decode that runs out of memory is retried in
+        tiles, then smaller tiles: a finished denoise is never lost to the decode.
+        """
         if should_cancel and should_cancel():
             raise JobCanceled()
+        decode = LATENT_DECODERS.get(self.family)
+        try:
+            with torch.inference_mode():
+                self._blocks.should_cancel = should_cancel
+                output = self._denoise(params, on_step, should_cancel, latent=decode is not None)
+                self._blocks.should_cancel = None
+                if decode is None:
+                    return to_uint8_frames(output[0])  # (F, C, H, W) floats in [0, 1]
+                if latents_path is not None:
+                    save_latents(output, params, Path(latents_path))
+                return to_uint8_frames(self._decode(decode, output))
+        finally:
+            # The pipeline resets its cache hooks and offload placement only when its call ends normally;
+            # after an exception (a cancel included) they would hold this job's state into the next one.
+            self._blocks.should_cancel, self._blocks.drop_mask = None, False
+            self.pipe.maybe_free_model_hooks()
 
+    def warm_up(self, params: JobParams) -> None:
+        """Run one short job (one step) at `params`' size, so a compiled model compiles now and not in
+        the first user's job."""
+        log.info("warm-up: one step at %dx%d, %d frames", params.width, params.height, params.num_frames)
+        self.generate(replace(params, num_inference_steps=1))
+
+    def _denoise(self, params: JobParams, on_step, should_cancel, latent: bool):
         def step_end(pipe, step, timestep, tensors):
             if on_step:
                 on_step(step + 1, params.num_inference_steps)
@@ -161,7 +405,7 @@ class VideoGenerator:
         kwargs = dict(
             prompt=params.prompt, height=params.height, width=params.width, num_frames=params.num_frames,
             num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(params.seed), output_type="pt",
+            generator=torch.Generator("cpu").manual_seed(params.seed), output_type="latent" if latent else "pt",
             callback_on_step_end=step_end,
         )
         if params.negative_prompt:
@@ -169,9 +413,45 @@ class VideoGenerator:
             if "true_cfg_scale" in self._call_params:
                 kwargs["true_cfg_scale"] = NEGATIVE_PROMPT_CFG
         kwargs.update({k: v for k, v in self.call_defaults.items() if k in self._call_params})
-        with torch.inference_mode():
-            video = self.pipe(**kwargs).frames[0]  # (F, C, H, W) floats in [0, 1]
-            return to_uint8_frames(video)
+        if self.speed.mask_free:
+            kwargs.update(PROMPT_TRIMS[self.family](self.pipe, params.prompt, params.negative_prompt, kwargs))
+            self._blocks.drop_mask = True
+        fit_cache_to_job(self.cache, params)
+        return self.pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
+
+    def _decode(self, decode, latents: torch.Tensor) -> torch.Tensor:
+        """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits.
+        The VAE keeps the settings that worked, for later jobs."""
+        vae = self.pipe.vae
+        while True:
+            try:
+                return decode(self.pipe, latents)
+            except torch.OutOfMemoryError:
+                smaller = _next_tile(vae)
+                if smaller is None:
+                    raise
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                log.warning("VAE decode ran out of memory; retrying with %dx%d-pixel tiles", smaller[0], smaller[0])
+                vae.enable_tiling(tile_sample_min_height=smaller[0], tile_sample_min_width=smaller[0],
+                                  tile_sample_stride_height=smaller[1], tile_sample_stride_width=smaller[1])
+
+
+def _next_tile(vae) -> tuple[int, int] | None:
+    """The next tile to try after an OOM: the VAE's default tile if tiling was off, else a smaller one."""
+    if not getattr(vae, "use_tiling", False):
+        return DECODE_TILES[0]
+    current = min(vae.tile_sample_min_height, vae.tile_sample_min_width)
+    return next((tile for tile in DECODE_TILES if tile[0] < current), None)
+
+
+def save_latents(latents: torch.Tensor, params: JobParams, path: Path) -> None:
+    """Write the denoised latents and the job's parameters, so the video can be decoded again later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save({"latents": latents.detach().cpu(), "params": params.to_dict()}, tmp)
+    tmp.replace(path)
+    log.info("latents saved to %s", path)
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

@@ -22,8 +22,8 @@ import av
 import numpy as np
 
 from config import Settings
-from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator
-from pipeline.spec import JobParams
+from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator, use_device
+from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
                             read_frames, write_poster)
@@ -64,14 +64,20 @@ class Models:
         self.half_upscaler = half_upscaler
         self._generator: VideoGenerator | None = None
         self._upscalers: dict[str, Upscaler] = {}
+        use_device(settings.device)  # before anything touches CUDA: streams and contexts go to this GPU
 
     @property
     def generator(self) -> VideoGenerator:
+        """Loaded on first use; a compiled model also runs one warm-up step then, not in the first job."""
         if self._generator is None:
             s = self.settings
-            speed = SpeedOptions(fp8=s.fp8, vae_tiling=s.vae_tiling, fbc_threshold=s.fbc_threshold,
-                                 attention_backend=s.attention_backend, compile=s.compile)
-            self._generator = VideoGenerator(s.model, s.data_dir, s.device, s.memory, speed, self.progress_bar)
+            speed = SpeedOptions(preset=s.speed, fp8=s.fp8, vae_tiling=s.vae_tiling, cache=s.cache,
+                                 fbc_threshold=s.fbc_threshold, attention_backend=s.attention_backend,
+                                 compile=s.compile, mask_free=s.mask_free)
+            generator = VideoGenerator(s.model, s.data_dir, s.device, s.memory, speed, self.progress_bar)
+            if generator.speed.compile:
+                generator.warm_up(warm_up_params(s))
+            self._generator = generator
         return self._generator
 
     @property
@@ -91,6 +97,13 @@ class Models:
         return self._upscalers[name]
 
 
+def warm_up_params(settings: Settings) -> JobParams:
+    """A job at the size most jobs use: the default size (within T2V_MAX_SIDE) and frame count."""
+    width, height = (min(n, settings.max_side) for n in (DEFAULT_WIDTH, DEFAULT_HEIGHT))
+    return JobParams.from_dict({"prompt": "warm-up", "width": width, "height": height, "seed": 0},
+                               Limits.from_settings(settings))
+
+
 def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None, *, models: Models | None = None,
             output: Path | None = None, progress_bar: bool = False) -> VideoResult:
@@ -103,7 +116,8 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
     timings = {}
 
     started = time.perf_counter()
-    frames = models.generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel)
+    latents = output.with_suffix(".latents.pt") if settings.keep_latents else None
+    frames = models.generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents)
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None

@@ -2,10 +2,21 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const POLL_MS = 500;
+const POLL_MS = 500; // the job being watched
+const REFRESH_MS = 3000; // the queue, and the history while any job of this session is waiting or running
 const TERMINAL = new Set(["completed", "failed", "canceled"]);
+const FORM_KEY = "t2v.form"; // the form's values, kept across reloads
+const CURRENT_KEY = "t2v.current"; // the job being watched, followed again after a reload
+const SAVED_FIELDS = ["prompt", "negative", "size", "frames", "fps", "steps", "guidance", "seed", "upscale", "outscale"];
+// What a generation job's params hold that /generate_video takes back, for a re-run.
+const RERUN_FIELDS = ["prompt", "negative_prompt", "width", "height", "num_frames", "fps", "num_inference_steps",
+                      "guidance_scale", "seed", "upscale", "outscale"];
 let limits = null;
-let tracking = null; // {id, timer}
+let tracking = null; // {id, timer, shown}
+let sessionJobs = []; // the session's jobs, newest first, as /history last answered
+let queueLength = null; // jobs queued on the whole server, from /health
+let refreshTimer = null;
+const canceling = new Set(); // jobs whose cancel was asked for and that have not ended yet
 
 // ------------------------------------------------------------------ identity, kept in this browser
 
@@ -27,19 +38,37 @@ class ApiError extends Error {
   constructor(status, code, message) { super(message); this.status = status; this.code = code; }
 }
 
+function apiFailure(status, data, statusText) {
+  const error = (data && data.error) || {};
+  if (status === 401) showKeyPanel(error.message);
+  return new ApiError(status, error.code || "http_error", error.message || statusText);
+}
+
 async function api(path, { method = "GET", json } = {}) {
   const headers = {};
   if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
   if (json !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, { method, headers, body: json === undefined ? undefined : JSON.stringify(json) });
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    const error = data.error || {};
-    if (response.status === 401) showKeyPanel(error.message);
-    throw new ApiError(response.status, error.code || "http_error", error.message || response.statusText);
-  }
+  if (!response.ok) throw apiFailure(response.status, data, response.statusText);
   return data;
 }
+
+/** A multipart upload with progress; fetch() cannot report an upload's progress. */
+function upload(path, form, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    if (apiKey()) xhr.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
+    xhr.responseType = "json";
+    xhr.upload.onprogress = (event) => { if (event.lengthComputable) onProgress(event.loaded / event.total); };
+    xhr.onload = () => (xhr.status === 200 ? resolve(xhr.response) : reject(apiFailure(xhr.status, xhr.response, xhr.statusText)));
+    xhr.onerror = () => reject(new ApiError(0, "network_error", "The upload did not reach the server."));
+    xhr.send(form);
+  });
+}
+
+const path = (id, rest = "") => `/jobs/${encodeURIComponent(id)}${rest}`;
 
 // ------------------------------------------------------------------ key panel
 
@@ -56,26 +85,56 @@ $("#key-form").addEventListener("submit", async (event) => {
   if (await start()) $("#key-panel").hidden = true;
 });
 
-// ------------------------------------------------------------------ the form, shaped by the server's limits
+// ------------------------------------------------------------------ the form: shaped by the server's limits, kept
 
 function applyLimits() {
-  const prompt = $("#prompt");
-  prompt.maxLength = limits.max_prompt_chars;
+  $("#prompt").maxLength = limits.max_prompt_chars;
   $("#negative").maxLength = limits.max_prompt_chars;
   $("#size").replaceChildren(...limits.sizes.map((s, i) =>
     new Option(`${s.label} (${s.width}x${s.height})`, String(i))));
-  const frames = $("#frames");
-  frames.max = limits.max_frames;
-  frames.value = limits.max_frames;
-  const steps = $("#steps");
-  steps.max = limits.max_steps;
-  steps.value = limits.default_steps;
-  $("#outscale").replaceChildren(...limits.outscales.map((n) => new Option(`${n}x`, String(n))));
-  $("#outscale").value = String(Math.max(...limits.outscales));
+  $("#frames").max = limits.max_frames;
+  $("#frames").value = limits.max_frames;
+  $("#steps").max = limits.max_steps;
+  $("#steps").value = limits.default_steps;
+  for (const select of [$("#outscale"), $("#clip-outscale")]) {
+    select.replaceChildren(...limits.outscales.map((n) => new Option(`${n}x`, String(n))));
+    select.value = String(Math.max(...limits.outscales));
+  }
   $("#upscale").disabled = !limits.upscale;
   $("#upscale").checked = limits.upscale;
-  $("#outscale").disabled = !limits.upscale;
+  for (const id of ["#clip", "#clip-outscale", "#upload"]) $(id).disabled = !limits.upscale;
+  $("#clip-hint").textContent = limits.upscale ? `(at most ${limits.max_upload_mb} MB)` : "(this server has no upscaler)";
+  restoreForm();
+  $("#outscale").disabled = !$("#upscale").checked;
   updateCount();
+}
+
+function saveForm() {
+  const values = {};
+  for (const id of SAVED_FIELDS) {
+    const field = $(`#${id}`);
+    values[id] = field.type === "checkbox" ? field.checked : field.value;
+  }
+  const size = limits && limits.sizes[Number($("#size").value)];
+  if (size) values.size = `${size.width}x${size.height}`; // a size, not a place in a list that may change
+  localStorage.setItem(FORM_KEY, JSON.stringify(values));
+}
+
+function restoreForm() {
+  let values;
+  try { values = JSON.parse(localStorage.getItem(FORM_KEY)) || {}; } catch { values = {}; }
+  for (const id of SAVED_FIELDS) {
+    if (values[id] === undefined) continue;
+    const field = $(`#${id}`);
+    if (id === "size") {
+      const index = limits.sizes.findIndex((s) => `${s.width}x${s.height}` === values.size);
+      if (index >= 0) field.value = String(index);
+    } else if (field.type === "checkbox") {
+      if (!field.disabled) field.checked = Boolean(values[id]);
+    } else if (field.tagName !== "SELECT" || [...field.options].some((o) => o.value === values[id])) {
+      field.value = values[id];
+    }
+  }
 }
 
 function updateCount() {
@@ -85,11 +144,23 @@ function updateCount() {
 
 $("#prompt").addEventListener("input", updateCount);
 $("#upscale").addEventListener("change", () => { $("#outscale").disabled = !$("#upscale").checked; });
+$("#job-form").addEventListener("input", saveForm);
+$("#job-form").addEventListener("change", saveForm);
+for (const chip of document.querySelectorAll(".examples .chip")) {
+  chip.addEventListener("click", () => {
+    $("#prompt").value = chip.textContent;
+    updateCount();
+    saveForm();
+    $("#prompt").focus();
+  });
+}
 
 function formBody() {
   const size = limits.sizes[Number($("#size").value)];
   const frames = Number($("#frames").value);
   const steps = Number($("#steps").value);
+  const fps = Number($("#fps").value);
+  const guidance = Number($("#guidance").value);
   const prompt = $("#prompt").value;
   if (!prompt.trim()) throw new Error("Write a prompt first.");
   if (!Number.isInteger(frames) || frames < 1 || frames > limits.max_frames || frames % 4 !== 1) {
@@ -98,11 +169,22 @@ function formBody() {
   if (!Number.isInteger(steps) || steps < 1 || steps > limits.max_steps) {
     throw new Error(`Steps must be between 1 and ${limits.max_steps}.`);
   }
-  const body = { session_id: sessionId(), prompt, width: size.width, height: size.height, num_frames: frames,
-                 num_inference_steps: steps, upscale: $("#upscale").checked, outscale: Number($("#outscale").value) };
+  if (!Number.isInteger(fps) || fps < 1 || fps > 60) throw new Error("FPS must be between 1 and 60.");
+  if ($("#guidance").value === "" || !(guidance >= 1 && guidance <= 30)) {
+    throw new Error("Guidance must be between 1 and 30.");
+  }
+  const body = { session_id: sessionId(), prompt, width: size.width, height: size.height, num_frames: frames, fps,
+                 num_inference_steps: steps, guidance_scale: guidance, upscale: $("#upscale").checked,
+                 outscale: Number($("#outscale").value) };
   if ($("#negative").value.trim()) body.negative_prompt = $("#negative").value;
   if ($("#seed").value !== "") body.seed = Number($("#seed").value);
   return body;
+}
+
+async function generate(body) {
+  const accepted = await api("/generate_video", { method: "POST", json: body });
+  track(accepted.reference_id);
+  loadHistory();
 }
 
 $("#job-form").addEventListener("submit", async (event) => {
@@ -112,13 +194,43 @@ $("#job-form").addEventListener("submit", async (event) => {
   try { body = formBody(); } catch (error) { $("#form-error").textContent = error.message; return; }
   $("#submit").disabled = true;
   try {
-    const accepted = await api("/generate_video", { method: "POST", json: body });
-    track(accepted.reference_id);
-    loadHistory();
+    await generate(body);
   } catch (error) {
     $("#form-error").textContent = error.message;
   } finally {
     $("#submit").disabled = false;
+  }
+});
+
+// ------------------------------------------------------------------ a clip to upscale
+
+$("#upload-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("#upload-error").textContent = "";
+  const file = $("#clip").files[0];
+  if (!file) { $("#upload-error").textContent = "Choose a video file first."; return; }
+  if (file.size > limits.max_upload_mb * 2 ** 20) {
+    $("#upload-error").textContent = `That file is over ${limits.max_upload_mb} MB.`;
+    return;
+  }
+  const form = new FormData();
+  form.append("session_id", sessionId());
+  form.append("outscale", $("#clip-outscale").value);
+  form.append("video", file);
+  $("#upload").disabled = true;
+  const shown = (fraction) => { $("#upload-progress").textContent = `Uploading: ${Math.round(fraction * 100)}%`; };
+  shown(0);
+  try {
+    const accepted = await upload("/upscale_video", form, shown);
+    $("#upload-form").reset();
+    track(accepted.reference_id);
+    $("#current").scrollIntoView();
+    loadHistory();
+  } catch (error) {
+    $("#upload-error").textContent = error.message;
+  } finally {
+    $("#upload").disabled = !limits.upscale;
+    $("#upload-progress").textContent = "";
   }
 });
 
@@ -127,27 +239,54 @@ $("#job-form").addEventListener("submit", async (event) => {
 function track(id) {
   if (tracking) clearTimeout(tracking.timer);
   tracking = { id, timer: null, shown: null };
+  localStorage.setItem(CURRENT_KEY, id);
   $("#current").hidden = false;
   $("#result").hidden = true;
   $("#player").removeAttribute("src");
+  $("#player").removeAttribute("poster");
   $("#job-error").textContent = "";
   poll(id);
+}
+
+function forget(id) {
+  if (!tracking || tracking.id !== id) return;
+  clearTimeout(tracking.timer);
+  tracking = null;
+  localStorage.removeItem(CURRENT_KEY);
+  $("#player").removeAttribute("src");
+  $("#current").hidden = true;
 }
 
 async function poll(id) {
   if (!tracking || tracking.id !== id) return;
   try {
-    const job = await api(`/jobs/${encodeURIComponent(id)}`);
+    const job = await api(path(id));
+    if (!tracking || tracking.id !== id) return;
     render(job);
     if (TERMINAL.has(job.status)) { loadHistory(); return; }
   } catch (error) {
+    if (error.status === 404) { forget(id); return; } // deleted, or another key's
+    if (error.status === 401) return; // start() follows it again once a key is given
     $("#job-error").textContent = error.message;
   }
   tracking.timer = setTimeout(() => poll(id), POLL_MS);
 }
 
+/** How many jobs are ahead of a queued job, and how many of those are this session's. */
+function ahead(job) {
+  const total = Math.max(job.queue_position - 1, 0);
+  const mine = sessionJobs.filter((j) => j.status === "queued" && j.queue_position > 0
+                                     && j.queue_position < job.queue_position).length;
+  return { total, mine: Math.min(mine, total) };
+}
+
 function stageText(job) {
-  if (job.status === "queued") return `Queued, position ${job.queue_position}`;
+  if (canceling.has(job.reference_id) && !TERMINAL.has(job.status)) return "Canceling...";
+  if (job.status === "queued") {
+    const { total, mine } = ahead(job);
+    if (total === 0) return "Queued: next";
+    return `Queued, position ${job.queue_position}: ${total} ahead${mine ? ` (${mine} of them yours)` : ""}`;
+  }
   if (job.status === "completed") return "Done";
   if (job.status === "canceled") return "Canceled";
   if (job.status === "failed") return "Failed";
@@ -158,13 +297,14 @@ function stageText(job) {
 
 function render(job) {
   const percent = Math.round((job.status === "completed" ? 1 : job.progress || 0) * 100);
+  if (TERMINAL.has(job.status)) canceling.delete(job.reference_id);
   $("#current-prompt").textContent = job.params.prompt || job.params.filename || "";
   $("#progress").setAttribute("aria-valuenow", String(percent));
   $("#progress").setAttribute("aria-valuetext", stageText(job));
   $("#progress-fill").style.width = `${percent}%`;
   $("#stage").textContent = stageText(job);
   $("#current").dataset.status = job.status;
-  $("#cancel").hidden = TERMINAL.has(job.status);
+  showCancel(TERMINAL.has(job.status) ? "hidden" : canceling.has(job.reference_id) ? "pending" : "ready");
   $("#job-error").textContent = job.status === "failed" && job.error ? job.error.message : "";
   if (job.status === "completed" && tracking && tracking.shown !== job.reference_id) {
     tracking.shown = job.reference_id;
@@ -176,29 +316,96 @@ function render(job) {
   }
 }
 
+function showCancel(state) {
+  const button = $("#cancel");
+  button.hidden = state === "hidden";
+  button.disabled = state === "pending";
+  button.textContent = state === "pending" ? "Canceling..." : "Cancel";
+}
+
 $("#cancel").addEventListener("click", async () => {
-  if (!tracking) return;
+  if (!tracking || canceling.has(tracking.id)) return;
+  const id = tracking.id;
+  canceling.add(id); // shown at once; the worker stops at its next check
+  showCancel("pending");
+  $("#stage").textContent = "Canceling...";
+  renderHistory();
   try {
-    await api(`/jobs/${encodeURIComponent(tracking.id)}/cancel`, { method: "POST" });
+    await api(path(id, "/cancel"), { method: "POST" });
   } catch (error) {
-    $("#job-error").textContent = error.message;
+    canceling.delete(id);
+    if (error.code !== "already_finished") $("#job-error").textContent = error.message;
+    if (tracking && tracking.id === id) showCancel("ready");
   }
+  loadHistory();
 });
 
-// ------------------------------------------------------------------ history
+// ------------------------------------------------------------------ queue and history
 
 async function loadHistory() {
-  let data;
-  try { data = await api("/history", { method: "POST", json: { session_id: sessionId() } }); } catch { return; }
-  $("#history").replaceChildren(...data.history.map(historyItem));
+  try {
+    sessionJobs = (await api("/history", { method: "POST", json: { session_id: sessionId() } })).history;
+  } catch {
+    return;
+  }
+  renderHistory();
+  renderQueue();
+}
+
+function active(job) { return !TERMINAL.has(job.status); }
+
+function renderQueue() {
+  const waiting = sessionJobs.filter((j) => j.status === "queued").sort((a, b) => a.queue_position - b.queue_position);
+  const running = sessionJobs.filter((j) => j.status === "processing");
+  const total = queueLength == null ? "" : queueLength === 0 ? "No job is waiting on this server. "
+    : `${queueLength} ${queueLength === 1 ? "job is" : "jobs are"} waiting on this server. `;
+  const mine = running.length + waiting.length === 0 ? "None of yours is waiting or running."
+    : `Yours: ${running.length} running, ${waiting.length} waiting.`;
+  $("#queue-summary").textContent = total + mine;
+  $("#queue").replaceChildren(...[...running, ...waiting].map((job) => {
+    const item = document.createElement("li");
+    item.dataset.id = job.reference_id;
+    const where = job.status === "processing" ? `running, ${Math.round(job.progress * 100)}%`
+      : `position ${job.queue_position}`;
+    item.textContent = `${where}: ${job.params.prompt || job.params.filename || job.reference_id}`;
+    return item;
+  }));
+}
+
+async function refresh() {
+  if (document.hidden || !limits) return;
+  try { queueLength = (await api("/health")).queue_length; } catch { queueLength = null; }
+  if (sessionJobs.some(active)) await loadHistory(); else renderQueue();
+}
+
+function renderHistory() {
+  $("#history").replaceChildren(...sessionJobs.map(historyItem));
+}
+
+function statusText(job) {
+  if (canceling.has(job.reference_id) && active(job)) return "canceling...";
+  if (job.status === "queued") return `queued, position ${job.queue_position}`;
+  if (job.status === "processing") return `processing, ${Math.round(job.progress * 100)}%`;
+  return job.status;
+}
+
+function paramsText(job) {
+  const p = job.params;
+  if (job.kind === "upscale") {
+    return `clip ${p.width}x${p.height}, ${p.frames} frames at ${p.fps} fps, upscaled ${p.outscale}x`;
+  }
+  const upscaled = p.upscale ? `, upscaled ${p.outscale}x` : "";
+  return `${p.width}x${p.height}, ${p.num_frames} frames at ${p.fps} fps, ${p.num_inference_steps} steps, `
+    + `guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}`;
 }
 
 function historyItem(job) {
   const item = document.createElement("li");
-  const button = document.createElement("button");
-  button.type = "button";
-  button.className = "secondary";
-  button.dataset.id = job.reference_id;
+  item.dataset.id = job.reference_id;
+  item.dataset.status = job.status;
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "open";
   let thumb;
   if (job.poster_url) {
     thumb = document.createElement("img");
@@ -213,13 +420,53 @@ function historyItem(job) {
   prompt.textContent = job.params.prompt || job.params.filename || job.reference_id;
   const status = document.createElement("span");
   status.className = "status";
-  status.textContent = ` ${job.status}`;
-  text.append(prompt, document.createElement("br"), status);
-  button.append(thumb, text);
-  button.setAttribute("aria-label", `${job.status}: ${prompt.textContent}`);
-  button.addEventListener("click", () => { track(job.reference_id); $("#current").scrollIntoView(); });
-  item.append(button);
+  status.textContent = statusText(job);
+  const params = document.createElement("span");
+  params.className = "params";
+  params.textContent = paramsText(job);
+  text.append(prompt, document.createElement("br"), status, document.createElement("br"), params);
+  open.append(thumb, text);
+  open.setAttribute("aria-label", `${statusText(job)}: ${prompt.textContent}`);
+  open.addEventListener("click", () => { track(job.reference_id); $("#current").scrollIntoView(); });
+
+  const actions = document.createElement("span");
+  actions.className = "actions";
+  if (job.kind === "generate") actions.append(actionButton("Re-run", "rerun", `Re-run with seed ${job.params.seed}`,
+                                                            () => rerun(job)));
+  actions.append(actionButton("Delete", "delete", "Delete this job and its video", () => remove(job)));
+  item.append(open, actions);
   return item;
+}
+
+function actionButton(label, name, title, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = name;
+  button.textContent = label;
+  button.title = title;
+  button.setAttribute("aria-label", title);
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    $("#history-error").textContent = "";
+    try { await onClick(); } catch (error) { $("#history-error").textContent = error.message; }
+    button.disabled = false;
+  });
+  return button;
+}
+
+async function rerun(job) {
+  const body = { session_id: sessionId() };
+  for (const name of RERUN_FIELDS) if (job.params[name] != null) body[name] = job.params[name];
+  await generate(body);
+  $("#current").scrollIntoView();
+}
+
+async function remove(job) {
+  if (!confirm(`Delete "${job.params.prompt || job.params.filename || job.reference_id}" and its video?`)) return;
+  await api(path(job.reference_id), { method: "DELETE" });
+  canceling.delete(job.reference_id);
+  forget(job.reference_id);
+  await loadHistory();
 }
 
 // ------------------------------------------------------------------ start
@@ -233,7 +480,11 @@ async function start() {
     return false;
   }
   applyLimits();
-  loadHistory();
+  await loadHistory();
+  const current = localStorage.getItem(CURRENT_KEY);
+  if (current) track(current); // follow it again after a reload (or once a key is given)
+  if (refreshTimer === null) refreshTimer = setInterval(refresh, REFRESH_MS);
+  refresh();
   return true;
 }
 

@@ -1,7 +1,8 @@
-"""Finished videos and posters: `LocalBlobStore` (default, a folder) or `S3BlobStore` (boto3).
+"""Finished videos and posters, and uploaded inputs: `LocalBlobStore` (default, a folder) or `S3BlobStore` (boto3).
 
-Keys are made by the server (`videos/<reference_id>.mp4`, from `secrets`), never from user input,
-and are checked against a strict pattern before they touch a path or a bucket.
+Keys are made by the server (`videos/<reference_id>.mp4`, `inputs/<reference_id>`, the id from
+`secrets`), never from user input, and are checked against a strict pattern before they touch a path
+or a bucket. An upload goes in under `inputs/`, so a worker on another machine can fetch it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
-# Videos and posters; `inputs/<reference_id>`: a job's checked input image, kept as it was sent.
 _KEY = re.compile(r"^((videos|posters)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)|inputs/[A-Za-z0-9_-]{8,128})$")
 CONTENT_TYPES = {"mp4": "video/mp4", "jpg": "image/jpeg"}
 
@@ -25,17 +25,27 @@ class StorageError(RuntimeError):
     """The blob could not be stored or fetched, after retries. The message holds no credentials."""
 
 
+class BlobMissing(StorageError):
+    """No blob is stored under the key (deleted, or never stored)."""
+
+
 def check_key(key: str) -> str:
     if not _KEY.match(key):
         raise ValueError(f"invalid blob key {key!r}")
     return key
 
 
+def _content_type(key: str) -> str:
+    return CONTENT_TYPES[key.rsplit(".", 1)[1]] if "." in key else "application/octet-stream"  # inputs: no suffix
+
+
 class BlobStore(Protocol):
     def put(self, local_path: Path, key: str) -> int: ...
+    def get(self, key: str, local_path: Path) -> int: ...
     def presigned_url(self, key: str) -> str | None: ...
     def local_path(self, key: str) -> Path | None: ...
     def delete(self, key: str) -> None: ...
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]: ...
 
 
 class LocalBlobStore:
@@ -60,6 +70,21 @@ class LocalBlobStore:
             raise StorageError(f"could not store {key}: {exc.strerror}") from None
         return final.stat().st_size
 
+    def get(self, key: str, local_path: Path) -> int:
+        """Place the blob at `local_path`: a hard link where both sit on one disk, else a copy."""
+        source, local_path = self._path(key), Path(local_path)
+        if not source.is_file():
+            raise BlobMissing(f"{key} is not stored")
+        try:
+            local_path.unlink(missing_ok=True)
+            try:
+                os.link(source, local_path)
+            except OSError:  # another filesystem, or no hard links there
+                shutil.copyfile(source, local_path)
+        except OSError as exc:
+            raise StorageError(f"could not fetch {key}: {exc.strerror or type(exc).__name__}") from None
+        return local_path.stat().st_size
+
     def presigned_url(self, key: str) -> str | None:
         return None  # served by this API at /jobs/<id>/video
 
@@ -68,7 +93,21 @@ class LocalBlobStore:
         return path if path.is_file() else None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not delete {key}: {exc.strerror}") from None
+
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, modified time) of each blob whose key starts with `prefix` (a folder, like `inputs/`)."""
+        folder = self.root / prefix.strip("/")
+        for path in folder.iterdir() if folder.is_dir() else ():
+            key = f"{prefix.strip('/')}/{path.name}"
+            if _KEY.match(key):  # skips the `.name.part` files of a put in progress
+                try:
+                    yield key, path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
 
 
 class S3BlobStore:
@@ -96,21 +135,36 @@ class S3BlobStore:
 
     def put(self, local_path: Path, key: str) -> int:
         """Upload with backoff between whole-file retries; raise StorageError when every attempt failed."""
+        extra = {"ContentType": _content_type(check_key(key))}
+        self._retried("upload", key, lambda: self.client.upload_file(
+            str(local_path), self.bucket, key, ExtraArgs=extra, Config=self.transfer))
+        return Path(local_path).stat().st_size
+
+    def get(self, key: str, local_path: Path) -> int:
+        """Download the blob to `local_path` (boto3 writes a temporary file and renames it when whole)."""
+        check_key(key)
+        self._retried("download", key, lambda: self.client.download_file(
+            self.bucket, key, str(local_path), Config=self.transfer))
+        return Path(local_path).stat().st_size
+
+    def _retried(self, what: str, key: str, call) -> None:
+        """Run a whole-file transfer, with backoff between attempts; StorageError when every attempt failed."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        check_key(key)
-        extra = {"ContentType": CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")}
         for attempt in range(1, self.attempts + 1):
             try:
-                self.client.upload_file(str(local_path), self.bucket, key, ExtraArgs=extra, Config=self.transfer)
-                return Path(local_path).stat().st_size
-            except (BotoCoreError, ClientError, OSError) as exc:
-                if attempt == self.attempts:
-                    raise StorageError(f"upload of {key} failed after {attempt} attempts ({type(exc).__name__})") from None
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("upload of %s failed (%s); retrying in %.1fs", key, type(exc).__name__, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                return call()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    raise BlobMissing(f"{key} is not stored") from None
+                failure = exc
+            except (BotoCoreError, OSError) as exc:
+                failure = exc
+            if attempt == self.attempts:
+                raise StorageError(f"{what} of {key} failed after {attempt} attempts ({type(failure).__name__})") from None
+            delay = self.backoff_s * 2 ** (attempt - 1)
+            log.warning("%s of %s failed (%s); retrying in %.1fs", what, key, type(failure).__name__, delay)
+            time.sleep(delay)
 
     def presigned_url(self, key: str) -> str | None:
         return self.client.generate_presigned_url(
@@ -120,7 +174,24 @@ class S3BlobStore:
         return None
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not delete {key} ({type(exc).__name__})") from None
+
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, modified time) of each blob whose key starts with `prefix`."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    if _KEY.match(item["Key"]):
+                        yield item["Key"], item["LastModified"].timestamp()
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not list {prefix} ({type(exc).__name__})") from None
 
 
 def open_blob_store(settings) -> BlobStore:

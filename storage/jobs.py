@@ -7,7 +7,9 @@ Both keep the same contract, checked by one test suite:
 - `complete()`, `fail()` and `mark_canceled()` only act on a job the calling worker still holds,
   so a job can never complete twice;
 - `create(job, max_queued=n)` admits a job only while fewer than n are queued, in one atomic step,
-  and raises `QueueFull` otherwise.
+  and raises `QueueFull` otherwise;
+- `delete()` removes a record for good; a worker still running it then finds its lease gone, and
+  every later write of that worker (progress, heartbeat, outcome) matches nothing, so none brings it back.
 Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
 """
 
@@ -55,6 +57,7 @@ class JobStore(Protocol):
     def fail(self, reference_id: str, worker_id: str, code: str, message: str) -> bool: ...
     def mark_canceled(self, reference_id: str, worker_id: str) -> bool: ...
     def request_cancel(self, reference_id: str) -> str | None: ...
+    def delete(self, reference_id: str) -> bool: ...
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
@@ -282,6 +285,11 @@ class SqliteJobStore(_Outcomes):
             row = db.execute("SELECT status FROM jobs WHERE reference_id = ?", (reference_id,)).fetchone()
         return row[0] if row else None
 
+    def delete(self, reference_id: str) -> bool:
+        """Remove the record; False when there was none."""
+        with self._tx(write=True) as db:
+            return db.execute("DELETE FROM jobs WHERE reference_id = ?", (reference_id,)).rowcount == 1
+
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
         """Jobs whose worker died: canceled if a cancel was asked, failed after the last attempt, else queued.
 
@@ -480,6 +488,10 @@ class MongoJobStore(_Outcomes):
             {"reference_id": reference_id, "status": PROCESSING}, {"$set": {"cancel_requested": True}}))
         job = self.get(reference_id)
         return job["status"] if job else None
+
+    def delete(self, reference_id: str) -> bool:
+        """Remove the record (and with it any queue slot it held); False when there was none."""
+        return self._guard(lambda: self.jobs.delete_one({"reference_id": reference_id})).deleted_count == 1
 
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
         """Same rules as SqliteJobStore.requeue_expired; returns (requeued, ended)."""

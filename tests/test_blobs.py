@@ -1,12 +1,13 @@
 """Blob stores: a local folder, and S3 through moto's server over real HTTP."""
 
 import os
+import time
 
 import boto3
 import pytest
 import requests
 
-from storage.blobs import LocalBlobStore, S3BlobStore, StorageError
+from storage.blobs import BlobMissing, LocalBlobStore, S3BlobStore, StorageError
 
 
 def s3_store(endpoint, bucket, **kw):
@@ -59,3 +60,50 @@ def test_local_store_moves_atomically_and_refuses_made_up_keys(tmp_path):
             store.local_path(bad)
     store.delete("videos/abcdefgh1234.mp4")
     assert store.local_path("videos/abcdefgh1234.mp4") is None
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        return LocalBlobStore(tmp_path / "blobs")
+    endpoint, bucket = request.getfixturevalue("s3_bucket")
+    return s3_store(endpoint, bucket, attempts=2, backoff_s=0.01)
+
+
+def test_inputs_go_in_fetch_back_list_and_delete(any_store, tmp_path):
+    data = os.urandom(50_000)
+    (tmp_path / "clip.video").write_bytes(data)
+    assert any_store.put(tmp_path / "clip.video", "inputs/Yq7abcdefgh12") == len(data)
+    (tmp_path / "other.mp4").write_bytes(b"video")
+    any_store.put(tmp_path / "other.mp4", "videos/Yq7abcdefgh12.mp4")
+
+    listed = dict(any_store.list_keys("inputs/"))
+    assert list(listed) == ["inputs/Yq7abcdefgh12"]  # only the inputs, not the videos
+    assert abs(listed["inputs/Yq7abcdefgh12"] - time.time()) < 120
+
+    (tmp_path / "work").mkdir()
+    assert any_store.get("inputs/Yq7abcdefgh12", tmp_path / "work" / "a.input") == len(data)
+    assert (tmp_path / "work" / "a.input").read_bytes() == data
+    (tmp_path / "work" / "a.input").unlink()  # the worker's copy goes; the stored input stays
+    assert any_store.get("inputs/Yq7abcdefgh12", tmp_path / "work" / "b.input") == len(data)
+
+    any_store.delete("inputs/Yq7abcdefgh12")
+    assert dict(any_store.list_keys("inputs/")) == {}
+    with pytest.raises(BlobMissing):
+        any_store.get("inputs/Yq7abcdefgh12", tmp_path / "work" / "c.input")
+    assert not (tmp_path / "work" / "c.input").exists()
+    for bad in ("inputs/../x", "inputs/a.mp4", "inputs/", "inputs/short"):
+        with pytest.raises(ValueError):
+            any_store.get(bad, tmp_path / "work" / "d.input")
+
+
+def test_s3_faults_while_fetching_listing_or_deleting_are_storage_errors(tmp_path):
+    store = S3BlobStore("b", "us-east-1", "AKIATEST", "very-secret-key", "http://127.0.0.1:9", attempts=2,
+                        backoff_s=0.01)
+    with pytest.raises(StorageError, match="download of inputs/abcdefgh1234 failed after 2 attempts"):
+        store.get("inputs/abcdefgh1234", tmp_path / "x.input")
+    with pytest.raises(StorageError, match="could not list inputs/"):
+        list(store.list_keys("inputs/"))
+    with pytest.raises(StorageError, match="could not delete"):
+        store.delete("inputs/abcdefgh1234")
+    assert not list(tmp_path.iterdir())

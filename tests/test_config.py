@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from config import ConfigError, Settings
 
@@ -55,3 +56,107 @@ def test_env_example_lists_every_variable():
     text = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
     missing = [name for name in ENV_NAMES.values() if name not in text]
     assert missing == []
+
+
+def test_gpu_knobs_left_empty_are_unset_so_the_speed_preset_decides():
+    s = Settings.from_env(env={"T2V_SPEED": "fast"})
+    assert s.speed == "fast" and (s.fp8, s.vae_tiling, s.compile, s.cache, s.fbc_threshold) == (None,) * 5
+    assert s.mask_free is True and s.keep_latents is False
+    s = Settings.from_env(env={"T2V_VAE_TILING": "0", "T2V_COMPILE": "1", "T2V_CACHE": "magcache",
+                               "T2V_MASK_FREE": "false", "T2V_KEEP_LATENTS": "yes", "T2V_FBC_THRESHOLD": "0"})
+    assert (s.vae_tiling, s.compile, s.cache, s.mask_free, s.keep_latents, s.fbc_threshold) == (
+        False, True, "magcache", False, True, 0.0)
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"T2V_SPEED": "ludicrous"}, "T2V_SPEED"),
+    ({"T2V_CACHE": "teacache"}, "T2V_CACHE"),
+    ({"T2V_FBC_THRESHOLD": "-0.1"}, "T2V_FBC_THRESHOLD"),
+    ({"T2V_MASK_FREE": "sometimes"}, "T2V_MASK_FREE"),
+    ({"CUDA_DEVICE_ID": "-1"}, "CUDA_DEVICE_ID"),
+])
+def test_bad_gpu_values_name_the_variable(env, name):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env(env=env)
+
+
+# ------------------------------------------------------------------ attention backends (bug 3)
+
+@pytest.mark.parametrize("backend", ["native", "_native_cudnn", "_native_efficient", "_native_math", "_native_flash"])
+def test_pytorch_backends_need_no_extra_package(backend):
+    assert Settings.from_env(env={"T2V_ATTENTION_BACKEND": backend}).attention_backend == backend
+
+
+@pytest.mark.parametrize("backend, package", [
+    ("flash", "flash-attn"), ("flash_varlen", "flash-attn"), ("sage", "sageattention"),
+    ("sage_varlen", "sageattention"), ("_flash_3", "FA3"),
+])
+def test_a_backend_whose_package_is_missing_is_refused_at_start_up(backend, package):
+    # Before: accepted here, and the first job failed inside diffusers.
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env={"T2V_ATTENTION_BACKEND": backend})
+    message = str(err.value)
+    assert f"T2V_ATTENTION_BACKEND={backend} cannot load here" in message and package in message
+    assert "requirements-gpu.txt" in message
+
+
+@pytest.mark.parametrize("backend", ["flash", "_native_flash", "sage", "_flash_3", "_sage_qk_int8_pv_fp16_triton"])
+def test_a_backend_that_rejects_masks_is_refused_while_the_mask_is_kept(backend):
+    with pytest.raises(ConfigError, match=f"T2V_ATTENTION_BACKEND={backend} cannot take an attention mask") as err:
+        Settings.from_env(env={"T2V_ATTENTION_BACKEND": backend, "T2V_MASK_FREE": "0"})
+    assert "flash_varlen" in str(err.value) and "native" in str(err.value)  # it names the ones that work
+
+
+def test_hub_and_unknown_backends_are_refused_with_what_to_do():
+    with pytest.raises(ConfigError, match="T2V_ATTENTION_BACKEND=flash_hub fetches its kernel from the .* Hub"):
+        Settings.from_env(env={"T2V_ATTENTION_BACKEND": "flash_hub"})
+    with pytest.raises(ConfigError, match="T2V_ATTENTION_BACKEND must be one of native, .*sage_varlen.*'fast'"):
+        Settings.from_env(env={"T2V_ATTENTION_BACKEND": "fast"})
+
+
+def test_requirements_gpu_pins_the_optional_attention_packages():
+    text = (Path(__file__).resolve().parents[1] / "requirements-gpu.txt").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    pins = dict(line.split("==") for line in lines if line)
+    assert list(pins) == ["flash-attn"] and Version(pins["flash-attn"]) >= Version("2.6.3")  # diffusers' minimum
+    assert "sageattention >= 2.1.1" in text  # not on PyPI: the file says where it comes from
+
+
+# ------------------------------------------------------------------ the GPU index (bug 5)
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this process sees `n` GPUs."""
+    import torch
+
+    def see(n):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return see
+
+
+def test_cuda_device_id_must_name_a_visible_gpu(gpus):
+    gpus(1)
+    assert Settings.from_env(env={"CUDA_DEVICE_ID": "0"}).device == "cuda:0"
+    with pytest.raises(ConfigError, match=r"CUDA_DEVICE_ID=1, but this process sees 1 GPU \(indices 0 to 0"):
+        Settings.from_env(env={"CUDA_DEVICE_ID": "1"})
+    gpus(2)
+    assert Settings.from_env(env={"CUDA_DEVICE_ID": "1"}).device == "cuda:1"
+    gpus(0)
+    assert Settings.from_env(env={"CUDA_DEVICE_ID": "3"}).device == "cpu"  # no GPU: the CPU, as before
+
+
+def test_the_clis_exit_2_on_a_gpu_index_out_of_range(gpus, monkeypatch, capsys, tmp_path):
+    from pipeline import cli
+
+    gpus(1)
+    monkeypatch.setenv("CUDA_DEVICE_ID", "1")
+    monkeypatch.chdir(tmp_path)  # no .env here
+    code = cli.main(["--prompt", "a fox", "--model", "tiny"], "test.py", "smoke run", upscale=False)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "CUDA_DEVICE_ID=1" in err
+    for prog in ("worker.py", "app.py"):
+        with pytest.raises(SystemExit) as exit_:
+            __import__("config").settings_or_exit(prog)
+        assert exit_.value.code == 2 and "CUDA_DEVICE_ID=1" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""kill -9 the server at random moments while it works through 20 jobs: no job is lost or done twice."""
+"""kill -9 the worker processes (and the API) at random moments while two workers run 20 jobs:
+no job is lost or done twice."""
 
 import hashlib
 import os
@@ -21,22 +22,35 @@ KILLS = 5
 CRASH_JOB = {**TINY_JOB, "width": 96, "height": 96, "num_frames": 17, "num_inference_steps": 6}  # ~1 s each
 
 
-def start(data_dir, port, log):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_MODEL": "tiny", "T2V_UPSCALER": "tiny",
-           "T2V_DATA_DIR": str(data_dir), "T2V_PORT": str(port), "T2V_LEASE_S": "2", "T2V_MAX_ATTEMPTS": "3"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=data_dir, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+def environment(data_dir, port):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "T2V_MODEL": "tiny", "T2V_UPSCALER": "tiny", "T2V_WORKER": "off",
+            "T2V_DATA_DIR": str(data_dir), "T2V_PORT": str(port), "T2V_LEASE_S": "2", "T2V_MAX_ATTEMPTS": "3"}
 
+
+def start_api(data_dir, port, log):
+    """The API alone (T2V_WORKER=off): it queues jobs; the workers run them."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=data_dir, env=environment(data_dir, port),
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_api(proc, base):
     def healthy():
-        assert proc.poll() is None, "the server exited on its own"
+        assert proc.poll() is None, "the API exited on its own"
         try:
-            return requests.get(f"{base}/health", timeout=2).json()["model_loaded"]
+            return requests.get(f"{base}/health", timeout=5).status_code == 200
         except requests.RequestException:
             return False
 
-    wait_for(healthy, timeout=90, every=0.1)
-    return proc, base
+    wait_for(healthy, timeout=120, every=0.1)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def records(data_dir):
@@ -50,33 +64,59 @@ def records(data_dir):
 def test_kill_9_five_times_loses_no_job_and_completes_none_twice(tmp_path, data_dir, tiny_model, tiny_upscalers):
     import json
 
-    # The tiny models are built once per test session; the server finds them under its data folder.
+    # The tiny models are built once per test session; the processes find them under their data folder.
     os.symlink(data_dir / "tiny", tmp_path / "tiny")
     rng = random.Random(20261122)
     port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "ab") as log:
-        proc, base = start(tmp_path, port, log)
-        accepted = []
-        for i in range(JOBS):
-            r = requests.post(f"{base}/generate_video", json={**CRASH_JOB, "seed": i, "session_id": "crash"}, timeout=10)
-            assert r.status_code == 200
-            accepted.append(r.json()["reference_id"])
-        for _ in range(KILLS):
-            # Kill while a job runs, at a random moment inside it.
-            wait_for(lambda: any(r["status"] == "processing" for r in records(tmp_path).values()), timeout=60,
-                     every=0.02)
-            time.sleep(rng.uniform(0.0, 0.8))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            proc, base = start(tmp_path, port, log)
+        api, base = start_api(tmp_path, port, log)
+        workers = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "--cpu-workers", "2"], cwd=tmp_path,
+                                   env=environment(tmp_path, port), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         try:
-            wait_for(lambda: all(r["status"] in ("completed", "failed", "canceled")
-                                 for r in records(tmp_path).values()), timeout=180, every=0.5)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+            wait_api(api, base)
+            accepted = []
+            for i in range(JOBS):
+                r = requests.post(f"{base}/generate_video", json={**CRASH_JOB, "seed": i, "session_id": "crash"},
+                                  timeout=10)
+                assert r.status_code == 200
+                accepted.append(r.json()["reference_id"])
+            killed = set()
 
+            def running_worker():
+                """The pid of a live worker process that holds a job, or None."""
+                pids = {int(r["worker_id"].rsplit("-", 2)[1]) for r in records(tmp_path).values()
+                        if r["status"] == "processing"}
+                return next((pid for pid in sorted(pids - killed) if pid_alive(pid)), None)
+
+            for n in range(KILLS):
+                # Kill a worker while it runs a job, at a random moment inside it; every other time, the API too.
+                pid = wait_for(running_worker, timeout=180, every=0.02)
+                time.sleep(rng.uniform(0.0, 0.8))
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+                if n % 2:
+                    api.send_signal(signal.SIGKILL)
+                    api.wait()
+                    api, base = start_api(tmp_path, port, log)
+            wait_for(lambda: all(r["status"] in ("completed", "failed", "canceled")
+                                 for r in records(tmp_path).values()), timeout=600, every=0.5)
+            wait_api(api, base)
+            view = requests.get(f"{base}/jobs/{accepted[0]}", timeout=10)
+            assert view.status_code == 200 and view.json()["status"] in ("completed", "failed")
+        finally:
+            workers.terminate()  # SIGTERM: each worker stops after its current job
+            api.terminate()
+            api.wait(30)
+            try:
+                workers.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(workers.pid, signal.SIGKILL)  # the supervisor and its workers
+                workers.wait()
+
+    assert workers.returncode == 0 and "supervisor: all workers stopped" in log_path.read_text()
+    assert log_path.read_text().count("exited with code -9") == KILLS, "the supervisor saw every kill"
     rows = records(tmp_path)
     assert sorted(rows) == sorted(accepted), "every accepted job is on record, and nothing else"
     statuses = Counter(r["status"] for r in rows.values())

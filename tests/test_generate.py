@@ -140,3 +140,164 @@ def test_missing_model_folder_names_it_and_says_what_to_run(tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         generate.resolve_model_dir(str(tmp_path / "HunyuanVideo"), tmp_path)
     assert "HunyuanVideo" in str(err.value) and "python download.py" in str(err.value)
+
+
+# ------------------------------------------------------------------ clean-up after an exception (bug 1)
+
+def test_a_cancel_leaves_no_cache_state_behind_for_a_job_at_another_size(data_dir, tiny_model):
+    # Before: First Block Cache kept the canceled 32x32 job's residuals, and every later 48x64 job failed
+    # with "The size of tensor a (96) must match the size of tensor b (32)".
+    gen = VideoGenerator("tiny", data_dir, speed=SpeedOptions(fbc_threshold=0.05))
+    steps = []
+    with pytest.raises(JobCanceled):
+        gen.generate(params(width=32, height=32), on_step=lambda i, n: steps.append(i),
+                     should_cancel=lambda: len(steps) >= 1)
+    assert gen.generate(params(width=64, height=48)).shape == (9, 48, 64, 3)
+
+
+def test_any_exception_from_the_pipeline_frees_the_model_hooks_first(generator, monkeypatch):
+    freed = []
+    monkeypatch.setattr(generator.pipe, "maybe_free_model_hooks", lambda: freed.append(1))
+    monkeypatch.setattr(generator.pipe.scheduler, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        generator.generate(params())
+    assert freed == [1]
+
+
+# ------------------------------------------------------------------ compile with hooks (bug 2)
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile traced by Dynamo (graph breaks and fullgraph errors included), run eagerly."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("options, fullgraph", [
+    (SpeedOptions(compile=True), True),
+    (SpeedOptions(compile=True, fp8=True, fbc_threshold=0.05), False),
+], ids=["no-hooks", "fp8-and-first-block-cache"])
+def test_compile_asks_for_a_full_graph_only_without_hooks_and_runs(data_dir, tiny_model, eager_compile, monkeypatch,
+                                                                  options, fullgraph):
+    # Before: fullgraph=True always, and the second case failed at its first step (Dynamo cannot trace
+    # the compiler-disabled cache hook, nor fp8 casting's Parameter built inside the region).
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    asked = []
+    real = HunyuanVideoTransformer3DModel.compile_repeated_blocks
+    monkeypatch.setattr(HunyuanVideoTransformer3DModel, "compile_repeated_blocks",
+                        lambda self, **kw: asked.append(kw) or real(self, **kw))
+    gen = VideoGenerator("tiny", data_dir, speed=options)
+    assert asked == [{"fullgraph": fullgraph}]
+    assert generate.has_hooks(gen.pipe.transformer) is not fullgraph
+    assert gen.generate(params(num_inference_steps=2)).shape == (9, 64, 64, 3)
+
+
+# ------------------------------------------------------------------ VAE tiling on CUDA (bug 4)
+
+@pytest.mark.parametrize("memory", ["none", "model", "group", "sequential"])
+def test_vae_tiling_is_on_with_every_memory_preset_on_cuda_unless_turned_off(memory):
+    family = "HunyuanVideoPipeline"
+    assert generate.resolve_speed(SpeedOptions(), family, "cuda:0", memory).vae_tiling is True
+    assert generate.resolve_speed(SpeedOptions(vae_tiling=False), family, "cuda:0", memory).vae_tiling is False
+    assert generate.resolve_speed(SpeedOptions(), family, "cpu", "none").vae_tiling is False
+    assert generate.resolve_speed(SpeedOptions(vae_tiling=True), family, "cpu", "none").vae_tiling is True
+
+
+def test_a_generator_loaded_for_cuda_with_the_none_preset_tiles_its_vae(data_dir, tiny_model, monkeypatch):
+    # Before: only the offload presets turned tiling on; `none` decoded 720p x 129 frames untiled (~34 GiB).
+    monkeypatch.setattr(generate, "use_device", lambda device: None)  # no GPU here: load on the CPU,
+    monkeypatch.setattr(generate, "component_dtypes", lambda device: {"default": torch.float32})
+    monkeypatch.setattr(generate, "free_vram_bytes", lambda device: 80 * GiB)
+    placed = []
+    monkeypatch.setattr(generate, "apply_memory_preset", lambda pipe, preset, device: placed.append((preset, device)))
+    gen = VideoGenerator("tiny", data_dir, device="cuda:0")
+    assert placed == [("none", "cuda:0")] and gen.memory_preset == "none"
+    assert gen.pipe.vae.use_tiling is True
+    off = VideoGenerator("tiny", data_dir, device="cuda:0", speed=SpeedOptions(vae_tiling=False))
+    assert off.pipe.vae.use_tiling is False
+
+
+# ------------------------------------------------------------------ the GPU index (bug 5)
+
+def test_models_make_the_configured_gpu_current_at_start_up(data_dir, tiny_model, monkeypatch):
+    from config import Settings
+    from pipeline.run import Models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
+    settings = Settings.from_env(env={"CUDA_DEVICE_ID": "1"}, model="tiny", data_dir=data_dir)
+    Models(settings)
+    assert current == [torch.device("cuda:1")]
+
+
+# ------------------------------------------------------------------ latents before the decode (item 4)
+
+@pytest.fixture
+def fresh(data_dir, tiny_model):
+    return VideoGenerator("tiny", data_dir)
+
+
+def test_an_out_of_memory_decode_is_retried_in_tiles(fresh, monkeypatch):
+    expected = fresh.generate(params(seed=9))
+    real = fresh.pipe.vae.decode
+    tiling_seen = []
+
+    def decode(*args, **kwargs):
+        tiling_seen.append((fresh.pipe.vae.use_tiling, fresh.pipe.vae.tile_sample_min_height))
+        if len(tiling_seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fresh.pipe.vae, "decode", decode)
+    steps = []
+    frames = fresh.generate(params(seed=9), on_step=lambda i, n: steps.append(i))
+    assert steps == [1, 2, 3]  # the denoise ran once: only the decode was retried
+    assert tiling_seen == [(False, 256), (True, 256)] and fresh.pipe.vae.use_tiling is True
+    assert frames.shape == (9, 64, 64, 3)
+    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1  # a 64x64 clip fits one tile
+
+
+def test_tiles_shrink_on_each_out_of_memory_until_none_is_left(fresh, monkeypatch, tmp_path):
+    sizes = []
+
+    def decode(*args, **kwargs):
+        sizes.append(fresh.pipe.vae.tile_sample_min_height if fresh.pipe.vae.use_tiling else None)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(fresh.pipe.vae, "decode", decode)
+    latents = tmp_path / "job.latents.pt"
+    with pytest.raises(torch.OutOfMemoryError):
+        fresh.generate(params(), latents_path=latents)
+    assert sizes == [None, 256, 128, 64]
+    saved = torch.load(latents)  # the denoise is not lost: it can be decoded again
+    assert saved["latents"].shape == (1, 4, 3, 8, 8) and saved["params"]["prompt"] == "a red fox"
+
+
+def test_saved_latents_decode_to_the_same_frames(fresh, tmp_path):
+    path = tmp_path / "job.latents.pt"
+    frames = fresh.generate(params(seed=4), latents_path=path)
+    latents = torch.load(path)["latents"]
+    with torch.inference_mode():
+        again = generate.to_uint8_frames(generate.decode_hunyuan_video(fresh.pipe, latents))
+    assert np.array_equal(frames, again)
+
+
+def test_keep_latents_saves_them_beside_the_video(settings, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.run import Models, run_job
+
+    kept = replace(settings, keep_latents=True, upscaler="none")
+    out = tmp_path / "clip.mp4"
+    run_job(params(upscale=False), kept, models=Models(kept), output=out)
+    saved = torch.load(tmp_path / "clip.latents.pt")
+    assert out.is_file() and saved["latents"].shape == (1, 4, 3, 8, 8)
+    out2 = tmp_path / "plain.mp4"
+    run_job(params(upscale=False), settings, models=Models(settings), output=out2)
+    assert not (tmp_path / "plain.latents.pt").exists()

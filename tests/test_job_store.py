@@ -229,6 +229,36 @@ def test_cancel_queued_is_immediate_and_running_is_flagged(store):
     assert store.request_cancel("nothere1") is None
 
 
+def test_delete_removes_the_record_and_a_running_worker_cannot_bring_it_back(store):
+    add(store, "ref00001")
+    add(store, "ref00002")
+    add(store, "ref00003")
+    assert store.claim("w1", -1)["reference_id"] == "ref00001"  # running, with a lease already out
+    assert store.delete("ref00002") is True  # queued
+    assert store.delete("ref00002") is False and store.get("ref00002") is None
+    assert store.count_queued() == 1 and store.queue_position(store.get("ref00003")) == 1
+
+    assert store.delete("ref00001") is True  # running: every later write of its worker matches nothing
+    store.update_progress("ref00001", "w1", stage="denoising 1/2", progress=0.5)
+    assert store.heartbeat("ref00001", "w1", 30) is None
+    assert store.complete("ref00001", "w1", {"video_key": "k"}) is False
+    assert store.fail("ref00001", "w1", "generation_error", "x") is False
+    assert store.mark_canceled("ref00001", "w1") is False
+    assert store.requeue_expired(max_attempts=5) == (0, 0)
+    assert store.request_cancel("ref00001") is None
+    assert store.get("ref00001") is None and store.history("o", "s")[0]["reference_id"] == "ref00003"
+    assert store.claim("w2", 30)["reference_id"] == "ref00003" and store.claim("w2", 30) is None
+
+
+def test_a_deleted_queued_job_frees_its_place_under_the_cap(store):
+    store.create(new_job("ref00001", "s", "o", "generate", {"prompt": "p"}), max_queued=1)  # holds the one slot
+    with pytest.raises(QueueFull):
+        store.create(new_job("ref00002", "s", "o", "generate", {"prompt": "p"}), max_queued=1)
+    store.delete("ref00001")
+    store.create(new_job("ref00002", "s", "o", "generate", {"prompt": "p"}), max_queued=1)
+    assert store.get("ref00002")["status"] == QUEUED
+
+
 def test_expired_leases_are_requeued_then_failed_after_the_last_attempt(store):
     add(store, "ref00001")
     store.claim("dead", -1)  # a lease already in the past: its worker died

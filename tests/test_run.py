@@ -130,3 +130,18 @@ def test_help_explains_the_flags(tmp_path):
     for flag in ("--prompt", "--negative-prompt", "--num-frames", "--steps", "--guidance", "--seed", "--output",
                  "--model", "--memory", "--upscaler", "--outscale"):
         assert flag in proc.stdout
+
+
+def test_a_corrupt_upscaler_exits_2_naming_it_before_any_generation(tmp_path, data_dir, tiny_model):
+    import os
+
+    (tmp_path / "corrupt.pth").write_bytes(b"\x80\x02 this is not a Real-ESRGAN checkpoint" * 50)
+    env = {**os.environ, "T2V_DATA_DIR": str(data_dir)}  # the tiny generator is already built there
+    proc = subprocess.run([sys.executable, str(ROOT / "finalpipeline.py"), "--prompt", "fox", "--model", "tiny",
+                           "--upscaler", "corrupt.pth", "--width", "64", "--height", "64", "--num-frames", "9",
+                           "--steps", "2", "--output", "out.mp4"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("finalpipeline.py: error: upscaler weights corrupt.pth")
+    assert proc.stdout == ""  # no seed line, no tiny-model note: the generator was never loaded
+    assert not (tmp_path / "out.mp4").exists()

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,20 +86,27 @@ def serve(argv, tmp_path, data_dir, **env):
     return proc, f"http://127.0.0.1:{port}"
 
 
+def answer(call):
+    """call()'s value, or None when the server did not answer in time. On a loaded machine a request
+    may time out (ReadTimeout included) or meet a server still starting: the caller's wait retries."""
+    try:
+        return call()
+    except (requests.RequestException, ValueError):
+        return None
+
+
 def wait_healthy(proc, base, tmp_path):
     def up():
         assert proc.poll() is None, _logs(tmp_path)
-        try:
-            r = requests.get(f"{base}/health", timeout=2)
-            return r.status_code == 200 and r.json()["model_loaded"] and r.json()
-        except requests.ConnectionError:
-            return False
+        health = answer(lambda: requests.get(f"{base}/health", timeout=10).json())
+        return health if health and health.get("model_loaded") else None
 
-    return wait_for(up, timeout=90, every=0.2)
+    return wait_for(up, timeout=240, every=0.2)
 
 
 def _logs(tmp_path):
-    return "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("server-*.log"))
+    """Every server log in full: a slow start adds many /health lines, which must not push out what a test looks for."""
+    return "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("server-*.log"))
 
 
 def stop(proc):
@@ -113,17 +121,17 @@ def stop(proc):
 def curl_flow(base, tmp_path, headers=None):
     """The README's curl walk-through, over real HTTP."""
     headers = headers or {}
-    sub = requests.post(f"{base}/generate_video", json=TINY_JOB, headers=headers, timeout=10).json()
+    sub = requests.post(f"{base}/generate_video", json=TINY_JOB, headers=headers, timeout=60).json()
     body = {"session_id": sub["session_id"], "reference_id": sub["reference_id"]}
-    wait_for(lambda: requests.post(f"{base}/get_status", json=body, headers=headers, timeout=10)
-             .json()["status"] == "completed", timeout=90, every=0.2)
+    wait_for(lambda: answer(lambda: requests.post(f"{base}/get_status", json=body, headers=headers, timeout=10)
+                            .json()["status"]) == "completed", timeout=240, every=0.2)
     url = requests.post(f"{base}/download_video/{sub['reference_id']}", json={"session_id": sub["session_id"]},
-                        headers=headers, timeout=10).json()["s3_url"]
+                        headers=headers, timeout=60).json()["s3_url"]
     assert url.startswith(base)
-    video = requests.get(url, headers=headers, timeout=10)
+    video = requests.get(url, headers=headers, timeout=60)
     (tmp_path / "served.mp4").write_bytes(video.content)
     assert probe(tmp_path / "served.mp4")["frames"] == 9
-    history = requests.post(f"{base}/history", json={"session_id": sub["session_id"]}, headers=headers, timeout=10)
+    history = requests.post(f"{base}/history", json={"session_id": sub["session_id"]}, headers=headers, timeout=60)
     assert [h["reference_id"] for h in history.json()["history"]] == [sub["reference_id"]]
 
 
@@ -133,14 +141,149 @@ def test_python_app_py_serves_the_tiny_models(tmp_path, data_dir, tiny_model, ti
     try:
         health = wait_healthy(proc, base, tmp_path)
         assert health["worker"] == "alive" and health["store"] == "ok"
-        assert requests.post(f"{base}/history", json={"session_id": "s1"}, timeout=5).status_code == 401
+        assert requests.post(f"{base}/history", json={"session_id": "s1"}, timeout=30).status_code == 401
         curl_flow(base, tmp_path, {"Authorization": "Bearer k-two"})
         # Werkzeug's debugger is never on: an unknown route is a JSON 404, not an HTML console.
-        r = requests.get(f"{base}/console", headers={"X-API-Key": "k-one"}, timeout=5)
+        r = requests.get(f"{base}/console", headers={"X-API-Key": "k-one"}, timeout=30)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        requests.get(f"{base}/jobs/abcdefgh/video?expires=1&sig=deadbeef", timeout=30)
     finally:
         stop(proc)
-    assert "k-two" not in _logs(tmp_path)
+    assert proc.returncode == 0, _logs(tmp_path)  # SIGTERM stops the server cleanly
+    logs = _logs(tmp_path)
+    assert "k-two" not in logs and "Authorization" not in logs
+    assert '"GET /jobs/abcdefgh/video" 401' in logs and "sig=" not in logs and "Traceback" not in logs
+
+
+# Raw-socket clients that a real server meets: nothing here may cost a thread, a traceback or a hang.
+HEAD = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+CLIENT_TIMEOUT_S = 2
+DROP_SLACK_S = 30  # a bound for correctness on a loaded machine, not a speed goal
+
+
+def read_until_closed(sock, within: float) -> tuple[bytes, bool]:
+    """Everything the server sends, and whether it closed the connection within `within` seconds."""
+    got, deadline = b"", time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        except ConnectionResetError:
+            return got, True
+        if not chunk:
+            return got, True
+        got += chunk
+    return got, False
+
+
+def raw(base: str, payload: bytes) -> socket.socket:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def hardened_server(tmp_path_factory, data_dir):
+    """`python app.py` with two request threads and a short client timeout; the worker off (no model).
+    One server for the tests below, each of which checks that its clients left no traceback in its log."""
+    tmp_path = tmp_path_factory.mktemp("hardened")
+    proc, base = serve([sys.executable, str(ROOT / "app.py")], tmp_path, data_dir, T2V_WORKER="off",
+                       T2V_THREADS="2", T2V_CLIENT_TIMEOUT_S=str(CLIENT_TIMEOUT_S))
+    try:
+        wait_for(lambda: _get_json(f"{base}/health"), timeout=240, every=0.2)
+        yield base, tmp_path
+    finally:
+        stop(proc)
+
+
+def still_serving_without_tracebacks(base, log_dir):
+    assert requests.get(f"{base}/health", timeout=30).status_code == 200
+    assert "Traceback" not in _logs(log_dir), _logs(log_dir)
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET /health?q=" + b"a" * 75_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"GET /health extra HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+], ids=["75kB-url", "garbage", "extra-word"])
+def test_python_app_py_refuses_oversized_and_malformed_requests(hardened_server, payload):
+    base, log_dir = hardened_server
+    with raw(base, payload) as sock:
+        got, closed = read_until_closed(sock, within=CLIENT_TIMEOUT_S + DROP_SLACK_S)
+    status = got.split(b"\r\n", 1)[0]
+    assert status.split(b" ")[1:2] in ([b"400"], [b"414"], [b"431"]) or (got == b"" and closed), got[:200]
+    assert closed
+    still_serving_without_tracebacks(base, log_dir)
+
+
+def test_python_app_py_drops_stalled_clients(hardened_server):
+    base, log_dir = hardened_server
+    stalled = {
+        "idle": b"",
+        "half headers": HEAD,
+        "half body": b"POST /generate_video HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\":",
+    }
+    socks = {name: raw(base, payload) for name, payload in stalled.items()}
+    try:
+        for name, sock in socks.items():
+            got, closed = read_until_closed(sock, within=CLIENT_TIMEOUT_S + DROP_SLACK_S)
+            assert closed and got == b"", f"{name}: {got[:200]!r}, closed={closed}"
+    finally:
+        for sock in socks.values():
+            sock.close()
+    still_serving_without_tracebacks(base, log_dir)
+
+
+def test_python_app_py_answers_while_slow_clients_outnumber_its_threads(hardened_server):
+    """Six clients that keep sending a header that never ends, against two threads: they hold
+    connections, never threads, so /health is answered meanwhile."""
+    base, log_dir = hardened_server
+    done = threading.Event()
+
+    def trickle(sock):
+        while not done.is_set():
+            try:
+                sock.send(b"a")
+            except OSError:
+                return
+            done.wait(0.3)
+
+    socks = [raw(base, HEAD + b"X-Slow: ") for _ in range(6)]
+    senders = [threading.Thread(target=trickle, args=(s,)) for s in socks]
+    for t in senders:
+        t.start()
+    try:
+        assert requests.get(f"{base}/health", timeout=120).status_code == 200
+    finally:
+        done.set()
+        for t in senders:
+            t.join()
+        for s in socks:
+            s.close()
+    still_serving_without_tracebacks(base, log_dir)
+
+
+def test_python_app_py_help_starts_nothing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for flag, variable, default in (("--host", "T2V_HOST", "127.0.0.1"), ("--port", "T2V_PORT", "7866"),
+                                    ("--threads", "T2V_THREADS", "default 16")):
+        assert flag in done.stdout and variable in done.stdout and done.stdout.count(default) == 1
+    assert "None" not in done.stdout
+    assert list(tmp_path.iterdir()) == [], "no data folder, database or log is made"
+
+    bad = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", "http"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == "app.py: error: argument --port: expected a whole number from 1 to 65535, " \
+                                 "got 'http' (see --help)"
 
 
 def test_gunicorn_serves_one_process_with_threads(tmp_path, data_dir, tiny_model, tiny_upscalers):
@@ -150,7 +293,7 @@ def test_gunicorn_serves_one_process_with_threads(tmp_path, data_dir, tiny_model
     try:
         wait_healthy(proc, base, tmp_path)
         curl_flow(base, tmp_path)
-        requests.get(f"{base}/jobs/abcdefgh/video?expires=1&sig=deadbeef", timeout=5)
+        requests.get(f"{base}/jobs/abcdefgh/video?expires=1&sig=deadbeef", timeout=30)
     finally:
         stop(proc)
     assert proc.returncode == 0, _logs(tmp_path)
@@ -168,17 +311,14 @@ def test_gunicorn_refuses_two_processes_with_the_thread_worker(tmp_path, data_di
     # With the worker off (API-only nodes), several processes are fine.
     proc, base = serve(argv, tmp_path, data_dir, T2V_WORKER="off")
     try:
-        health = wait_for(lambda: _get_json(f"{base}/health"), timeout=60, every=0.2)
+        health = wait_for(lambda: _get_json(f"{base}/health"), timeout=240, every=0.2)
         assert health["worker"] == "off"
     finally:
         stop(proc)
 
 
 def _get_json(url):
-    try:
-        return requests.get(url, timeout=2).json()
-    except requests.ConnectionError:
-        return None
+    return answer(lambda: requests.get(url, timeout=10).json())
 
 
 @pytest.mark.parametrize("script", ["app.py", "worker.py"])
@@ -199,7 +339,7 @@ def test_api_node_with_a_standalone_worker_process(tmp_path, data_dir, tiny_mode
            "T2V_DATA_DIR": str(tmp_path)}
     worker = None
     try:
-        health = wait_for(lambda: _get_json(f"{base}/health"), timeout=60, every=0.2)
+        health = wait_for(lambda: _get_json(f"{base}/health"), timeout=240, every=0.2)
         assert health["worker"] == "off" and health["model_loaded"] is False
         worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=tmp_path, env=env,
                                   stdout=worker_log, stderr=subprocess.STDOUT)

@@ -136,6 +136,14 @@ def wait_done(client, ref):
                     and j)
 
 
+def stored_inputs(blobs) -> list[str]:
+    return sorted(key for key, _ in blobs.list_keys("inputs/"))
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
 def test_upload_poll_download(make_app, tmp_path):
     app, svc = make_app()
     client = app.test_client()
@@ -155,15 +163,20 @@ def test_upload_poll_download(make_app, tmp_path):
     assert job["kind"] == "upscale" and job["params"]["filename"] == "clip.mp4" and job["result"]["frames"] == 24
     history = client.post("/history", json={"session_id": "my-session"}).json["history"]
     assert [h["reference_id"] for h in history] == [ref]
-    assert not list((tmp_path / "data" / "uploads").iterdir()), "the upload is deleted when its job ends"
+    # The worker deletes the input just after it records the outcome.
+    wait_for(lambda: stored_inputs(svc.blobs) == [])
+    assert leftovers(tmp_path / "data" / "uploads") == leftovers(tmp_path / "data" / "work") == []
 
 
 def test_keep_inputs_keeps_the_upload(make_app, tmp_path):
-    app, _ = make_app(keep_inputs=True)
+    app, svc = make_app(keep_inputs=True)
     client = app.test_client()
-    r = upload(client, make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes())
+    data = make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes()
+    r = upload(client, data)
     assert wait_done(client, r.json["reference_id"])["status"] == "completed"
-    assert [p.name for p in (tmp_path / "data" / "uploads").iterdir()] == [f"{r.json['reference_id']}.video"]
+    assert stored_inputs(svc.blobs) == [f"inputs/{r.json['reference_id']}"]
+    svc.blobs.get(f"inputs/{r.json['reference_id']}", tmp_path / "kept.video")
+    assert (tmp_path / "kept.video").read_bytes() == data
 
 
 def test_hostile_uploads_get_4xx_or_a_failed_job_and_the_worker_carries_on(make_app, tmp_path):
@@ -186,7 +199,7 @@ def test_hostile_uploads_get_4xx_or_a_failed_job_and_the_worker_carries_on(make_
     assert rejected["over the size limit"].status_code == 413
     assert rejected["text file named .mp4"].json["error"]["code"] == "invalid_video"
     assert svc.jobs.count_queued() == 0, "nothing was queued"
-    assert not list((tmp_path / "data" / "uploads").iterdir()), "rejected uploads are not kept"
+    assert stored_inputs(svc.blobs) == [] and leftovers(tmp_path / "data" / "uploads") == [], "rejected uploads are not kept"
 
     truncated = upload(client, good[: len(good) // 2])  # its index is intact; its frames are cut off
     assert truncated.status_code == 200
@@ -197,35 +210,102 @@ def test_hostile_uploads_get_4xx_or_a_failed_job_and_the_worker_carries_on(make_
     after = upload(client, good)
     assert wait_done(client, after.json["reference_id"])["status"] == "completed"
     assert svc.worker.alive
-    assert not list((tmp_path / "data" / "uploads").iterdir())
+    wait_for(lambda: stored_inputs(svc.blobs) == [])  # deleted just after the outcome is recorded
 
 
 def test_cancel_a_queued_upload_deletes_it(make_app, tmp_path):
-    app, _ = make_app(worker=False)
+    app, svc = make_app(worker=False)
     client = app.test_client()
     r = upload(client, make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes())
-    assert (tmp_path / "data" / "uploads" / f"{r.json['reference_id']}.video").is_file()
+    assert stored_inputs(svc.blobs) == [f"inputs/{r.json['reference_id']}"]
+    assert leftovers(tmp_path / "data" / "uploads") == [], "the temporary copy went once the input was stored"
     assert client.post(f"/jobs/{r.json['reference_id']}/cancel").json["status"] == "canceled"
-    assert not list((tmp_path / "data" / "uploads").iterdir())
+    assert stored_inputs(svc.blobs) == []
 
 
-def test_worker_sweeps_uploads_whose_job_ended_without_it(make_app, tmp_path):
+def test_worker_sweeps_inputs_whose_job_ended_without_them(make_app, tmp_path):
     from storage.jobs import new_job
+    from worker import Worker
 
     app, svc = make_app(worker=False)
-    uploads = tmp_path / "data" / "uploads"
-    uploads.mkdir(parents=True)
     svc.jobs.create(new_job("lostjob-0001", "s", "local", "upscale", {"outscale": 4, "upscaler": None}))
     claimed = svc.jobs.claim("dead-worker", 0.01)
     svc.jobs.fail(claimed["reference_id"], "dead-worker", "worker_lost", "the worker stopped responding")
     svc.jobs.create(new_job("waiting-0002", "s", "local", "upscale", {"outscale": 4, "upscaler": None}))
-    for name in ("lostjob-0001", "waiting-0002", "orphan-0003"):
-        (uploads / f"{name}.video").write_bytes(b"clip")
-        os.utime(uploads / f"{name}.video", (0, 0))  # old enough to sweep
-    (uploads / "fresh-0004.video").write_bytes(b"clip")  # being saved right now: left alone
-
-    from worker import Worker
+    for name in ("lostjob-0001", "waiting-0002", "orphan-0003", "fresh-0004"):
+        (tmp_path / "clip").write_bytes(b"clip")
+        svc.blobs.put(tmp_path / "clip", f"inputs/{name}")
+        if name != "fresh-0004":  # being queued right now: left alone
+            os.utime(svc.blobs.local_path(f"inputs/{name}"), (0, 0))  # old enough to sweep
 
     worker = Worker(svc.settings, svc.jobs, svc.blobs, models=object())
-    assert worker.sweep_uploads() == 2
-    assert sorted(p.name for p in uploads.iterdir()) == ["fresh-0004.video", "waiting-0002.video"]
+    assert worker.sweep_inputs() == 2
+    assert stored_inputs(svc.blobs) == ["inputs/fresh-0004", "inputs/waiting-0002"]
+
+
+def test_an_unwritable_data_folder_is_a_503_not_a_500(make_app, tmp_path, caplog):
+    # Tests run as root, where a read-only mode does not stop writes; so the upload folder's parent is made a
+    # regular file instead, and saving fails with an OSError (NotADirectoryError) as on a read-only disk.
+    (tmp_path / "not-a-folder").write_text("a file where the data folder should be")
+    app, svc = make_app(worker=False, data_dir=tmp_path / "not-a-folder" / "data")
+    r = upload(app.test_client(), make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes())
+    assert r.status_code == 503 and r.json["error"]["code"] == "storage_unavailable", r.json
+    assert svc.jobs.count_queued() == 0 and stored_inputs(svc.blobs) == []
+    assert "Traceback" not in caplog.text
+
+
+def test_a_blob_store_that_cannot_take_the_upload_is_a_503(make_app, tmp_path):
+    from storage.blobs import S3BlobStore
+
+    down = S3BlobStore("b", "us-east-1", "test", "test", "http://127.0.0.1:9", attempts=2, backoff_s=0.01)
+    app, svc = make_app(worker=False, blobs=down)
+    r = upload(app.test_client(), make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes())
+    assert r.status_code == 503 and r.json["error"]["code"] == "storage_unavailable", r.json
+    assert svc.jobs.count_queued() == 0
+    assert leftovers(tmp_path / "data" / "uploads") == []
+
+
+def test_api_and_worker_on_different_disks_share_only_s3_and_the_job_store(s3_bucket, tmp_path, tiny_models):
+    """The cross-node case: the API node and the worker node have their own data folders; the clip
+    reaches the worker through S3 (moto over HTTP), and the job through the shared job store."""
+    import requests
+
+    from app import create_app
+    from config import Settings
+    from storage.blobs import S3BlobStore
+    from storage.jobs import SqliteJobStore
+    from worker import Worker
+
+    endpoint, bucket = s3_bucket
+    shared_jobs = tmp_path / "shared" / "jobs.sqlite3"
+
+    def node(name):
+        settings = Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=tmp_path / name, worker="off",
+                                     lease_s=5.0, bucket_name=bucket, s3_endpoint_url=endpoint)
+        return settings, SqliteJobStore(shared_jobs), S3BlobStore(bucket, "us-east-1", "test", "test", endpoint)
+
+    api_settings, api_jobs, api_blobs = node("api-node")
+    app = create_app(api_settings, jobs=api_jobs, blobs=api_blobs)
+    client = app.test_client()
+    clip = make_clip(tmp_path / "in.mp4", frames=12, width=48, height=32, audio="aac")
+    r = upload(client, clip.read_bytes(), session_id="far", outscale="2")
+    assert r.status_code == 200, r.json
+    ref = r.json["reference_id"]
+    assert stored_inputs(api_blobs) == [f"inputs/{ref}"]
+
+    worker_settings, worker_jobs, worker_blobs = node("gpu-node")
+    worker = Worker(worker_settings, worker_jobs, worker_blobs, models=tiny_models, poll_s=0.05).start()
+    try:
+        done = wait_done(client, ref)
+    finally:
+        worker.stop(timeout=30)
+    assert done["status"] == "completed", done
+    url = client.post(f"/download_video/{ref}", json={"session_id": "far"}).json["s3_url"]
+    assert url.startswith(endpoint)  # a presigned S3 link: the API node never held the video
+    (tmp_path / "got.mp4").write_bytes(requests.get(url, timeout=30).content)
+    got = probe(tmp_path / "got.mp4")
+    assert (got["width"], got["height"], got["frames"]) == (96, 64, 12)
+    assert stored_inputs(api_blobs) == [], "the input is deleted from S3 when the job ends"
+    assert leftovers(tmp_path / "api-node" / "uploads") == []
+    assert leftovers(tmp_path / "gpu-node" / "work") == []
+    assert not (tmp_path / "gpu-node" / "uploads").exists(), "the worker never saw the API node's disk"

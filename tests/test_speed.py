@@ -1,0 +1,155 @@
+"""Speed presets (T2V_SPEED): what each one picks per family, device and memory preset, that explicit
+settings win, that each installs exactly the hooks and backends it names, and that a job runs under each."""
+
+import functools
+
+import pytest
+import torch
+
+from pipeline import generate
+from pipeline.generate import SpeedOptions, VideoGenerator, resolve_speed
+from pipeline.spec import JobParams
+
+HV = "HunyuanVideoPipeline"
+FBC_HOOKS = {"fbc_leader_block_hook", "fbc_block_hook"}
+MAGCACHE_HOOKS = {"mag_cache_leader_block_hook", "mag_cache_block_hook"}
+
+
+def params(**kw):
+    base = dict(prompt="a red fox", width=64, height=64, num_frames=9, num_inference_steps=3, seed=1)
+    return JobParams.from_dict({**base, **kw})
+
+
+def knobs(options: SpeedOptions) -> dict:
+    return {k: getattr(options, k) for k in ("attention_backend", "compile", "cache", "fp8", "vae_tiling")}
+
+
+@pytest.mark.parametrize("preset, device, memory, expected", [
+    ("off", "cpu", "none", dict(attention_backend="native", compile=False, cache="off", fp8=False, vae_tiling=False)),
+    ("off", "cuda:0", "none", dict(attention_backend="native", compile=False, cache="off", fp8=False, vae_tiling=True)),
+    ("off", "cuda:0", "group", dict(attention_backend="native", compile=False, cache="off", fp8=True, vae_tiling=True)),
+    ("balanced", "cpu", "none", dict(attention_backend="native", compile=False, cache="fbc", fp8=False,
+                                     vae_tiling=False)),
+    ("balanced", "cuda:0", "none", dict(attention_backend="native", compile=True, cache="fbc", fp8=False,
+                                        vae_tiling=True)),
+    ("balanced", "cuda:0", "model", dict(attention_backend="native", compile=True, cache="fbc", fp8=False,
+                                         vae_tiling=True)),
+    ("fast", "cpu", "none", dict(attention_backend="native", compile=False, cache="magcache", fp8=False,
+                                 vae_tiling=False)),
+    ("fast", "cuda:0", "none", dict(attention_backend="native", compile=True, cache="magcache", fp8=False,
+                                    vae_tiling=True)),
+    ("fast", "cuda:0", "model", dict(attention_backend="native", compile=True, cache="magcache", fp8=True,
+                                     vae_tiling=True)),
+])
+def test_each_preset_picks_its_knobs_for_hunyuan_video(preset, device, memory, expected):
+    # No flash-attn here, so SDPA ("native") is the fastest installed backend.
+    assert knobs(resolve_speed(SpeedOptions(preset=preset), HV, device, memory)) == expected
+
+
+def test_explicit_settings_win_over_the_preset():
+    explicit = SpeedOptions(preset="fast", attention_backend="_native_math", compile=False, cache="fbc",
+                            fbc_threshold=0.1, fp8=False, vae_tiling=False)
+    resolved = resolve_speed(explicit, HV, "cuda:0", "model")
+    assert knobs(resolved) == dict(attention_backend="_native_math", compile=False, cache="fbc", fp8=False,
+                                   vae_tiling=False)
+    assert resolved.fbc_threshold == 0.1
+
+
+def test_a_threshold_alone_turns_first_block_cache_on_and_zero_turns_it_off():
+    assert resolve_speed(SpeedOptions(fbc_threshold=0.08), HV, "cpu", "none").cache == "fbc"
+    assert resolve_speed(SpeedOptions(preset="balanced", fbc_threshold=0), HV, "cpu", "none").cache == "off"
+    balanced = resolve_speed(SpeedOptions(preset="balanced"), HV, "cpu", "none")
+    assert balanced.fbc_threshold == generate.FBC_THRESHOLDS[HV] == 0.06
+
+
+def test_a_family_without_published_settings_gets_no_cache_and_keeps_its_mask():
+    resolved = resolve_speed(SpeedOptions(preset="fast"), "WanPipeline", "cuda:0", "none")
+    assert resolved.cache == "off" and resolved.mask_free is False and resolved.compile is True
+
+
+def test_the_preset_prefers_flash_attention_where_installed(monkeypatch):
+    installed = {"_flash_3", "flash_varlen"}
+    monkeypatch.setattr(generate, "attention_backend_problem", lambda name, masked: None if name in installed else "no")
+    assert resolve_speed(SpeedOptions(preset="balanced"), HV, "cuda:0", "none").attention_backend == "_flash_3"
+    masked = resolve_speed(SpeedOptions(preset="balanced", mask_free=False), HV, "cuda:0", "none")
+    assert masked.attention_backend == "flash_varlen"  # a mask is passed: only a varlen kernel takes it
+
+
+# ------------------------------------------------------------------ the hooks each preset installs
+
+def diffusers_hooks(model) -> set[str]:
+    names = set()
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        names |= set(registry.hooks) if registry is not None else set()
+    return names
+
+
+def backends(transformer) -> set:
+    return {m.processor._attention_backend.value for m in transformer.modules()
+            if getattr(getattr(m, "processor", None), "_attention_backend", None) is not None}
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile traced by Dynamo (graph breaks and fullgraph errors included) but run eagerly:
+    Inductor's code generation would take minutes on these cores and proves nothing more here."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield
+    torch._dynamo.reset()
+
+
+def as_on_a_gpu(preset: str, memory: str) -> SpeedOptions:
+    """What `preset` resolves to on CUDA with `memory`, every knob spelled out, to run on the CPU."""
+    return resolve_speed(SpeedOptions(preset=preset), HV, "cuda:0", memory)
+
+
+@pytest.mark.parametrize("options, hooks, fp8, compiled", [
+    (SpeedOptions(preset="off"), set(), False, False),
+    (SpeedOptions(preset="balanced"), FBC_HOOKS, False, False),
+    (SpeedOptions(preset="fast"), MAGCACHE_HOOKS, False, False),
+    (as_on_a_gpu("balanced", "none"), FBC_HOOKS, False, True),
+    (as_on_a_gpu("fast", "model"), MAGCACHE_HOOKS | {"layerwise_casting"}, True, True),
+], ids=["off", "balanced", "fast", "balanced-as-on-cuda", "fast-as-on-cuda-model-offload"])
+def test_each_preset_installs_exactly_its_hooks_and_a_job_runs(data_dir, tiny_model, eager_compile, options, hooks,
+                                                                fp8, compiled):
+    gen = VideoGenerator("tiny", data_dir, speed=options)
+    transformer = gen.pipe.transformer
+    assert diffusers_hooks(transformer) - {"peft_autocast_disable"} == hooks
+    assert backends(transformer) == {"native"}
+    assert (transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn) is fp8
+    blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
+    assert all((b._compiled_call_impl is not None) is compiled for b in blocks)
+    frames = gen.generate(params())
+    assert frames.shape == (9, 64, 64, 3) and frames.std() > 1
+    second = gen.generate(params(width=48, height=32))  # the hooks' state does not leak into another size
+    assert second.shape == (9, 32, 48, 3)
+
+
+def test_magcache_is_fitted_to_each_jobs_steps_and_skips_some(data_dir, tiny_model):
+    gen = VideoGenerator("tiny", data_dir, speed=SpeedOptions(preset="fast"))
+    tail = gen.pipe.transformer.single_transformer_blocks[-1].proj_mlp  # runs only when the blocks compute
+    computed = []
+    tail.register_forward_hook(lambda *a: computed.append(1))
+    gen.generate(params(num_inference_steps=5))
+    assert gen.cache.num_inference_steps == 5 and len(gen.cache.mag_ratios) == 5
+    assert 0 < len(computed) < 5  # some steps reused the cached residual
+    computed.clear()
+    gen.generate(params(num_inference_steps=8))
+    assert gen.cache.num_inference_steps == 8 and 0 < len(computed) < 8
+
+
+def test_compile_warms_up_at_load_with_one_step_at_the_default_size(data_dir, tiny_model, eager_compile, monkeypatch,
+                                                                    tmp_path):
+    from config import Settings
+    from pipeline.run import Models
+
+    calls = []
+    real = VideoGenerator.generate
+    monkeypatch.setattr(VideoGenerator, "generate", lambda self, p, *a, **k: calls.append(p) or real(self, p, *a, **k))
+    settings = Settings.from_env(env={}, model="tiny", data_dir=data_dir, compile=True, max_side=64, max_frames=9)
+    assert Models(settings).generator.speed.compile is True
+    assert [(p.width, p.height, p.num_frames, p.num_inference_steps) for p in calls] == [(64, 64, 9, 1)]
+    calls.clear()
+    Models(Settings.from_env(env={}, model="tiny", data_dir=data_dir)).generator  # noqa: B018
+    assert calls == []  # no compile, no warm-up
