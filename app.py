@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -27,8 +29,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from openapi import build_spec
+from pipeline import models
 from pipeline.cli import ArgumentParser
-from pipeline.spec import OUTSCALES, JobParams, Limits, ParamError, size_presets
+from pipeline.spec import OUTSCALES, JobParams, ParamError, Rules, check_image, describe, form_values
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
 from pipeline.video import VideoInputError, inspect_video
 from storage.blobs import BlobStore, StorageError, open_blob_store
@@ -47,7 +50,9 @@ SIG_PATTERN = re.compile(r"[0-9a-f]{64}")
 MAX_JSON_DEPTH = 16  # the API's bodies are flat; deeper nesting is refused before any route sees it
 HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?", re.IGNORECASE)
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
-UPLOAD_ENDPOINTS = {"upscale_video"}  # multipart/form-data; every other body is application/json
+# Body types a route takes, where not just application/json: multipart carries files.
+BODY_TYPES = {"upscale_video": ("multipart/form-data",), "generate_video": ("application/json", "multipart/form-data")}
+DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]{1,64};base64,(?P<data>[A-Za-z0-9+/]*={0,2})")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
 
 
@@ -143,9 +148,9 @@ def _check_body_type():
                                                  and "Transfer-Encoding" not in request.headers)
     if bodyless and not request.content_type:
         return
-    wanted = "multipart/form-data" if request.endpoint in UPLOAD_ENDPOINTS else "application/json"
-    if request.mimetype != wanted:
-        raise ApiError(415, "unsupported_media_type", f"send the request body as {wanted}")
+    wanted = BODY_TYPES.get(request.endpoint, ("application/json",))
+    if request.mimetype not in wanted:
+        raise ApiError(415, "unsupported_media_type", f"send the request body as {' or '.join(wanted)}")
 
 
 def _cors_headers(response):
@@ -213,9 +218,17 @@ def _media_url(endpoint: str, reference_id: str, external: bool = False) -> str:
 
 
 def _upload_limit():
-    """Uploads get their own, larger body limit (T2V_MAX_UPLOAD_MB); JSON bodies keep T2V_MAX_BODY_KB."""
+    """Uploads get their own, larger body limit (T2V_MAX_UPLOAD_MB); JSON bodies keep T2V_MAX_BODY_KB, with
+    room for an image on /generate_video."""
     if request.endpoint == "upscale_video":
         request.max_content_length = _svc().settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
+    elif request.endpoint == "generate_video":
+        request.max_content_length = _generate_body_limit(_svc().settings)
+
+
+def _generate_body_limit(settings: Settings) -> int:
+    """A job's JSON body, plus room for an image: T2V_MAX_IMAGE_MB, grown by a third as base64 in a data: URI."""
+    return settings.max_body_kb * 1024 + settings.max_image_mb * 2**20 * 4 // 3 + 64 * 1024
 
 
 def _new_id() -> str:
@@ -310,6 +323,77 @@ def _form_upscaler(settings: Settings) -> str | None:
     return name
 
 
+def _job_rules() -> Rules:
+    """What a job may ask for here. With the worker in this process, only the models it serves; with
+    the worker elsewhere (T2V_WORKER=off), any registry id, as a remote worker may serve it."""
+    svc = _svc()
+    return Rules.from_settings(svc.settings, models.served_models(svc.settings) if svc.worker is not None else None)
+
+
+def _job_request(settings: Settings) -> tuple[dict, bytes | None]:
+    """A job's fields and its image, if it has one: a JSON body with the image as a data: URI in `image`,
+    or a multipart form with the image as the file `image` and the other fields as text."""
+    if request.mimetype != "multipart/form-data":
+        body = _json_body()
+        return body, (_data_uri_bytes(body.pop("image"), settings) if "image" in body else None)
+    form = request.form.to_dict(flat=False)
+    repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
+    if repeated:
+        raise ApiError(400, "invalid_parameter", f"{_printable(repeated[0])}: is given more than once")
+    others = [name for name in request.files if name != "image"]
+    if others:
+        raise ApiError(400, "invalid_parameter", f"{_printable(others[0])}: is not a known file field (send `image`)")
+    if "image" not in request.files:
+        raise ApiError(400, "missing_field", "a multipart job sends its image as the file field 'image' "
+                                             "(send a job without an image as JSON)")
+    fields = {name: items[0] for name, items in form.items()}
+    session_id = fields.pop("session_id", None)
+    body = form_values(fields)
+    if session_id is not None:
+        body["session_id"] = session_id
+    return body, _within_image_limit(request.files["image"].stream.read(settings.max_image_mb * 2**20 + 1), settings)
+
+
+def _data_uri_bytes(value, settings: Settings) -> bytes:
+    """The bytes of an image sent as `data:image/...;base64,...`; the server never fetches a URL."""
+    match = DATA_URI.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ApiError(400, "invalid_image", "image: must be a data: URI (data:image/png;base64,...); "
+                                             "this server fetches no URL")
+    if len(match["data"]) // 4 * 3 > settings.max_image_mb * 2**20:  # refused before it is decoded
+        raise _image_too_large(settings)
+    try:
+        return _within_image_limit(base64.b64decode(match["data"], validate=True), settings)
+    except binascii.Error:  # the alphabet is checked above; this is the length or the padding
+        raise ApiError(400, "invalid_image", "image: the data: URI is not valid base64") from None
+
+
+def _within_image_limit(data: bytes, settings: Settings) -> bytes:
+    if len(data) > settings.max_image_mb * 2**20:
+        raise _image_too_large(settings)
+    return data
+
+
+def _image_too_large(settings: Settings) -> ApiError:
+    return ApiError(400, "invalid_image", f"image: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
+
+
+def _store_image(data: bytes, reference_id: str) -> None:
+    """Put a checked image in the blob store (`inputs/<id>`, as uploaded clips), where a worker on any node
+    fetches it. A disk or storage fault is a 503, never a 500."""
+    path = Path(_svc().settings.data_dir) / "work" / f"{reference_id}.image"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        _svc().blobs.put(path, input_key(reference_id))
+    except (OSError, StorageError) as exc:
+        log.error("could not store an input image: %s", exc)
+        raise ApiError(503, "storage_unavailable", "the image could not be stored; try again shortly") from None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 def _store_input(upload, reference_id: str):
     """Check the clip on a temporary file here, then put it in the blob store (`inputs/<id>`), where a
     worker on any node fetches it. A disk or storage fault is a 503, never a 500."""
@@ -380,13 +464,28 @@ def _blob_response(job: dict, key_name: str, mimetype: str):
 def _register_routes(app: Flask) -> None:
     @app.post("/generate_video")
     def generate_video():
-        body = _json_body()
+        settings = _svc().settings
+        body, image = _job_request(settings)
         session_id = _check_id(body.pop("session_id"), "session_id") if "session_id" in body else _new_id()
+        reference_id = _new_id()
+        image_key = None if image is None else input_key(reference_id)
         try:
-            params = JobParams.from_dict(body, Limits.from_settings(_svc().settings))
+            params = JobParams.from_dict(body, _job_rules(), image_key=image_key)
         except ParamError as exc:
             raise ApiError(400, "invalid_parameter", str(exc)) from None
-        return _accepted(_enqueue(new_job(_new_id(), session_id, g.owner, "generate", params.to_dict())))
+        if image is not None:
+            try:
+                check_image(image, settings.max_image_pixels)
+            except ParamError as exc:
+                raise ApiError(400, "invalid_image", str(exc)) from None
+            _store_image(image, reference_id)
+        try:
+            return _accepted(_enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict())))
+        except BaseException:
+            if image_key:
+                with contextlib.suppress(StorageError):
+                    _svc().blobs.delete(image_key)  # no job will read it
+            raise
 
     @app.post("/upscale_video")
     def upscale_video():
@@ -479,11 +578,25 @@ def _register_routes(app: Flask) -> None:
 
     @app.get("/limits")
     def limits():
-        """What this server accepts, so a client (the web page) offers nothing it would refuse."""
-        s = _svc().settings
-        return jsonify(max_prompt_chars=s.max_prompt_chars, sizes=size_presets(s.max_side), max_side=s.max_side,
-                       max_frames=s.max_frames, max_steps=s.max_steps, default_steps=min(30, s.max_steps),
-                       outscales=list(OUTSCALES), upscale=s.upscaler != "none", max_upload_mb=s.max_upload_mb)
+        """What this server accepts for its default model (a tiny build's small sizes included), so a
+        client (the web page) offers nothing it would refuse."""
+        s, rules = _svc().settings, _job_rules()
+        model = describe(rules, rules.default_model)
+        caps = model["limits"]
+        return jsonify(max_prompt_chars=caps["max_prompt_chars"], sizes=model["presets"], max_side=caps["max_side"],
+                       max_frames=caps["max_frames"], max_steps=caps["max_steps"],
+                       default_steps=model["defaults"]["num_inference_steps"], outscales=list(OUTSCALES),
+                       upscale=s.upscaler != "none", max_upload_mb=s.max_upload_mb, model=model["id"],
+                       inputs=model["inputs"], defaults=model["defaults"], max_image_mb=s.max_image_mb)
+
+    @app.get("/models")
+    def list_models():
+        """The models a job may name here, with their inputs, presets, limits and defaults; and the LoRAs.
+        `installed`: the weights (or the tiny build) are on this node."""
+        rules = _job_rules()
+        here = models.served_models(_svc().settings)
+        return jsonify(default=rules.default_model, loras=list(rules.loras),
+                       models=[{**describe(rules, model_id), "installed": model_id in here} for model_id in rules.models])
 
     @app.get("/health")
     def health():
@@ -503,7 +616,7 @@ def _register_routes(app: Flask) -> None:
 
     @app.get("/openapi.json")
     def openapi():
-        return jsonify(build_spec(_svc().settings))
+        return jsonify(build_spec(_svc().settings, _job_rules()))
 
 
 def _register_errors(app: Flask) -> None:
@@ -519,8 +632,9 @@ def _register_errors(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         if exc.code == 413:
             settings = _svc().settings
-            limit = (f"{settings.max_upload_mb} MB" if request.endpoint == "upscale_video"
-                     else f"{settings.max_body_kb} KB")
+            limit = {"upscale_video": f"{settings.max_upload_mb} MB",
+                     "generate_video": f"{settings.max_body_kb} KB with an image of {settings.max_image_mb} MB",
+                     }.get(request.endpoint, f"{settings.max_body_kb} KB")
             return error(413, "too_large", f"the request body is over {limit}")
         response, status = error(exc.code or 500, code, exc.description or exc.name)
         for name, value in exc.get_headers():  # keeps Allow on 405, as RFC 9110 requires

@@ -79,6 +79,8 @@ class Settings:
     max_side: int = 1280
     max_frames: int = 129
     max_steps: int = 100
+    max_image_mb: int = 20  # an image for image-to-video (POST /generate_video)
+    max_image_pixels: int = 4096 * 4096  # width x height of that image, checked before it is decoded
 
     # Limits on an uploaded clip (POST /upscale_video).
     max_upload_mb: int = 200
@@ -174,6 +176,7 @@ class Settings:
             raise ConfigError(f"T2V_MAX_FRAMES must be of the form 4k+1, got {self.max_frames}")
         for name, value in (("T2V_THREADS", self.threads), ("T2V_CLIENT_TIMEOUT_S", self.client_timeout_s),
                             ("T2V_MAX_STEPS", self.max_steps), ("T2V_MAX_PROMPT_CHARS", self.max_prompt_chars),
+                            ("T2V_MAX_IMAGE_MB", self.max_image_mb), ("T2V_MAX_IMAGE_PIXELS", self.max_image_pixels),
                             ("T2V_MAX_QUEUE", self.max_queue), ("T2V_MAX_ATTEMPTS", self.max_attempts),
                             ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s),
                             ("T2V_MAX_UPLOAD_MB", self.max_upload_mb), ("T2V_MAX_UPLOAD_SIDE", self.max_upload_side),

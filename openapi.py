@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, MAX_SEED
+from pipeline import models
+from pipeline.spec import Rules, job_fields, request_schema
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
 ERROR = {"$ref": "#/components/schemas/Error"}
+IMAGE_URI = {"type": "string", "pattern": r"^data:image/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/]*={0,2}$",
+             "description": "the first frame: a PNG, JPEG or WebP as a data: URI (data:image/png;base64,...)"}
 STATUSES = ["queued", "processing", "completed", "failed", "canceled"]
 
 
@@ -21,37 +24,40 @@ def _ok(schema: dict, *errors: int) -> dict:
     return {"200": {"description": "OK", **_json(schema)}, **_errors(*errors)}
 
 
-def build_spec(settings) -> dict:
-    """The spec, with the limits this server enforces."""
+def _generate_schemas(rules: Rules) -> tuple[dict, dict]:
+    """The JSON body of /generate_video, generated from `pipeline.spec` (one object schema per model), plus the
+    component schemas it refers to. The API adds `session_id`, and `image` (a data: URI) for image models."""
+    schema = request_schema(rules, ref_template="#/components/schemas/{model}")  # a new dict on each call
+    components = schema.pop("$defs", {})
+    for job in (*components.values(), schema):
+        model_id = job.get("properties", {}).get("model", {}).get("const")
+        if model_id is None:
+            continue
+        job["properties"]["session_id"] = ID
+        inputs = models.MODELS[model_id].inputs
+        if inputs != "text":
+            job["properties"]["image"] = IMAGE_URI
+        if inputs == "image":
+            job["required"].append("image")
+    return schema, components
+
+
+def build_spec(settings, rules: Rules) -> dict:
+    """The spec, with the limits and models this server accepts."""
     ref_param = {"name": "reference_id", "in": "path", "required": True, "schema": ID}
     # A signed link from a job view, for tags that cannot send a key (<video>, <img>).
     signed_params = [{"name": "expires", "in": "query", "required": False, "schema": {"type": "string"}},
                      {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
-    generate_body = {
-        "type": "object",
-        "required": ["prompt"],
-        "additionalProperties": False,
+    generate_json, job_schemas = _generate_schemas(rules)
+    generate_form = {
+        "type": "object", "required": ["image", "prompt"], "additionalProperties": False,
         "properties": {
-            "prompt": {"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars,
-                       "pattern": r"^[^\u0000]*\S[^\u0000]*$"},
-            "negative_prompt": {"type": ["string", "null"], "maxLength": settings.max_prompt_chars,
-                                "pattern": r"^[^\u0000]*$"},
-            "width": {"type": "integer", "minimum": 16, "maximum": settings.max_side, "multipleOf": 16,
-                      "default": DEFAULT_WIDTH},
-            "height": {"type": "integer", "minimum": 16, "maximum": settings.max_side, "multipleOf": 16,
-                       "default": DEFAULT_HEIGHT},
-            "num_frames": {"type": "integer", "enum": list(range(1, settings.max_frames + 1, 4)),
-                           "description": "4k+1", "default": settings.max_frames},
-            "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": DEFAULT_FPS},
-            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": settings.max_steps,
-                                    "default": min(30, settings.max_steps)},
-            "guidance_scale": {"type": "number", "minimum": 1, "maximum": 30, "default": 6.0},
-            "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
-            "upscale": {"type": "boolean", "default": True},
-            "outscale": {"type": "integer", "enum": [2, 4], "default": 4},
-            "session_id": ID,
-        },
-    }
+            "image": {"type": "string", "contentMediaType": "application/octet-stream",
+                      "description": f"a PNG, JPEG or WebP: at most {settings.max_image_mb} MB and "
+                                     f"{settings.max_image_pixels} pixels"},
+            **{name: {"type": "string", "description": "as in the JSON body, as text"}
+               for name in job_fields()},
+            "session_id": ID}}
     accepted = {"type": "object", "required": ["session_id", "reference_id", "status", "queue_position"],
                 "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
                                "queue_position": {"type": "integer", "minimum": 0}}}
@@ -65,8 +71,12 @@ def build_spec(settings) -> dict:
         "security": protected,
         "paths": {
             "/generate_video": {"post": {
-                "summary": "Queue a text-to-video job", "requestBody": {"required": True, **_json(generate_body)},
-                "responses": _ok(accepted, 400, 401, 413, 429, 503)}},
+                "summary": "Queue a video job: text to video, or image to video (the image as a data: URI in JSON, "
+                           "or as the multipart file `image`)",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": generate_json},
+                    "multipart/form-data": {"schema": generate_form}}},
+                "responses": _ok(accepted, 400, 401, 413, 415, 429, 503)}},
             "/upscale_video": {"post": {
                 "summary": "Queue an upscale of an uploaded clip (same queue, status and history as generation)",
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -139,8 +149,16 @@ def build_spec(settings) -> dict:
                                       "max_frames": {"type": "integer"}, "max_steps": {"type": "integer"},
                                       "default_steps": {"type": "integer"},
                                       "outscales": {"type": "array", "items": {"type": "integer"}},
-                                      "upscale": {"type": "boolean"}, "max_upload_mb": {"type": "integer"}}},
+                                      "upscale": {"type": "boolean"}, "max_upload_mb": {"type": "integer"},
+                                      "model": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
+                                      "defaults": {"type": "object"}, "max_image_mb": {"type": "integer"}}},
                                  401)}},
+            "/models": {"get": {
+                "summary": "The models this server accepts (inputs, presets, limits, defaults) and its LoRAs",
+                "responses": _ok({"type": "object", "required": ["default", "models", "loras"], "properties": {
+                    "default": {"type": "string"},
+                    "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                    "loras": {"type": "array", "items": {"type": "string"}}}}, 401)}},
             "/health": {"get": {
                 "summary": "Liveness: store, worker, model, queue", "security": [],
                 "responses": {"200": {"description": "healthy", **_json({"$ref": "#/components/schemas/Health"})},
@@ -171,6 +189,13 @@ def build_spec(settings) -> dict:
                     "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]},
                     "finished_at": {"type": ["number", "null"]}, "result": {"type": ["object", "null"]},
                     "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]}}}]},
+                **job_schemas,
+                "Model": {"type": "object", "required": ["id", "inputs", "installed", "presets", "limits", "defaults"],
+                          "properties": {"id": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
+                                         "installed": {"type": "boolean"}, "tiny": {"type": "boolean"},
+                                         "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
+                                         "presets": {"type": "array"}, "limits": {"type": "object"},
+                                         "defaults": {"type": "object"}}},
                 "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
                            "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
                                           "worker": {"enum": ["alive", "dead", "off"]},

@@ -10,12 +10,14 @@ Nothing here imports diffusers until a pipeline is asked for: the API validates 
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import tiny
+log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 MODES = ("t2v", "i2v")  # text-to-video; image-to-video (the prompt is still taken)
@@ -91,6 +93,11 @@ class ModelEntry:
     def default_preset(self) -> SizePreset:
         return self.presets[0]
 
+    @property
+    def folder_name(self) -> str:
+        """The weights' folder under T2V_MODELS_DIR: the Hub folder's own name (download.py writes it there)."""
+        return self.hub_repo.rsplit("/", 1)[1]
+
     def pipeline_class_name(self, mode: str) -> str:
         if mode not in self.pipelines:
             raise ValueError(f"{self.id} does not do {mode}")
@@ -101,6 +108,16 @@ class ModelEntry:
         import torch
 
         return {name: getattr(torch, dtype) for name, dtype in self.dtypes.items()}
+
+
+def _tiny(builder: str, **options) -> Callable[[Path], Path]:
+    """A builder of `pipeline.tiny`, imported when it runs: validating a request (pipeline.spec) never loads torch."""
+    def build(folder: Path) -> Path:
+        from pipeline import tiny
+
+        return getattr(tiny, builder)(folder, **options)
+
+    return build
 
 
 def _presets(*rows: tuple[str, int, int]) -> tuple[SizePreset, ...]:
@@ -141,7 +158,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo README, "Requirements": peak 60 GB at 720x1280x129f, 45 GB at 544x960x129f (with
         # --use-cpu-offload, which is model-level offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
-        tiny_builder=tiny.build_tiny_hunyuan,
+        tiny_builder=_tiny("build_tiny_hunyuan"),
         published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
                         "(HunyuanVideo README, xDiT latency table)",
     ),
@@ -153,7 +170,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN_DTYPES,
         # HunyuanVideo-I2V README, "Requirements": 60 GB peak at 720p (its commands use --use-cpu-offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
-        tiny_builder=tiny.build_tiny_hunyuan_i2v,
+        tiny_builder=_tiny("build_tiny_hunyuan_i2v"),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p", family="hunyuanvideo15", hub_repo=_HV15 + "480p_t2v",
@@ -164,7 +181,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo-1.5 README, "Hardware Requirements": 14 GB minimum with offloading (its default is
         # group offloading); no figure without offloading.
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
-        tiny_builder=partial(tiny.build_tiny_hunyuan15, target_size=64, shift=5.0),
+        tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-720p", family="hunyuanvideo15", hub_repo=_HV15 + "720p_t2v",
@@ -172,7 +189,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         presets=_HUNYUAN15_720P,
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,  # README: CFG 6, shift 9, 50 steps
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        tiny_builder=partial(tiny.build_tiny_hunyuan15, target_size=96, shift=9.0),
+        tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
@@ -181,7 +198,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the step-distilled model uses CFG 1, shift 7, "8 or 12 (recommended)" steps.
         default_steps=8, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        tiny_builder=partial(tiny.build_tiny_hunyuan15, i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
+        tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
         published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
     ),
@@ -192,7 +209,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the CFG-distilled models use CFG 1 and "must use 50 steps"; shift 7.
         default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        tiny_builder=partial(tiny.build_tiny_hunyuan15, i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
+        tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
     ),
     ModelEntry(
         id="wan2.2-ti2v-5b", family="wan", hub_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
@@ -204,7 +221,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 README: "at least 24GB VRAM (e.g, RTX 4090)" with --offload_model True --convert_model_dtype
         # --t5_cpu (model-level offload) at 1280x704.
         vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
-        tiny_builder=partial(tiny.build_tiny_wan, variant="2.2-ti2v"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"),
         published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
                          "'Efficient High-Definition Hybrid TI2V')",
     ),
@@ -216,7 +233,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=40, default_guidance=4.0, default_guidance_2=3.0, dtypes=_WAN_DTYPES,
         # Wan2.2 README: "at least 80GB VRAM" for 1280x720 with --offload_model True --convert_model_dtype.
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
-        tiny_builder=partial(tiny.build_tiny_wan, variant="2.2-t2v-a14b"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"),
     ),
     ModelEntry(
         id="wan2.2-i2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
@@ -225,7 +242,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps, guide scale (3.5, 3.5), boundary 0.900.
         default_steps=40, default_guidance=3.5, default_guidance_2=3.5, dtypes=_WAN_DTYPES,
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
-        tiny_builder=partial(tiny.build_tiny_wan, variant="2.2-i2v-a14b"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"),
     ),
     ModelEntry(
         id="wan2.1-t2v-1.3b", family="wan", hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -234,7 +251,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=5.0, dtypes=_WAN_DTYPES,  # diffusers' WanPipeline defaults, 480p
         # Wan2.1 README: "requires only 8.19 GB VRAM" (480p, with --offload_model True --t5_cpu).
         vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
-        tiny_builder=partial(tiny.build_tiny_wan, variant="2.1-t2v"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"),
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),
 )
@@ -259,6 +276,96 @@ def get(name: str) -> ModelEntry:
         return MODELS[model_id]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+# --- what one deployment serves ------------------------------------------------------------------------------
+
+LORA_DIR = "loras"  # under T2V_MODELS_DIR: the operator's LoRA files, `<name>.safetensors`
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A registry id as this deployment serves it."""
+
+    entry: ModelEntry
+    tiny: bool  # the tiny random-weight build: `tiny.tiny_model_dir(data_dir, id)` makes it on first load
+    folder: Path | None  # the diffusers folder of real weights; None for a tiny build
+
+
+def served_models(settings) -> dict[str, ServedModel]:
+    """The models this node can run, by id.
+
+    T2V_MODEL=tiny (or `tiny:<id>`): every registry id, as its tiny build, under the id's own name.
+    Otherwise: each id whose weights are in T2V_MODELS_DIR/<folder_name>, plus T2V_MODEL itself when it
+    names a diffusers folder elsewhere (served as the id its model_index.json maps to).
+    """
+    _, tiny_build = split_tiny(settings.model)
+    if tiny_build:
+        return {e.id: ServedModel(e, True, None) for e in ENTRIES}
+    served = {e.id: ServedModel(e, False, folder) for e in ENTRIES
+              if is_model_folder(folder := Path(settings.models_dir) / e.folder_name)}
+    named = Path(settings.model)
+    if settings.model not in MODELS and is_model_folder(named):
+        try:
+            model_id = model_id_for_folder(named)
+        except ValueError as exc:
+            log.warning("T2V_MODEL is not served: %s", exc)
+        else:
+            served[model_id] = ServedModel(MODELS[model_id], False, named)
+    return served
+
+
+def default_model(settings) -> str:
+    """The id a job without `model` gets: the one T2V_MODEL names (`hunyuanvideo` for its default,
+    ./models/HunyuanVideo, and for plain `tiny`)."""
+    name, _ = split_tiny(settings.model)
+    if name in MODELS:
+        return name
+    folder = Path(name)
+    if is_model_folder(folder):
+        try:
+            return model_id_for_folder(folder)
+        except ValueError:
+            pass
+    by_name = [e.id for e in ENTRIES if e.folder_name.lower() == folder.name.lower()]
+    return by_name[0] if by_name else DEFAULT_MODEL
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (Path(folder) / "model_index.json").is_file()
+
+
+def model_id_for_folder(folder: Path) -> str:
+    """The registry id of a diffusers folder, from its pipeline class; where several ids share the class
+    (Wan, HunyuanVideo-1.5), from the folder's name, which must then be the Hub folder's own."""
+    folder = Path(folder)
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    candidates = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
+    if len(candidates) == 1:
+        return candidates[0].id
+    named = [e for e in candidates if e.folder_name.lower() == folder.name.lower()]
+    if named:
+        return named[0].id
+    if not candidates:
+        raise ValueError(f"{folder} holds a {class_name}, which no registry model uses")
+    raise ValueError(f"{folder} holds a {class_name}, which is one of {', '.join(e.id for e in candidates)}; "
+                     f"name the folder as its Hub folder ({', '.join(e.folder_name for e in candidates)})")
+
+
+def installed_loras(models_dir: Path) -> list[str]:
+    """The LoRA names an operator installed: `<name>.safetensors` files in T2V_MODELS_DIR/loras."""
+    folder = Path(models_dir) / LORA_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.safetensors") if p.is_file() and LORA_NAME.fullmatch(p.stem))
+
+
+def lora_file(models_dir: Path, name: str) -> Path:
+    """The file of an installed LoRA; `name` must be one `installed_loras` listed (never a client's path)."""
+    if name not in installed_loras(models_dir):
+        raise KeyError(f"no LoRA {name!r} in {Path(models_dir) / LORA_DIR}")
+    return Path(models_dir) / LORA_DIR / f"{name}.safetensors"
 
 
 def pipeline_for(pipe, entry: ModelEntry, mode: str):

@@ -189,7 +189,7 @@ def test_hostile_ids_get_4xx_json_and_touch_no_files(make_app, tmp_path, bad_id)
     ({"data": io.BytesIO(b"{" * (10 * 1024 * 1024)), "content_type": "application/json"}, 413, "too_large"),
 ])
 def test_bad_bodies_get_4xx_json(make_app, kwargs, status_code, code):
-    app, svc = make_app(worker=False)
+    app, svc = make_app(worker=False, max_image_mb=1)  # a JSON body may carry an image: 64 KB + 1 MB as base64
     r = app.test_client().post("/generate_video", **kwargs)
     assert r.status_code == status_code and r.is_json and r.json["error"]["code"] == code
     assert svc.jobs.count_queued() == 0
@@ -321,7 +321,7 @@ def test_signed_media_links_work_without_a_key_and_only_as_issued(make_app):
 
 
 def test_limits_tell_the_page_what_the_server_accepts(make_app):
-    app, _ = make_app(worker=False, max_side=960, max_frames=65, max_steps=40)
+    app, _ = make_app(worker=False, model="./models/HunyuanVideo", max_side=960, max_frames=65, max_steps=40)
     limits = app.test_client().get("/limits").json
     assert [(s["width"], s["height"]) for s in limits["sizes"]] == [(960, 544), (544, 960), (720, 720), (960, 960)]
     assert (limits["max_frames"], limits["max_steps"], limits["default_steps"]) == (65, 40, 30)
