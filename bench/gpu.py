@@ -218,6 +218,9 @@ def transformer_rows(m: Matrix, device, dtype, pairs, compile_blocks: bool, budg
     transformer = build_random(HunyuanVideoTransformer3DModel, m.transformer, device, dtype)
     switch = mask_switch(transformer)
     if compile_blocks:
+        # Each (size, backend, mask) row may compile once, in its warm-up; dynamo's default of 8 would
+        # silently leave the later rows uncompiled.
+        torch._dynamo.config.recompile_limit = 64
         transformer.compile_repeated_blocks(fullgraph=True)  # no hooks here, so the full graph holds
     gen = torch.Generator(device).manual_seed(0)
     c, t = m.transformer["in_channels"], (m.frames - 1) // 4 + 1
