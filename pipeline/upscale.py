@@ -3,7 +3,8 @@
 spandrel reads the official release files as they are (RRDBNet under `params_ema`, SRVGGNetCompact
 under `params`) and detects the architecture and scale from the weights. This module adds what a
 video needs: device and dtype choice, batches of frames, tiles with padding, a retry with smaller
-tiles on CUDA out-of-memory, and resizing to a non-native output scale.
+tiles on CUDA out-of-memory, resizing to a non-native output scale, and the memory format
+(channels_last or not) that is faster on the device (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ RELEASES = {
 }
 
 
+# Whether weights and frames go channels_last (NHWC), per device type: the faster of the two as
+# measured by `bench/upscale.py --formats` (BENCHMARKS.md). CUDA: cuDNN's fp16 convolutions run on
+# tensor cores in NHWC, and NCHW costs a transpose around each.
+CHANNELS_LAST = {"cpu": True, "cuda": True}
+
+
 class UpscalerLoadError(ValueError):
     """The weight file is missing, corrupt or of an unknown architecture. The message names the file."""
 
@@ -71,7 +78,7 @@ class Upscaler:
     """A loaded upscaler. `upscale()` takes a batch of uint8 frames; `stream()` takes an iterable of them."""
 
     def __init__(self, path: Path, device: str = "cpu", half: bool | None = None, tile: int = 0,
-                 tile_pad: int = 16, batch: int = 4):
+                 tile_pad: int = 16, batch: int = 4, channels_last: bool | None = None):
         import spandrel
 
         path = Path(path)
@@ -94,7 +101,11 @@ class Upscaler:
             half = device.startswith("cuda") and descriptor.supports_half
         self.dtype = torch.float16 if half else torch.float32
         self.device = device
+        if channels_last is None:
+            channels_last = CHANNELS_LAST.get(torch.device(device).type, False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = descriptor.to(device).to(self.dtype).eval()
+        self.model.model.to(memory_format=self.memory_format)
         self.scale = descriptor.scale
         self.architecture = descriptor.architecture.name
         self.path = path
@@ -106,7 +117,7 @@ class Upscaler:
         """uint8 (N, H, W, 3) -> uint8 (N, H*outscale, W*outscale, 3). Every frame comes back, in order."""
         outscale = outscale or self.scale
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255)
+        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             y = self._run_with_oom_retry(x)
             h, w = frames.shape[1] * outscale, frames.shape[2] * outscale
@@ -128,14 +139,14 @@ class Upscaler:
 
     def _run_with_oom_retry(self, x: torch.Tensor) -> torch.Tensor:
         """Run the batch; on CUDA OOM halve the tile (starting from the frame size) and retry the same batch."""
-        tile = self.tile
+        tile, side = self.tile, max(x.shape[-2:])
         while True:
             try:
                 return self._run(x, tile)
             except torch.OutOfMemoryError:
                 if x.is_cuda:
                     torch.cuda.empty_cache()
-                tile = (tile or max(x.shape[-2:])) // 2
+                tile = min(tile or side, side) // 2  # a tile larger than the frame was a whole-frame run
                 if tile < MIN_TILE:
                     raise
                 log.warning("out of GPU memory while upscaling; retrying the same batch with %dpx tiles", tile)
@@ -150,13 +161,13 @@ class Upscaler:
         """Upscale tile by tile; each tile sees `tile_pad` extra pixels of context, cropped off after."""
         n, c, h, w = x.shape
         s, pad = self.scale, self.tile_pad
-        out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
+        out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device, memory_format=self.memory_format)
         for top in range(0, h, tile):
             for left in range(0, w, tile):
                 bottom, right = min(top + tile, h), min(left + tile, w)
                 t0, l0 = max(top - pad, 0), max(left - pad, 0)
                 b0, r0 = min(bottom + pad, h), min(right + pad, w)
-                y = self.model(x[:, :, t0:b0, l0:r0])
+                y = self.model(x[:, :, t0:b0, l0:r0].contiguous(memory_format=self.memory_format))
                 out[:, :, top * s:bottom * s, left * s:right * s] = y[
                     :, :, (top - t0) * s:(bottom - t0) * s, (left - l0) * s:(right - l0) * s]
         return out
