@@ -10,6 +10,7 @@ Nothing here imports diffusers until a pipeline is asked for: the API validates 
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -90,6 +91,11 @@ class ModelEntry:
     @property
     def default_preset(self) -> SizePreset:
         return self.presets[0]
+
+    @property
+    def folder_name(self) -> str:
+        """The folder under T2V_MODELS_DIR that holds the weights: the Hub folder's own name."""
+        return self.hub_repo.rsplit("/", 1)[-1]
 
     def pipeline_class_name(self, mode: str) -> str:
         if mode not in self.pipelines:
@@ -259,6 +265,19 @@ def get(name: str) -> ModelEntry:
         return MODELS[model_id]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+def entry_for_folder(folder: Path) -> ModelEntry:
+    """The entry a diffusers folder loads as: among the entries whose pipeline class is the folder's, the one
+    the folder is named after (its Hub name, or its id for a tiny build), else the first (the ids that share a
+    class differ only in defaults; the weights' own configs rule the call)."""
+    class_name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    matches = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
+    if not matches:
+        raise ValueError(f"{folder} holds a {class_name}, which t2v does not serve; "
+                         f"it serves {', '.join(sorted({e.pipelines[e.modes[0]] for e in ENTRIES}))}")
+    named = [e for e in matches if Path(folder).name in (e.id, e.folder_name)]
+    return (named or matches)[0]
 
 
 def pipeline_for(pipe, entry: ModelEntry, mode: str):
