@@ -88,6 +88,9 @@ class Models:
         first use; a compiled model also runs one warm-up step then, not in the first job. Another model
         resident is unloaded first, and the switch is logged with its time."""
         name = self.source_of(model)
+        generator = self._generator
+        if generator is not None and self._loaded == name:  # no wait while another thread's job runs
+            return generator
         with self.lock:
             if self._generator is not None and self._loaded == name:
                 return self._generator
