@@ -368,6 +368,19 @@ def lora_file(models_dir: Path, name: str) -> Path:
     return Path(models_dir) / LORA_DIR / f"{name}.safetensors"
 
 
+def entry_for_folder(folder: Path) -> ModelEntry:
+    """The entry a diffusers folder loads as: among the entries whose pipeline class is the folder's, the one
+    the folder is named after (its Hub name, or its id for a tiny build), else the first (the ids that share a
+    class differ only in defaults; the weights' own configs rule the call)."""
+    class_name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    matches = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
+    if not matches:
+        raise ValueError(f"{folder} holds a {class_name}, which t2v does not serve; "
+                         f"it serves {', '.join(sorted({e.pipelines[e.modes[0]] for e in ENTRIES}))}")
+    named = [e for e in matches if Path(folder).name in (e.id, e.folder_name)]
+    return (named or matches)[0]
+
+
 def pipeline_for(pipe, entry: ModelEntry, mode: str):
     """The pipeline object for `mode`: `pipe` itself, or one sharing its modules (Wan TI2V's image mode).
 
