@@ -45,14 +45,15 @@ def upload_path(settings: Settings, reference_id: str) -> Path:
 
 
 def input_key(reference_id: str) -> str:
-    """The blob key of an upscale job's uploaded clip; workers on any node fetch it from there."""
+    """The blob key of a job's input (an upscale job's clip, an image-to-video job's image); workers on any
+    node fetch it from there."""
     return f"inputs/{reference_id}"
 
 
 def discard_input(settings: Settings, blobs: BlobStore, job: dict) -> None:
-    """Delete an upscale job's input once the job has ended, unless T2V_KEEP_INPUTS is on.
+    """Delete a job's input (clip or image) once the job has ended, unless T2V_KEEP_INPUTS is on.
     A storage fault is only logged: the worker's sweep deletes the input later."""
-    if job["kind"] != "upscale" or settings.keep_inputs:
+    if settings.keep_inputs or (job["kind"] != "upscale" and not job["params"].get("image_key")):
         return
     try:
         blobs.delete(input_key(job["reference_id"]))
@@ -261,9 +262,14 @@ class Worker:
                 source.unlink(missing_ok=True)
         else:
             spec = JobParams(**params)
+            if spec.loras:
+                raise ModelUnavailable("this version of t2v validates LoRAs but does not apply them yet; "
+                                       "send the job without `loras`")
             progress = _ProgressReporter(self.jobs, ref, self.worker_id,
                                          STAGE_SPANS["generate+upscale" if spec.upscale else "generate"])
-            result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models, output=output)
+            image = self._fetch_image(spec.image_key, ref) if spec.image_key else None
+            result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models, output=output,
+                             model=spec.model, image=image)
         progress("uploading", 0, 1)
         started = time.perf_counter()
         video_key, poster_key = f"videos/{ref}.mp4", f"posters/{ref}.jpg"
@@ -278,6 +284,21 @@ class Worker:
             "sha256": result.sha256, "width": result.width, "height": result.height, "frames": result.frames,
             "fps": result.fps, "duration_s": result.duration_s, "seed": result.seed, "timings_s": timings,
         }
+
+
+    def _fetch_image(self, key: str, ref: str):
+        """The job's input image, fetched from the blob store (the API checked it before queueing)."""
+        from PIL import Image
+
+        path = self.work_dir / f"{ref}.image"
+        try:
+            self.blobs.get(key, path)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except StorageError as exc:
+            raise InputUnavailable(f"the input image could not be fetched: {exc}") from None
+        finally:
+            path.unlink(missing_ok=True)
 
 
 class ModelUnavailable(RuntimeError):

@@ -83,6 +83,11 @@ class Models:
         """The configured model's generator (T2V_MODEL)."""
         return self.generator_for(None)
 
+    @property
+    def resident(self) -> str | None:
+        """The model name whose pipeline is loaded now, or None."""
+        return self._loaded
+
     def generator_for(self, model: str | None) -> VideoGenerator:
         """The generator of `model` (a registry id, `tiny:<id>`, or None for the configured model), loaded on
         first use; a compiled model also runs one warm-up step then, not in the first job. Another model
