@@ -34,6 +34,7 @@ STAGE_SPANS = {
     "upscale": {"fetching": (0.0, 0.01), "upscaling": (0.01, 0.97), "uploading": (0.97, 1.0)},
 }
 PROGRESS_EVERY_S = 0.5
+LOAD_RETRY_FIRST_S, LOAD_RETRY_MAX_S = 30.0, 600.0  # a model that failed to load is tried again, ever less often
 UPLOAD_TEMP_MAX_AGE_S = 3600  # an API process checks an upload in seconds; older temporary files are orphans
 _REFERENCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -78,6 +79,8 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_requeue = 0.0
+        self._load_retry_s = 0.0
+        self._next_load = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,12 +128,30 @@ class Worker:
                 self._stop.wait(self.poll_s)
 
     def load_models(self) -> None:
+        """Load the generator. Until it loads, this worker claims no generation job and tries again later,
+        waiting twice as long each time; the reason is logged once (again only if it changes)."""
         try:
             self.models.generator
-            self.load_error = None
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("could not load the model: %s", self.load_error)
+            error = f"{type(exc).__name__}: {exc}"
+            self._load_retry_s = min(self._load_retry_s * 2 or LOAD_RETRY_FIRST_S, LOAD_RETRY_MAX_S)
+            self._next_load = time.monotonic() + self._load_retry_s
+            if error != self.load_error:
+                log.error("could not load the model: %s; this worker takes no generation jobs until it loads "
+                          "(next try in %.0fs)", error, self._load_retry_s)
+            else:
+                log.debug("the model still does not load; next try in %.0fs", self._load_retry_s)
+            self.load_error = error
+            return
+        if self.load_error:
+            log.info("the model loaded; this worker takes generation jobs again")
+        self.load_error, self._load_retry_s = None, 0.0
+
+    @property
+    def job_kinds(self) -> tuple[str, ...]:
+        """The kinds of job this worker can run now: generation needs the model, upscaling the upscaler."""
+        return tuple(kind for kind, error in (("generate", self.load_error), ("upscale", self.upscaler_error))
+                     if error is None)
 
     def check_upscaler(self) -> None:
         """Load the configured upscaler now: a broken file is reported at start, not after a job's denoising."""
@@ -152,7 +173,9 @@ class Worker:
                 log.info("lost workers: %d job(s) re-queued, %d ended", requeued, ended)
             self.sweep_inputs()
             self._last_requeue = now
-        job = self.jobs.claim(self.worker_id, self.settings.lease_s)
+        if self.load_error and now >= self._next_load:
+            self.load_models()
+        job = self.jobs.claim(self.worker_id, self.settings.lease_s, kinds=self.job_kinds)
         if job is None:
             return False
         log.info("job %s: claimed (attempt %d)", job["reference_id"], job["attempts"])
@@ -214,10 +237,6 @@ class Worker:
 
         ref = job["reference_id"]
         try:
-            if self.load_error and job["kind"] == "generate":  # upscale jobs do not need the generator
-                self.load_models()
-                if self.load_error:
-                    raise ModelUnavailable(self.load_error)
             result = self._produce(job, lease)
         except JobCanceled:
             if lease.lost:

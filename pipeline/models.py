@@ -436,3 +436,19 @@ def prepare_call(pipe, entry: ModelEntry, *, prompt: str, num_frames: int, steps
     if entry.default_guidance_2 is not None:
         kwargs["guidance_scale_2"] = entry.default_guidance_2 if guidance_2 is None else guidance_2
     return kwargs
+
+
+# --- weights on disk ---------------------------------------------------------------------------------------------
+
+def local_dir(entry: ModelEntry, models_dir: Path) -> Path:
+    """Where download.py puts an entry's weights: the Hub folder's own name under T2V_MODELS_DIR, so the default
+    model lands in ./models/HunyuanVideo, T2V_MODEL's default."""
+    return Path(models_dir) / entry.hub_repo.rsplit("/", 1)[-1]
+
+
+# What download.py fetches per id, in GB, where the size was found; an id not here has no known figure.
+DOWNLOAD_GB = {
+    # The Hub's file listing of jobs-git/HunyuanVideoCommunity, a duplicate of hunyuanvideo-community/HunyuanVideo
+    # (commit 0448068): 41.9 GB, nearly all of it the pipeline's own safetensors.
+    "hunyuanvideo": 41.9,
+}

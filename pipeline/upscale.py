@@ -59,19 +59,38 @@ class UpscalerLoadError(ValueError):
     """The weight file is missing, corrupt or of an unknown architecture. The message names the file."""
 
 
-def resolve_upscaler(name_or_path: str, models_dir: Path, data_dir: Path) -> Path | None:
-    """`none` -> None; `tiny` -> the tiny weights; a known release name -> its file in `models_dir`; else a path."""
-    if name_or_path == "none":
+def resolve_upscaler(name_or_path: str, models_dir: Path, data_dir: Path, none_ok: bool = True) -> Path | None:
+    """`none` -> None; `tiny` -> the tiny weights; a known release name -> its file in `models_dir`; else a path.
+    `none_ok=False` where upscaling is the whole job."""
+    if name_or_path == "none" and none_ok:
         return None
     if name_or_path == "tiny":
         return tiny.tiny_upscaler_path(data_dir)
-    path = Path(models_dir) / RELEASES[name_or_path].filename if name_or_path in RELEASES else Path(name_or_path)
-    if not path.is_file():
-        known = path.stem if path.stem in RELEASES else "RealESRGAN_x4plus"
-        raise UpscalerLoadError(
-            f"upscaler weights {path} not found; run `python download.py --only {known}` "
-            "or pass --upscaler tiny|none|PATH")
-    return path
+    release = RELEASES.get(name_or_path)
+    path = Path(models_dir) / release.filename if release else Path(name_or_path)
+    if path.is_file() and name_or_path != "none":
+        return path
+    raise UpscalerLoadError(_not_found(name_or_path, path, models_dir, none_ok))
+
+
+def _not_found(name: str, path: Path, models_dir: Path, none_ok: bool) -> str:
+    """What to do about missing weights: the download.py command where it can check the release file, the
+    release URL where it cannot, else the names accepted."""
+    release_name = next((n for n, r in RELEASES.items() if name == n or path.name == r.filename), None)
+    release = RELEASES.get(release_name)
+    if release and release.sha256:
+        folder = "" if path.parent == Path(models_dir) else f" --dir {path.parent}"
+        return f"upscaler weights {path} not found; run `python download.py --only {release_name}{folder}`"
+    if release:
+        return (f"upscaler weights {path} not found; download.py cannot fetch {release_name} (no published sha256 "
+                f"to check it against): download {release.url} yourself and save it as {path}")
+    accepted = (f"accepted: a .pth or .safetensors file, a release name ({', '.join(RELEASES)}) in {models_dir} "
+                "(`python download.py --list` shows which are there), tiny" + (", none" if none_ok else ""))
+    if name == "none":
+        return f"upscaler none leaves nothing to do here; {accepted}"
+    if path.suffix.lower() not in WEIGHT_SUFFIXES and len(path.parts) == 1:
+        return f"upscaler {name!r} is neither a weight file nor a name t2v knows; {accepted}"
+    return f"upscaler weights {path} not found; {accepted}"
 
 
 class Upscaler:
