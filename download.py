@@ -1,38 +1,65 @@
-"""Fetch model weights: HunyuanVideo (diffusers format) from the Hugging Face Hub, Real-ESRGAN from its releases.
+"""Fetch model weights: any registry model (diffusers format) from the Hugging Face Hub, Real-ESRGAN from its releases.
 
-    python download.py                      # HunyuanVideo + RealESRGAN_x4plus into ./models
-    python download.py --list               # what can be fetched, and what is already here
+    python download.py                          # hunyuanvideo + RealESRGAN_x4plus into ./models
+    python download.py --list                   # what can be fetched, its size, and what is already here
+    python download.py --only wan2.2-ti2v-5b    # into ./models/Wan2.2-TI2V-5B-Diffusers
     python download.py --only realesr-animevideov3 --dir /data/models
 
-Release files are checked against their sha256 and get their final name only once verified.
-An interrupted download resumes from its `.part` file.
+A model comes with only the files its pipelines load. Release files are checked against their sha256 and get
+their final name only once verified. An interrupted download resumes (from its `.part` file for releases).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import inspect
 import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from config import ConfigError, Settings
+from pipeline.cli import ArgumentParser, setting_flag, setting_overrides
+from pipeline.models import DEFAULT_MODEL, DOWNLOAD_GB, ENTRIES, MODELS, ModelEntry, local_dir
 from pipeline.upscale import RELEASES
 
-HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
-HUNYUAN_NAME = "HunyuanVideo"
-# Only what DiffusionPipeline.from_pretrained reads: configs, safetensors shards, tokenizer files.
-HUNYUAN_PATTERNS = [
-    "model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
-    "scheduler/*", "tokenizer/*", "tokenizer_2/*",
-]
-DEFAULT_ITEMS = [HUNYUAN_NAME, "RealESRGAN_x4plus"]
+DEFAULT_ITEMS = [DEFAULT_MODEL, "RealESRGAN_x4plus"]
+OLD_NAMES = {"HunyuanVideo": DEFAULT_MODEL}  # what --list called it before the registry
 CHUNK = 1 << 20
 
 
 class DownloadError(RuntimeError):
     pass
+
+
+def allow_patterns(entry: ModelEntry) -> list[str]:
+    """The files the entry's pipelines load, as Hub patterns: model_index.json; per component its JSON configs
+    and safetensors (with their index), or every file of a tokenizer. No .bin, no sample videos, no README."""
+    import diffusers
+
+    components = set()
+    for class_name in entry.pipelines.values():
+        cls = getattr(diffusers, class_name)
+        components |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                       if name != "self" and (p.default is inspect.Parameter.empty or name in cls._optional_components)}
+    patterns = ["model_index.json"]
+    for name in sorted(components):
+        patterns += [f"{name}/*"] if name.startswith("tokenizer") else [f"{name}/*.json", f"{name}/*.safetensors"]
+    return patterns
+
+
+def fetch_model(entry: ModelEntry, models_dir: Path) -> Path:
+    """Download the entry's diffusers folder from the Hub into models_dir/<its Hub folder name>."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    target = local_dir(entry, models_dir)
+    try:
+        snapshot_download(entry.hub_repo, local_dir=target, allow_patterns=allow_patterns(entry))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise DownloadError(f"{entry.id}: {entry.hub_repo}: {' '.join(str(exc).split())[:300]}") from None
+    return target
 
 
 def fetch_release(name: str, models_dir: Path, mirror: str | None = None, progress: bool = True) -> Path:
@@ -83,15 +110,6 @@ def _download(url: str, part: Path, progress: bool) -> None:
                 bar.update(len(chunk))
 
 
-def fetch_hunyuan(models_dir: Path) -> Path:
-    """Download the diffusers-format HunyuanVideo (about 40 GB) with only the files the pipeline loads."""
-    from huggingface_hub import snapshot_download
-
-    target = Path(models_dir) / HUNYUAN_NAME
-    snapshot_download(HUNYUAN_REPO, local_dir=target, allow_patterns=HUNYUAN_PATTERNS)
-    return target
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -100,37 +118,83 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+LEGEND = """\
+size: the download size where t2v knows it (pipeline/models.py, DOWNLOAD_GB), else the size on disk when
+      present; ? where neither is known.
+checksum: sha256 = checked against the published sha256 before the file gets its name; none known = no
+      published sha256, so download.py will not fetch it: download it from its URL yourself;
+      sizes only = huggingface_hub checks each file's size."""
+
+
 def list_items(models_dir: Path) -> list[str]:
-    rows = [f"{HUNYUAN_NAME:24} {'here' if (models_dir / HUNYUAN_NAME / 'model_index.json').is_file() else '-':5} "
-            f"{HUNYUAN_REPO} (Hugging Face Hub)"]
+    """A table: every item download.py knows, its size, whether it is here, and how it is checked."""
+    rows = [("name", "size", "here", "checksum", "source -> destination")]
+    for entry in ENTRIES:
+        folder = local_dir(entry, models_dir)
+        present = (folder / "model_index.json").is_file()
+        rows.append((entry.id, _size(DOWNLOAD_GB.get(entry.id), folder, present), _here(present), "sizes only",
+                     f"{entry.hub_repo} (Hugging Face Hub) -> {folder}"))
     for name, release in RELEASES.items():
-        here = "here" if (models_dir / release.filename).is_file() else "-"
-        note = release.url if release.sha256 else f"{release.url} (no sha256 known: fetch it by hand)"
-        rows.append(f"{name:24} {here:5} {note}")
-    return rows
+        path = Path(models_dir) / release.filename
+        rows.append((name, _size(None, path, path.is_file()), _here(path.is_file()),
+                     "sha256" if release.sha256 else "none known", f"{release.url} -> {path}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4] for row in rows]
+    return [*table, "", LEGEND]
+
+
+def _here(present: bool) -> str:
+    return "present" if present else "missing"
+
+
+def _size(download_gb: float | None, path: Path, present: bool) -> str:
+    if download_gb is not None:
+        return f"{download_gb:.1f} GB"
+    if not present:
+        return "?"
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts]
+    total = sum(p.stat().st_size for p in files)
+    return f"{total / 1e9:.1f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="download.py", description="Fetch model weights: any registry model from the Hugging "
+                                                       "Face Hub, and Real-ESRGAN release files.",
+                       epilog="Models go to <dir>/<Hub folder name>, e.g. ./models/HunyuanVideo, which is "
+                              "$T2V_MODEL's default. `--list` shows every name with its size and destination.")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help=f"fetch only NAME, repeatable: a model id ({', '.join(list(MODELS)[:2])}, ...) or a "
+                        f"Real-ESRGAN release ({', '.join(list(RELEASES)[:2])}, ...) "
+                        f"(default: {' and '.join(DEFAULT_ITEMS)})")
+    p.add_argument("--list", action="store_true", help="list what can be fetched, its size, and what is here")
+    p.add_argument("--mirror", metavar="URL", help="fetch Real-ESRGAN files from URL/<filename> instead of GitHub "
+                                                   "(default: the release URLs)")
+    setting_flag(p, "models_dir", "folder to download into", "--dir")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fetch HunyuanVideo and Real-ESRGAN weights.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=Path("models"), help="folder to download into")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help=f"fetch only NAME (repeatable); default: {', '.join(DEFAULT_ITEMS)}")
-    parser.add_argument("--list", action="store_true", help="list what can be fetched and what is here")
-    parser.add_argument("--mirror", metavar="URL", help="fetch Real-ESRGAN files from URL/<filename> instead")
+    parser = build_parser()
     args = parser.parse_args(argv)
-
+    overrides = setting_overrides(args)
+    try:
+        models_dir = Settings.from_env(**overrides).models_dir
+    except ConfigError as exc:
+        print(f"download.py: error: {parser.explain(exc, overrides)}", file=sys.stderr)
+        return 2
     if args.list:
-        print("\n".join(list_items(args.dir)))
+        print("\n".join(list_items(models_dir)))
         return 0
-    names = args.only or DEFAULT_ITEMS
-    unknown = [n for n in names if n != HUNYUAN_NAME and n not in RELEASES]
+    names = [OLD_NAMES.get(n, n) for n in args.only or DEFAULT_ITEMS]
+    unknown = [n for n in names if n not in MODELS and n not in RELEASES]
     if unknown:
-        print(f"download.py: error: unknown item {unknown[0]!r}; see --list", file=sys.stderr)
+        print(f"download.py: error: unknown item {unknown[0]!r}; known: {', '.join([*MODELS, *RELEASES])} "
+              "(see --list)", file=sys.stderr)
         return 2
     for name in names:
         try:
-            path = fetch_hunyuan(args.dir) if name == HUNYUAN_NAME else fetch_release(name, args.dir, args.mirror)
+            path = fetch_model(MODELS[name], models_dir) if name in MODELS else fetch_release(name, models_dir,
+                                                                                              args.mirror)
         except DownloadError as exc:
             print(f"download.py: error: {exc}", file=sys.stderr)
             return 1

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from config import ConfigError, Settings
-from pipeline.cli import EXIT_USAGE, ArgumentParser, check_writable
+from pipeline.cli import EXIT_USAGE, ArgumentParser, check_writable, setting_flag, setting_overrides
 
 PROG = "upscale.py"
 
@@ -20,41 +20,42 @@ PROG = "upscale.py"
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Upscale an existing clip with Real-ESRGAN, keeping its frame "
                                                "rate, frame count and audio, and write an H.264 MP4.",
-                epilog="Example: python upscale.py --input old.mov --output old_4x.mp4 --upscaler realesr-animevideov3",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", type=Path, required=True, help="the clip to upscale")
-    p.add_argument("--output", type=Path, required=True, help="the MP4 to write")
-    p.add_argument("--upscaler", help="Real-ESRGAN weights: a .pth/.safetensors path, a release name "
-                                      "(RealESRGAN_x4plus, realesr-animevideov3, ...) or 'tiny' "
-                                      "(default: $T2V_UPSCALER or ./models/RealESRGAN_x4plus.pth)")
-    p.add_argument("--outscale", type=int, choices=(2, 4), default=4, help="output size over input size")
-    p.add_argument("--tile", type=int, help="tile size in pixels, 0 for whole frames (default: $T2V_UPSCALE_TILE)")
-    p.add_argument("--batch", type=int, help="frames per upscaler batch (default: $T2V_UPSCALE_BATCH)")
-    p.add_argument("--crf", type=int, help="H.264 quality, 0-51, lower is better (default: $T2V_CRF or 18)")
-    p.add_argument("--fp32", action="store_true", help="run the upscaler in float32 even on a GPU")
+                       epilog="Example: python upscale.py --input old.mov --output old_4x.mp4 "
+                              "--upscaler realesr-animevideov3")
+    p.add_argument("--input", type=Path, required=True, metavar="FILE", help="the clip to upscale")
+    p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the MP4 to write")
+    p.add_argument("--outscale", type=int, choices=(2, 4), default=4, help="output size over input size (default: 4)")
+    p.add_argument("--fp32", action="store_true", help="run the upscaler in float32 even on a GPU "
+                                                       "(default: float16 where the GPU and the weights allow)")
+    setup = p.add_argument_group("settings (each overrides its environment variable)")
+    setting_flag(setup, "upscaler", "Real-ESRGAN weights: a .pth/.safetensors file, a release name "
+                                    "(RealESRGAN_x4plus, realesr-animevideov3, ...) or 'tiny'")
+    setting_flag(setup, "upscale_tile", "tile size in pixels; 0 = whole frames", "--tile")
+    setting_flag(setup, "upscale_batch", "frames per upscaler batch", "--batch")
+    setting_flag(setup, "crf", "H.264 quality, 0-51: lower is better and bigger")
+    setting_flag(setup, "models_dir", "where upscaler release names are looked up")
+    setting_flag(setup, "data_dir", "where the tiny test upscaler is built")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pipeline.upscale import resolve_upscaler
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pipeline.upscale import UpscalerLoadError, resolve_upscaler
     from pipeline.video import VideoInputError, inspect_video
 
+    overrides = setting_overrides(args)
     try:
-        overrides = {k: v for k, v in (("upscaler", args.upscaler), ("upscale_tile", args.tile),
-                                       ("upscale_batch", args.batch), ("crf", args.crf)) if v is not None}
         settings = Settings.from_env(**overrides)
-        if settings.upscaler == "none":
-            raise ValueError("--upscaler none has nothing to do here; name the weights to use")
         if not args.input.is_file():
             raise ValueError(f"--input {args.input} is not a file")
         info = inspect_video(args.input)
         check_writable(args.output)
         if args.output.resolve() == args.input.resolve():
             raise ValueError("--output must not overwrite --input")
-        resolve_upscaler(settings.upscaler, settings.models_dir, settings.data_dir)
-    except (ConfigError, ValueError, VideoInputError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        resolve_upscaler(settings.upscaler, settings.models_dir, settings.data_dir, none_ok=False)
+    except (ConfigError, ValueError, VideoInputError, UpscalerLoadError) as exc:
+        print(f"{PROG}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
         return EXIT_USAGE
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -34,6 +34,7 @@ STAGE_SPANS = {
     "upscale": {"fetching": (0.0, 0.01), "upscaling": (0.01, 0.97), "uploading": (0.97, 1.0)},
 }
 PROGRESS_EVERY_S = 0.5
+LOAD_RETRY_FIRST_S, LOAD_RETRY_MAX_S = 30.0, 600.0  # a model that failed to load is tried again, ever less often
 UPLOAD_TEMP_MAX_AGE_S = 3600  # an API process checks an upload in seconds; older temporary files are orphans
 _REFERENCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -45,14 +46,15 @@ def upload_path(settings: Settings, reference_id: str) -> Path:
 
 
 def input_key(reference_id: str) -> str:
-    """The blob key of an upscale job's uploaded clip; workers on any node fetch it from there."""
+    """The blob key of a job's input (an upscale job's clip, an image-to-video job's image); workers on any
+    node fetch it from there."""
     return f"inputs/{reference_id}"
 
 
 def discard_input(settings: Settings, blobs: BlobStore, job: dict) -> None:
-    """Delete an upscale job's input once the job has ended, unless T2V_KEEP_INPUTS is on.
+    """Delete a job's input (clip or image) once the job has ended, unless T2V_KEEP_INPUTS is on.
     A storage fault is only logged: the worker's sweep deletes the input later."""
-    if job["kind"] != "upscale" or settings.keep_inputs:
+    if settings.keep_inputs or (job["kind"] != "upscale" and not job["params"].get("image_key")):
         return
     try:
         blobs.delete(input_key(job["reference_id"]))
@@ -77,6 +79,8 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_requeue = 0.0
+        self._load_retry_s = 0.0
+        self._next_load = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -124,12 +128,30 @@ class Worker:
                 self._stop.wait(self.poll_s)
 
     def load_models(self) -> None:
+        """Load the generator. Until it loads, this worker claims no generation job and tries again later,
+        waiting twice as long each time; the reason is logged once (again only if it changes)."""
         try:
             self.models.generator
-            self.load_error = None
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("could not load the model: %s", self.load_error)
+            error = f"{type(exc).__name__}: {exc}"
+            self._load_retry_s = min(self._load_retry_s * 2 or LOAD_RETRY_FIRST_S, LOAD_RETRY_MAX_S)
+            self._next_load = time.monotonic() + self._load_retry_s
+            if error != self.load_error:
+                log.error("could not load the model: %s; this worker takes no generation jobs until it loads "
+                          "(next try in %.0fs)", error, self._load_retry_s)
+            else:
+                log.debug("the model still does not load; next try in %.0fs", self._load_retry_s)
+            self.load_error = error
+            return
+        if self.load_error:
+            log.info("the model loaded; this worker takes generation jobs again")
+        self.load_error, self._load_retry_s = None, 0.0
+
+    @property
+    def job_kinds(self) -> tuple[str, ...]:
+        """The kinds of job this worker can run now: generation needs the model, upscaling the upscaler."""
+        return tuple(kind for kind, error in (("generate", self.load_error), ("upscale", self.upscaler_error))
+                     if error is None)
 
     def check_upscaler(self) -> None:
         """Load the configured upscaler now: a broken file is reported at start, not after a job's denoising."""
@@ -151,7 +173,9 @@ class Worker:
                 log.info("lost workers: %d job(s) re-queued, %d ended", requeued, ended)
             self.sweep_inputs()
             self._last_requeue = now
-        job = self.jobs.claim(self.worker_id, self.settings.lease_s)
+        if self.load_error and now >= self._next_load:
+            self.load_models()
+        job = self.jobs.claim(self.worker_id, self.settings.lease_s, kinds=self.job_kinds)
         if job is None:
             return False
         log.info("job %s: claimed (attempt %d)", job["reference_id"], job["attempts"])
@@ -213,10 +237,6 @@ class Worker:
 
         ref = job["reference_id"]
         try:
-            if self.load_error and job["kind"] == "generate":  # upscale jobs do not need the generator
-                self.load_models()
-                if self.load_error:
-                    raise ModelUnavailable(self.load_error)
             result = self._produce(job, lease)
         except JobCanceled:
             if lease.lost:
@@ -261,9 +281,14 @@ class Worker:
                 source.unlink(missing_ok=True)
         else:
             spec = JobParams(**params)
+            if spec.loras:
+                raise ModelUnavailable("this version of t2v validates LoRAs but does not apply them yet; "
+                                       "send the job without `loras`")
             progress = _ProgressReporter(self.jobs, ref, self.worker_id,
                                          STAGE_SPANS["generate+upscale" if spec.upscale else "generate"])
-            result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models, output=output)
+            image = self._fetch_image(spec.image_key, ref) if spec.image_key else None
+            result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models, output=output,
+                             model=spec.model, image=image)
         progress("uploading", 0, 1)
         started = time.perf_counter()
         video_key, poster_key = f"videos/{ref}.mp4", f"posters/{ref}.jpg"
@@ -278,6 +303,21 @@ class Worker:
             "sha256": result.sha256, "width": result.width, "height": result.height, "frames": result.frames,
             "fps": result.fps, "duration_s": result.duration_s, "seed": result.seed, "timings_s": timings,
         }
+
+
+    def _fetch_image(self, key: str, ref: str):
+        """The job's input image, fetched from the blob store (the API checked it before queueing)."""
+        from PIL import Image
+
+        path = self.work_dir / f"{ref}.image"
+        try:
+            self.blobs.get(key, path)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except StorageError as exc:
+            raise InputUnavailable(f"the input image could not be fetched: {exc}") from None
+        finally:
+            path.unlink(missing_ok=True)
 
 
 class ModelUnavailable(RuntimeError):

@@ -11,8 +11,17 @@ Timing starts once the weights are loaded, as in a running service.
 - serial: t2v's Upscaler (batches) with decode, upscale and encode taking turns in one thread;
 - overlapped: `upscale_file`, where decoding and encoding run in their own threads beside the model.
 
+`--formats` times the upscaler alone (uint8 frames in, uint8 frames out, no video) on one batch,
+with the weights and input in the default (NCHW) memory format against channels_last (NHWC), on
+the CPU or a GPU (fp16 there). The two run interleaved on the same weights, after a warm-up at the
+same shapes, and the median of the repeats is kept: on a shared machine, drift hits both alike.
+The last column is the process's CPU time (all threads): with one thread (--threads 1) it is the
+work done, little changed by other processes on the machine.
+
     python bench/upscale.py
     python bench/upscale.py --arch compact --frames 192
+    python bench/upscale.py --formats                       # CPU, fp32, the sizes above
+    python bench/upscale.py --formats --device cuda         # GPU, fp16, 960x544 (HunyuanVideo's 544p)
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ARCHS = {"compact": {"frames": 96, "size": (128, 72)}, "rrdb": {"frames": 16, "size": (64, 36)}}
+GPU_SIZE = (960, 544)
 
 
 def make_clip(folder: Path, frames: int, width: int, height: int) -> Path:
@@ -116,6 +126,45 @@ def measure(mode: str, clip: str, weights: str, output: str) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def compare_formats(arch: str, device: str, size: tuple[int, int], batch: int, repeats: int,
+                    folder: Path) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds per batch, contiguous against channels_last, on the same weights."""
+    import numpy as np
+
+    from pipeline.upscale import Upscaler
+
+    width, height = size
+    frames = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    weights = make_weights(folder, arch)
+    upscalers = {name: Upscaler(weights, device, batch=batch, channels_last=name == "channels_last")
+                 for name in ("contiguous", "channels_last")}
+    seconds = {name: [] for name in upscalers}
+    for up in upscalers.values():
+        up.upscale(frames)  # warm-up at the measured shapes
+    for _ in range(repeats):
+        for name, up in upscalers.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            up.upscale(frames)  # ends with the frames back on the host as uint8, so the GPU has finished
+            seconds[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(sorted(column)[len(column) // 2] for column in zip(*s)) for name, s in seconds.items()}
+
+
+def print_formats(args, folder: Path) -> None:
+    import torch
+
+    dtype = "fp16" if args.device.startswith("cuda") else "fp32"
+    print("| arch | device | dtype | batch | input | format | s/batch | frames/s | vs contiguous | CPU s/batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for arch in args.arch:
+        width, height = GPU_SIZE if args.device.startswith("cuda") else ARCHS[arch]["size"]
+        medians = compare_formats(arch, args.device, (width, height), args.batch, args.repeats, folder)
+        where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+            f"cpu ({torch.get_num_threads()} threads)"
+        for name, (wall, cpu) in medians.items():
+            print(f"| {arch} | {where} | {dtype} | {args.batch} | {width}x{height} | {name} | {wall:.3f} "
+                  f"| {args.batch / wall:.2f} | {medians['contiguous'][0] / wall:.2f}x | {cpu:.3f} |", flush=True)
+
+
 def child(*args: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -126,10 +175,23 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", choices=ARCHS, nargs="+", default=list(ARCHS))
     parser.add_argument("--frames", type=int, help="override the clip length for every arch")
+    parser.add_argument("--formats", action="store_true", help="compare memory formats instead (upscaler alone)")
+    parser.add_argument("--device", default="cpu", help="--formats: cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, default=4, help="--formats: frames per batch")
+    parser.add_argument("--repeats", type=int, default=5, help="--formats: timed runs of each format")
+    parser.add_argument("--threads", type=int, help="--formats: torch CPU threads (default: torch's choice)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measure(*args.child)
+        return
+    if args.formats:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            print_formats(args, Path(tmp))
         return
     print("| arch | frames | input | output | mode | frames/s | output MP/s | vs plain | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|")

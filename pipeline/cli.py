@@ -1,7 +1,8 @@
-"""The command line shared by `test.py` (smoke run) and `finalpipeline.py` (full upscaled run).
+"""The command line shared by `test.py` (smoke run) and `finalpipeline.py` (full upscaled run), and the
+argparse pieces every script uses: one-line usage errors, and settings flags whose help names their variable.
 
 Everything a user can get wrong is checked before torch is imported or a model loads, and answered
-with exit code 2 and a one-line reason.
+with exit code 2 and a one-line reason, in the words of the command line.
 """
 
 from __future__ import annotations
@@ -9,13 +10,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-from config import MEMORY_PRESETS, ConfigError, Settings
+from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
 from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError
 
 EXIT_USAGE = 2
+
+# The job parameters a CLI user types, by their JSON name (the API's). CLI errors name the flag, API errors the field.
+PARAM_FLAGS = {
+    "prompt": "--prompt", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
+    "num_frames": "--num-frames", "fps": "--fps", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+    "seed": "--seed", "outscale": "--outscale",
+}
+_TYPES = {"Path": Path, "int": int, "int | None": int, "float": float}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -24,48 +34,101 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
+    def explain(self, exc: Exception, overrides: dict) -> str:
+        """An error in the words of the command line: a job field as its flag (`--steps`, not
+        `num_inference_steps`), and a setting given as a flag as that flag rather than its environment variable."""
+        message = " ".join(str(exc).split())
+        if isinstance(exc, ParamError) and exc.field in PARAM_FLAGS:
+            message = re.sub(rf"\b{re.escape(exc.field)}\b", PARAM_FLAGS[exc.field], message, count=1)
+        flags = {action.dest: action.option_strings[0] for action in self._actions if action.option_strings}
+        for name in overrides:
+            message = re.sub(rf"\b{ENV_NAMES[name]}\b", flags[name], message)
+        return message
+
+
+def shown(value) -> str:
+    """A default as help shows it: ./models rather than models, unset rather than None."""
+    if value is None:
+        return "unset"
+    if isinstance(value, Path) and not value.is_absolute():
+        return f"./{value.as_posix()}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def setting_flag(parser: argparse.ArgumentParser, name: str, text: str, *flags: str, **kwargs) -> None:
+    """A flag that overrides the Settings field `name`; its help names the environment variable and the default."""
+    kind = Settings.__dataclass_fields__[name].type
+    if kind == "bool":
+        kwargs.setdefault("action", argparse.BooleanOptionalAction)
+    elif "choices" not in kwargs:
+        kwargs.setdefault("type", _TYPES.get(kind, str))
+        kwargs.setdefault("metavar", name.split("_")[-1].upper())
+    parser.add_argument(*(flags or ["--" + name.replace("_", "-")]), dest=name, **kwargs,
+                        help=f"{text} (${ENV_NAMES[name]}; default: {shown(getattr(Settings, name))})")
+
+
+def setting_overrides(args: argparse.Namespace) -> dict:
+    """The Settings fields given as flags."""
+    return {name: value for name in Settings.__dataclass_fields__ if (value := getattr(args, name, None)) is not None}
+
 
 def build_parser(prog: str, description: str, upscale: bool) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True, help="what the video shows (1-2000 characters)")
-    p.add_argument("--negative-prompt", help="what to avoid; turns on true CFG, which doubles the work per step")
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="frame width, a multiple of 16")
-    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help="frame height, a multiple of 16")
-    p.add_argument("--num-frames", type=int, default=129, help="frame count, 4k+1 (129 is about 5 s at 24 fps)")
-    p.add_argument("--fps", type=int, default=DEFAULT_FPS, help="frame rate of the MP4 (1-60)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (1-100)")
-    p.add_argument("--guidance", type=float, default=6.0, help="embedded guidance scale")
-    p.add_argument("--seed", type=int, help="random seed; picked and printed when absent")
-    p.add_argument("--output", type=Path, help="MP4 to write (default: outputs/t2v_<seed>.mp4)")
-    p.add_argument("--model", help="diffusers model folder, or 'tiny' for a random-weight test model "
-                                   "(default: $T2V_MODEL or ./models/HunyuanVideo)")
-    p.add_argument("--memory", choices=MEMORY_PRESETS,
-                   help="GPU memory preset; 'auto' picks from free VRAM (default: $T2V_MEMORY or auto)")
+    p = ArgumentParser(prog=prog, description=description,
+                       epilog="Every other setting comes from the environment or .env; .env.example lists them all.")
+    job = p.add_argument_group("the video")
+
+    def param(name: str, text: str, **kwargs):
+        job.add_argument(PARAM_FLAGS[name], dest=name, help=text, **kwargs)
+
+    param("prompt", "what the video shows (1-2000 characters)", required=True)
+    param("negative_prompt", "what to avoid; turns on true CFG, which doubles the work per step (default: none)",
+          metavar="TEXT")
+    param("width", f"frame width, a multiple of 16 (default: {DEFAULT_WIDTH})", type=int)
+    param("height", f"frame height, a multiple of 16 (default: {DEFAULT_HEIGHT})", type=int)
+    param("num_frames", f"frame count, 4k+1; 129 is about 5 s at 24 fps (default: {Limits.max_frames}, or "
+                        "$T2V_MAX_FRAMES when lower)", type=int, metavar="N")
+    param("fps", f"frame rate of the MP4, 1-60 (default: {DEFAULT_FPS})", type=int)
+    param("num_inference_steps", "denoising steps, 1-100 (default: 30)", type=int, metavar="N")
+    param("guidance_scale", "embedded guidance scale (default: 6.0)", type=float, metavar="SCALE")
+    param("seed", "random seed (default: picked at random and printed)", type=int)
     if upscale:
-        p.add_argument("--upscaler", help="Real-ESRGAN weights: a .pth/.safetensors path, a release name "
-                                          "(RealESRGAN_x4plus, realesr-animevideov3, ...), 'tiny' or 'none' "
-                                          "(default: $T2V_UPSCALER or ./models/RealESRGAN_x4plus.pth)")
-        p.add_argument("--outscale", type=int, choices=(2, 4), default=4, help="output size over generated size")
+        param("outscale", "output size over generated size (default: 4)", type=int, choices=(2, 4))
+    job.add_argument("--output", type=Path, metavar="FILE",
+                     help="the MP4 to write (default: ./outputs/t2v_<seed>.mp4, in $T2V_OUTPUT_DIR)")
+
+    setup = p.add_argument_group("models and settings (each overrides its environment variable)")
+    setting_flag(setup, "model", "a diffusers model folder, or 'tiny' for a random-weight test model")
+    setting_flag(setup, "memory", "GPU memory preset; 'auto' picks from free VRAM", choices=MEMORY_PRESETS)
+    if upscale:
+        setting_flag(setup, "upscaler", "Real-ESRGAN weights: a .pth/.safetensors file, a release name "
+                                        "(RealESRGAN_x4plus, realesr-animevideov3, ...), 'tiny', or 'none' to skip")
+        setting_flag(setup, "upscale_tile", "upscaler tile size in pixels; 0 = whole frames")
+        setting_flag(setup, "upscale_batch", "frames per upscaler batch")
+    setting_flag(setup, "crf", "H.264 quality, 0-51: lower is better and bigger")
+    setting_flag(setup, "fp8", "store transformer weights in float8")
+    setting_flag(setup, "vae_tiling", "decode the VAE in tiles")
+    setting_flag(setup, "fbc_threshold", "First Block Cache threshold, e.g. 0.05; 0 turns it off")
+    setting_flag(setup, "attention_backend", "diffusers attention backend, e.g. native, flash_varlen, sage_varlen")
+    setting_flag(setup, "compile", "regional torch.compile of the transformer blocks")
+    setting_flag(setup, "data_dir", "where tiny test models are built")
+    setting_flag(setup, "models_dir", "where upscaler release names are looked up")
     return p
 
 
 def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> int:
-    args = build_parser(prog, description, upscale).parse_args(argv)
+    parser = build_parser(prog, description, upscale)
+    args = parser.parse_args(argv)
+    overrides = setting_overrides(args)
     try:
-        overrides = {k: v for k, v in (("model", args.model), ("memory", args.memory),
-                                       ("upscaler", getattr(args, "upscaler", None))) if v}
         settings = Settings.from_env(**overrides)
-        params = JobParams.from_dict({
-            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
-            "height": args.height, "num_frames": args.num_frames, "fps": args.fps,
-            "num_inference_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
-            "upscale": upscale and settings.upscaler != "none", "outscale": getattr(args, "outscale", 4),
-        }, Limits.from_settings(settings))
+        given = {name: value for name in PARAM_FLAGS if (value := getattr(args, name, None)) is not None}
+        params = JobParams.from_dict({**given, "upscale": upscale and settings.upscaler != "none"},
+                                     Limits.from_settings(settings))
         output = args.output or Path(settings.output_dir) / f"t2v_{params.seed}.mp4"
         check_writable(output)
         check_weights(settings, params)
     except (ConfigError, ParamError, ValueError, FileNotFoundError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
         return EXIT_USAGE
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -77,7 +140,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         if params.upscale:
             models.upscaler  # a broken file fails now, not after the whole generation
     except UpscalerLoadError as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{prog}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
         return EXIT_USAGE
     cuda = os.environ.get("CUDA_DEVICE_ID")
     print(f"seed {params.seed}; device {settings.device}" + (f" (CUDA_DEVICE_ID={cuda})" if cuda else ""))

@@ -1,14 +1,17 @@
-"""Load a diffusers text-to-video pipeline once, apply the memory and speed options, and denoise.
+"""Load one registry model's pipeline once, apply the memory and speed options, and denoise.
 
-HunyuanVideo is the default model, but any diffusers text-to-video folder loads through
-`DiffusionPipeline.from_pretrained`. Frames come out as a uint8 array (frames, height, width, 3).
+Any registry entry loads (HunyuanVideo, HunyuanVideo-1.5, Wan; `pipeline.models`): from its folder, a
+`tiny:<id>` build, or a diffusers folder whose pipeline class is a registry entry's. The call is built
+by the registry's adapter (`models.prepare_call`), so nothing here names a model. Frames come out as a
+uint8 array (frames, height, width, 3).
 
-What differs per model family (trimming the prompt's padding, decoding latents) is one small
-function each, looked up by the pipeline's class name; a family without one takes the generic path.
+What differs per family beyond the call (trimming the prompt's padding, decoding kept latents) is one
+small function each, looked up by the pipeline's class name; a family without one takes the generic path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, attention_backend_problem
-from pipeline import tiny
+from pipeline import models, tiny
 from pipeline.spec import JobParams
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,6 @@ GiB = 1024**3
 # Free VRAM needed by each preset for HunyuanVideo at 720p (DESIGN.md, GPU policy), largest first.
 PRESET_MIN_FREE = (("none", 75 * GiB), ("model", 45 * GiB), ("group", 16 * GiB), ("sequential", 0))
 OFFLOAD_PRESETS = ("model", "group", "sequential")
-# A negative prompt only takes effect with HunyuanVideo's true classifier-free guidance (twice the work per step).
-NEGATIVE_PROMPT_CFG = 6.0
 # VAE tiles tried, in sample pixels, after a decode runs out of memory: (tile, stride), 25% overlap.
 DECODE_TILES = ((256, 192), (128, 96), (64, 48))
 
@@ -43,24 +44,40 @@ class JobCanceled(Exception):
     """Raised at the next transformer block once the job is canceled; nothing is decoded after it."""
 
 
-def resolve_model_dir(model: str, data_dir: Path) -> Path:
-    """`tiny` -> the tiny folder (built on first use); anything else must be a diffusers folder."""
-    if model == "tiny":
-        return tiny.tiny_model_dir(data_dir)
-    folder = Path(model)
+def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) -> tuple[models.ModelEntry, Path]:
+    """The registry entry and folder a model name loads from.
+
+    `tiny` / `tiny:<id>` -> the tiny build (made on first use); a registry id -> `models_dir/<Hub folder
+    name>`; anything else -> a diffusers folder, whose entry is read from its pipeline class.
+    """
+    model_id, is_tiny = models.split_tiny(model)
+    if is_tiny:
+        return models.get(model_id), tiny.tiny_model_dir(data_dir, model_id)
+    entry = models.MODELS.get(model)
+    folder = Path(models_dir or "models") / entry.folder_name if entry else Path(model)
     if not (folder / "model_index.json").is_file():
+        fetch = f"python download.py --only {entry.id}" if entry else "python download.py"
         raise MissingWeightsError(
             f"model folder {folder} is missing (no {folder / 'model_index.json'}); "
-            "run `python download.py` to fetch HunyuanVideo, or use --model tiny"
+            f"run `{fetch}` to fetch it, or use --model tiny"
         )
-    return folder
+    try:
+        return entry or models.entry_for_folder(folder), folder
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def component_dtypes(device: str) -> dict[str, torch.dtype]:
-    """HunyuanVideo's dtypes: transformer bf16, text encoders and VAE fp16. The CPU runs float32."""
+def resolve_model_dir(model: str, data_dir: Path, models_dir: Path | None = None) -> Path:
+    """The folder `resolve_model` loads; MissingWeightsError names it and what to run when it is not there."""
+    return resolve_model(model, data_dir, models_dir)[1]
+
+
+def component_dtypes(device: str, entry: models.ModelEntry | None = None) -> dict[str, torch.dtype]:
+    """The entry's dtypes on a GPU (HunyuanVideo's by default: transformer bf16, text encoders and VAE fp16).
+    The CPU runs float32."""
     if device == "cpu":
         return {"default": torch.float32}
-    return {"transformer": torch.bfloat16, "default": torch.float16}
+    return (entry or models.MODELS[models.DEFAULT_MODEL]).torch_dtypes()
 
 
 def use_device(device: str) -> None:
@@ -286,7 +303,8 @@ def decode_hunyuan_video(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
 
 
-# Keyed by the pipeline's class name. Other families (Wan, HunyuanVideo-1.5) add theirs here.
+# Keyed by the pipeline's class name. Other families (Wan, HunyuanVideo-1.5) could add theirs here; without
+# one, a pipeline decodes inside its own call and its padded prompt keeps its mask.
 PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
 LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video}
 
@@ -294,7 +312,9 @@ LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video}
 # ----------------------------------------------------------------------------------- generator
 
 class _BlockHook:
-    """A forward pre-hook on each repeated transformer block. It raises JobCanceled as soon as the
+    """A forward pre-hook on each repeated transformer block (those its class names in `_repeated_blocks`:
+    HunyuanVideo's dual- and single-stream blocks, Wan's `WanTransformerBlock`, HunyuanVideo-1.5's blocks,
+    token refiner and patch embedding). It raises JobCanceled as soon as the
     job is canceled (so a cancel lands within one block, not one step), and, for a trimmed prompt,
     drops the all-ones attention mask that the transformer still builds, so attention gets none."""
 
@@ -326,19 +346,65 @@ class _BlockHook:
         return before_block
 
 
+@contextlib.contextmanager
+def _steps_reported(pipe, call_kwargs: dict, total: int, on_step, should_cancel):
+    """Report each finished step, and stop at a cancel between steps, during one pipeline call: through
+    the pipeline's step callback, or for a pipeline without one (HunyuanVideo-1.5) by counting its
+    scheduler's `step` calls. Raising there stops the pipeline before the next step and before the decode."""
+
+    def finished(step: int):
+        if on_step:
+            on_step(step, total)
+        if should_cancel and should_cancel():
+            raise JobCanceled()
+
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def step_end(pipe, step, timestep, tensors):
+            finished(step + 1)
+            return tensors
+
+        call_kwargs["callback_on_step_end"] = step_end
+        yield
+        return
+    scheduler, done = pipe.scheduler, [0]
+    step, own = scheduler.step, scheduler.__dict__.get("step")
+
+    def counted(*args, **kwargs):
+        result = step(*args, **kwargs)
+        done[0] += 1
+        finished(done[0])
+        return result
+
+    scheduler.step = counted
+    try:
+        yield
+    finally:
+        if own is None:
+            del scheduler.step
+        else:
+            scheduler.step = own
+
+
 class VideoGenerator:
-    """One loaded pipeline, reused for every job: load once, generate many."""
+    """One loaded model, reused for every job: load once, generate many.
+
+    `pipes` holds a pipeline per mode of the entry (text-to-video, image-to-video); Wan TI2V's two share
+    one set of modules. The memory preset and the hooks sit on those shared modules, set through `pipe`.
+    """
 
     def __init__(self, model: str, data_dir: Path, device: str = "cpu", memory: str = "auto",
-                 speed: SpeedOptions = SpeedOptions(), progress_bar: bool = False):
-        from diffusers import DiffusionPipeline
+                 speed: SpeedOptions = SpeedOptions(), progress_bar: bool = False, models_dir: Path | None = None):
+        import diffusers
 
-        folder = resolve_model_dir(model, data_dir)
+        self.entry, folder = resolve_model(model, data_dir, models_dir)
         self.device = device
         use_device(device)
         if device == "cpu":
             log.info("no GPU: running every component in float32 on the CPU")
-        self.pipe = DiffusionPipeline.from_pretrained(folder, dtype=component_dtypes(device))
+        loader = getattr(diffusers, self.entry.pipeline_class_name(self.entry.modes[0]))
+        self.pipe = loader.from_pretrained(folder, dtype=component_dtypes(device, self.entry))
+        # Built before the memory preset: offload hooks belong to the pipeline they were set on.
+        self.pipes = {mode: models.pipeline_for(self.pipe, self.entry, mode) for mode in self.entry.modes}
         self.family = type(self.pipe).__name__
         self.call_defaults = _folder_call_defaults(folder)
         self.is_tiny = _folder_config(folder).get("tiny", False)
@@ -351,30 +417,48 @@ class VideoGenerator:
         self.cache = apply_speed_options(self.pipe, self.speed, device)
         apply_memory_preset(self.pipe, self.memory_preset, device)
         self._blocks = _BlockHook()
-        transformer = getattr(self.pipe, "transformer", None)
-        if transformer is not None:
+        for transformer in self.transformers:
             self._blocks.install(transformer)
             if self.speed.compile:
                 compile_transformer(transformer)
-        self.pipe.set_progress_bar_config(disable=not progress_bar, desc="denoising", unit="step")
-        self._call_params = set(inspect.signature(self.pipe.__call__).parameters)
-        log.info("speed: %s", self.speed)
+        for pipe in self.pipes.values():
+            pipe.set_progress_bar_config(disable=not progress_bar, desc="denoising", unit="step")
+        log.info("loaded %s from %s; speed: %s", self.entry.id, folder, self.speed)
+
+    @property
+    def transformers(self) -> list:
+        """The denoisers: `transformer`, and the low-noise expert `transformer_2` of the two-expert Wan models."""
+        return [t for t in (getattr(self.pipe, name, None) for name in ("transformer", "transformer_2"))
+                if t is not None]
+
+    def output_size(self, params: JobParams, image=None) -> tuple[int, int]:
+        """(width, height) of the frames `generate` makes: the job's, or the image's bucket where the model
+        sizes its video by the image (HunyuanVideo-1.5 image-to-video)."""
+        return models.size_for_image(self.pipe, self.entry, image, params.width, params.height)
 
     def generate(self, params: JobParams, on_step: Callable[[int, int], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None, latents_path: Path | None = None) -> np.ndarray:
-        """Denoise and decode; return uint8 frames (F, H, W, 3).
+                 should_cancel: Callable[[], bool] | None = None, latents_path: Path | None = None,
+                 image=None) -> np.ndarray:
+        """Denoise and decode; return uint8 frames (F, H, W, 3). With `image` (a PIL image), image-to-video.
 
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
-        tiles, then smaller tiles: a finished denoise is never lost to the decode.
+        tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
+        text-to-video decodes here (`LATENT_DECODERS`); the other pipelines decode inside their own call
+        (output_type="pt"), so for them `latents_path` is not written.
         """
+        mode = "i2v" if image is not None else "t2v"
+        pipe = self.pipes.get(mode)
+        if pipe is None:
+            raise ValueError(f"{self.entry.id} needs an image" if image is None else f"{self.entry.id} takes no image")
         if should_cancel and should_cancel():
             raise JobCanceled()
-        decode = LATENT_DECODERS.get(self.family)
+        decode = LATENT_DECODERS.get(type(pipe).__name__)
         try:
             with torch.inference_mode():
                 self._blocks.should_cancel = should_cancel
-                output = self._denoise(params, on_step, should_cancel, latent=decode is not None)
+                image = image.convert("RGB") if image is not None else None
+                output = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None)
                 self._blocks.should_cancel = None
                 if decode is None:
                     return to_uint8_frames(output[0])  # (F, C, H, W) floats in [0, 1]
@@ -384,6 +468,7 @@ class VideoGenerator:
         finally:
             # The pipeline resets its cache hooks and offload placement only when its call ends normally;
             # after an exception (a cancel included) they would hold this job's state into the next one.
+            # `pipe` holds the hooks of every mode's pipeline (they share its modules).
             self._blocks.should_cancel, self._blocks.drop_mask = None, False
             self.pipe.maybe_free_model_hooks()
 
@@ -393,31 +478,32 @@ class VideoGenerator:
         log.info("warm-up: one step at %dx%d, %d frames", params.width, params.height, params.num_frames)
         self.generate(replace(params, num_inference_steps=1))
 
-    def _denoise(self, params: JobParams, on_step, should_cancel, latent: bool):
-        def step_end(pipe, step, timestep, tensors):
-            if on_step:
-                on_step(step + 1, params.num_inference_steps)
-            # Raising here stops the pipeline before the next step and before the VAE decode.
-            if should_cancel and should_cancel():
-                raise JobCanceled()
-            return tensors
+    def unload(self) -> None:
+        """Let go of the model's memory: offload hooks freed and removed, compiled graphs dropped. The caller
+        drops its references, then collects and empties the CUDA cache (`pipeline.run.Models`)."""
+        self.pipe.maybe_free_model_hooks()
+        self.pipe.remove_all_hooks()
+        if self.speed.compile:
+            torch._dynamo.reset()  # compiled graphs hold the blocks they were traced from
+        self.pipes.clear()
+        self.pipe = None
 
-        kwargs = dict(
-            prompt=params.prompt, height=params.height, width=params.width, num_frames=params.num_frames,
-            num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(params.seed), output_type="latent" if latent else "pt",
-            callback_on_step_end=step_end,
+    def _denoise(self, pipe, params: JobParams, image, on_step, should_cancel, latent: bool):
+        kwargs = models.prepare_call(
+            pipe, self.entry, prompt=params.prompt, num_frames=params.num_frames, steps=params.num_inference_steps,
+            generator=torch.Generator("cpu").manual_seed(params.seed), width=params.width, height=params.height,
+            guidance=params.guidance_scale, negative_prompt=params.negative_prompt, image=image,
+            output_type="latent" if latent else "pt",
         )
-        if params.negative_prompt:
-            kwargs["negative_prompt"] = params.negative_prompt
-            if "true_cfg_scale" in self._call_params:
-                kwargs["true_cfg_scale"] = NEGATIVE_PROMPT_CFG
-        kwargs.update({k: v for k, v in self.call_defaults.items() if k in self._call_params})
-        if self.speed.mask_free:
-            kwargs.update(PROMPT_TRIMS[self.family](self.pipe, params.prompt, params.negative_prompt, kwargs))
+        accepted = inspect.signature(pipe.__call__).parameters
+        kwargs.update({k: v for k, v in self.call_defaults.items() if k in accepted})
+        trim = PROMPT_TRIMS.get(type(pipe).__name__)
+        if self.speed.mask_free and trim is not None:
+            kwargs.update(trim(pipe, params.prompt, params.negative_prompt, kwargs))
             self._blocks.drop_mask = True
         fit_cache_to_job(self.cache, params)
-        return self.pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
+        with _steps_reported(pipe, kwargs, params.num_inference_steps, on_step, should_cancel):
+            return pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
 
     def _decode(self, decode, latents: torch.Tensor) -> torch.Tensor:
         """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits.

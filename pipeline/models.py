@@ -368,6 +368,19 @@ def lora_file(models_dir: Path, name: str) -> Path:
     return Path(models_dir) / LORA_DIR / f"{name}.safetensors"
 
 
+def entry_for_folder(folder: Path) -> ModelEntry:
+    """The entry a diffusers folder loads as: among the entries whose pipeline class is the folder's, the one
+    the folder is named after (its Hub name, or its id for a tiny build), else the first (the ids that share a
+    class differ only in defaults; the weights' own configs rule the call)."""
+    class_name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    matches = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
+    if not matches:
+        raise ValueError(f"{folder} holds a {class_name}, which t2v does not serve; "
+                         f"it serves {', '.join(sorted({e.pipelines[e.modes[0]] for e in ENTRIES}))}")
+    named = [e for e in matches if Path(folder).name in (e.id, e.folder_name)]
+    return (named or matches)[0]
+
+
 def pipeline_for(pipe, entry: ModelEntry, mode: str):
     """The pipeline object for `mode`: `pipe` itself, or one sharing its modules (Wan TI2V's image mode).
 
@@ -423,3 +436,19 @@ def prepare_call(pipe, entry: ModelEntry, *, prompt: str, num_frames: int, steps
     if entry.default_guidance_2 is not None:
         kwargs["guidance_scale_2"] = entry.default_guidance_2 if guidance_2 is None else guidance_2
     return kwargs
+
+
+# --- weights on disk ---------------------------------------------------------------------------------------------
+
+def local_dir(entry: ModelEntry, models_dir: Path) -> Path:
+    """Where download.py puts an entry's weights: the Hub folder's own name under T2V_MODELS_DIR, so the default
+    model lands in ./models/HunyuanVideo, T2V_MODEL's default."""
+    return Path(models_dir) / entry.hub_repo.rsplit("/", 1)[-1]
+
+
+# What download.py fetches per id, in GB, where the size was found; an id not here has no known figure.
+DOWNLOAD_GB = {
+    # The Hub's file listing of jobs-git/HunyuanVideoCommunity, a duplicate of hunyuanvideo-community/HunyuanVideo
+    # (commit 0448068): 41.9 GB, nearly all of it the pipeline's own safetensors.
+    "hunyuanvideo": 41.9,
+}

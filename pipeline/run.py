@@ -9,7 +9,9 @@ stages. The MP4 is written under a temporary name and renamed only when complete
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import logging
 import os
 import queue
 import threading
@@ -22,11 +24,14 @@ import av
 import numpy as np
 
 from config import Settings
-from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator, use_device
+from pipeline import models as registry
+from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator, resolve_model, use_device
 from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
                             read_frames, write_poster)
+
+log = logging.getLogger(__name__)
 
 # on_progress(stage, done, total): stages are "denoising" (steps), "upscaling" and "encoding" (frames).
 ProgressFn = Callable[[str, int, int], None]
@@ -54,7 +59,12 @@ class VideoResult:
 
 
 class Models:
-    """The video generator and the upscaler, each loaded once on first use and then reused across jobs."""
+    """The video generator and the upscalers, each loaded on first use and then reused across jobs.
+
+    One video model is resident at a time: a job for another model unloads the current one first.
+    `lock` is held while a generator is chosen and runs, so two threads sharing these models never
+    switch a pipeline out from under each other (one pipeline runs one job at a time anyway).
+    """
 
     def __init__(self, settings: Settings, progress_bar: bool = False, upscaler: str | None = None,
                  half_upscaler: bool | None = None):
@@ -62,23 +72,82 @@ class Models:
         self.progress_bar = progress_bar
         self.upscaler_name = upscaler or settings.upscaler
         self.half_upscaler = half_upscaler
+        self.lock = threading.RLock()
         self._generator: VideoGenerator | None = None
+        self._loaded: str | None = None  # the model name `_generator` was loaded from
         self._upscalers: dict[str, Upscaler] = {}
         use_device(settings.device)  # before anything touches CUDA: streams and contexts go to this GPU
 
     @property
     def generator(self) -> VideoGenerator:
-        """Loaded on first use; a compiled model also runs one warm-up step then, not in the first job."""
-        if self._generator is None:
-            s = self.settings
-            speed = SpeedOptions(preset=s.speed, fp8=s.fp8, vae_tiling=s.vae_tiling, cache=s.cache,
-                                 fbc_threshold=s.fbc_threshold, attention_backend=s.attention_backend,
-                                 compile=s.compile, mask_free=s.mask_free)
-            generator = VideoGenerator(s.model, s.data_dir, s.device, s.memory, speed, self.progress_bar)
-            if generator.speed.compile:
-                generator.warm_up(warm_up_params(s))
-            self._generator = generator
-        return self._generator
+        """The configured model's generator (T2V_MODEL)."""
+        return self.generator_for(None)
+
+    @property
+    def resident(self) -> str | None:
+        """The model name whose pipeline is loaded now, or None."""
+        return self._loaded
+
+    def generator_for(self, model: str | None) -> VideoGenerator:
+        """The generator of `model` (a registry id, `tiny:<id>`, or None for the configured model), loaded on
+        first use; a compiled model also runs one warm-up step then, not in the first job. Another model
+        resident is unloaded first, and the switch is logged with its time."""
+        name = self.source_of(model)
+        generator = self._generator
+        if generator is not None and self._loaded == name:  # no wait while another thread's job runs
+            return generator
+        with self.lock:
+            if self._generator is not None and self._loaded == name:
+                return self._generator
+            started, previous = time.perf_counter(), self._loaded
+            self.unload()
+            generator = self._load(name)
+            self._generator, self._loaded = generator, name
+            if previous is not None:
+                log.info("switched model %s -> %s in %.1f s", previous, name, time.perf_counter() - started)
+            return generator
+
+    def source_of(self, model: str | None) -> str:
+        """The name a model loads from. A server whose T2V_MODEL is a tiny build serves the tiny build of
+        every registry id under the id's own name; the configured model's id loads the configured folder."""
+        configured = self.settings.model
+        model_id, is_tiny = registry.split_tiny(model or configured)
+        if is_tiny or (model is not None and registry.split_tiny(configured)[1]):
+            return registry.TINY_PREFIX + model_id
+        if model is None or model == configured or model_id == self._configured_id():
+            return configured
+        return model
+
+    def _configured_id(self) -> str | None:
+        try:
+            return resolve_model(self.settings.model, self.settings.data_dir, self.settings.models_dir)[0].id
+        except (OSError, ValueError):  # not there (yet): ids load from their own folders
+            return None
+
+    def _load(self, name: str) -> VideoGenerator:
+        s = self.settings
+        speed = SpeedOptions(preset=s.speed, fp8=s.fp8, vae_tiling=s.vae_tiling, cache=s.cache,
+                             fbc_threshold=s.fbc_threshold, attention_backend=s.attention_backend,
+                             compile=s.compile, mask_free=s.mask_free)
+        generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
+                                   models_dir=s.models_dir)
+        if generator.speed.compile:
+            generator.warm_up(warm_up_params(s, generator.entry))
+        return generator
+
+    def unload(self) -> None:
+        """Unload the resident video model, if any, and give its memory back (to the OS, and to CUDA)."""
+        with self.lock:
+            if self._generator is None:
+                return
+            generator, self._generator, self._loaded = self._generator, None, None
+            generator.unload()
+            del generator
+            gc.collect()
+            if self.settings.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
 
     @property
     def upscaler(self) -> Upscaler | None:
@@ -97,17 +166,26 @@ class Models:
         return self._upscalers[name]
 
 
-def warm_up_params(settings: Settings) -> JobParams:
-    """A job at the size most jobs use: the default size (within T2V_MAX_SIDE) and frame count."""
-    width, height = (min(n, settings.max_side) for n in (DEFAULT_WIDTH, DEFAULT_HEIGHT))
-    return JobParams.from_dict({"prompt": "warm-up", "width": width, "height": height, "seed": 0},
-                               Limits.from_settings(settings))
+def warm_up_params(settings: Settings, entry: registry.ModelEntry | None = None) -> JobParams:
+    """A job at the size most jobs use: the default size (within T2V_MAX_SIDE) and frame count; for a
+    model other than HunyuanVideo, its first size preset that fits T2V_MAX_SIDE and its native length."""
+    if entry is None or entry.id == registry.DEFAULT_MODEL:
+        width, height = (min(n, settings.max_side) for n in (DEFAULT_WIDTH, DEFAULT_HEIGHT))
+        return JobParams.from_dict({"prompt": "warm-up", "width": width, "height": height, "seed": 0},
+                                   Limits.from_settings(settings))
+    preset = next((p for p in entry.presets if max(p.width, p.height) <= settings.max_side), entry.default_preset)
+    frames = min(entry.default_frames, settings.max_frames)
+    return JobParams(prompt="warm-up", width=preset.width, height=preset.height, num_frames=frames, seed=0)
 
 
 def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None, *, models: Models | None = None,
-            output: Path | None = None, progress_bar: bool = False) -> VideoResult:
-    """Generate (and, if `params.upscale`, upscale) one video into `output`; return what was written."""
+            output: Path | None = None, progress_bar: bool = False, model: str | None = None,
+            image=None) -> VideoResult:
+    """Generate (and, if `params.upscale`, upscale) one video into `output`; return what was written.
+
+    `model` is a registry id (None: the configured model); `image`, a PIL image, makes it image-to-video.
+    """
     models = models or Models(settings, progress_bar=progress_bar)
     on_progress = on_progress or (lambda stage, done, total: None)
     should_cancel = should_cancel or (lambda: False)
@@ -117,7 +195,10 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
 
     started = time.perf_counter()
     latents = output.with_suffix(".latents.pt") if settings.keep_latents else None
-    frames = models.generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents)
+    with models.lock:
+        generator = models.generator_for(model)
+        frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
+                                    image=image)
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None

@@ -3,7 +3,8 @@
 spandrel reads the official release files as they are (RRDBNet under `params_ema`, SRVGGNetCompact
 under `params`) and detects the architecture and scale from the weights. This module adds what a
 video needs: device and dtype choice, batches of frames, tiles with padding, a retry with smaller
-tiles on CUDA out-of-memory, and resizing to a non-native output scale.
+tiles on CUDA out-of-memory, resizing to a non-native output scale, and the memory format
+(channels_last or not) that is faster on the device (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -48,30 +49,55 @@ RELEASES = {
 }
 
 
+# Whether weights and frames go channels_last (NHWC), per device type: the faster of the two as
+# measured by `bench/upscale.py --formats` (BENCHMARKS.md). CUDA: cuDNN's fp16 convolutions run on
+# tensor cores in NHWC, and NCHW costs a transpose around each.
+CHANNELS_LAST = {"cpu": True, "cuda": True}
+
+
 class UpscalerLoadError(ValueError):
     """The weight file is missing, corrupt or of an unknown architecture. The message names the file."""
 
 
-def resolve_upscaler(name_or_path: str, models_dir: Path, data_dir: Path) -> Path | None:
-    """`none` -> None; `tiny` -> the tiny weights; a known release name -> its file in `models_dir`; else a path."""
-    if name_or_path == "none":
+def resolve_upscaler(name_or_path: str, models_dir: Path, data_dir: Path, none_ok: bool = True) -> Path | None:
+    """`none` -> None; `tiny` -> the tiny weights; a known release name -> its file in `models_dir`; else a path.
+    `none_ok=False` where upscaling is the whole job."""
+    if name_or_path == "none" and none_ok:
         return None
     if name_or_path == "tiny":
         return tiny.tiny_upscaler_path(data_dir)
-    path = Path(models_dir) / RELEASES[name_or_path].filename if name_or_path in RELEASES else Path(name_or_path)
-    if not path.is_file():
-        known = path.stem if path.stem in RELEASES else "RealESRGAN_x4plus"
-        raise UpscalerLoadError(
-            f"upscaler weights {path} not found; run `python download.py --only {known}` "
-            "or pass --upscaler tiny|none|PATH")
-    return path
+    release = RELEASES.get(name_or_path)
+    path = Path(models_dir) / release.filename if release else Path(name_or_path)
+    if path.is_file() and name_or_path != "none":
+        return path
+    raise UpscalerLoadError(_not_found(name_or_path, path, models_dir, none_ok))
+
+
+def _not_found(name: str, path: Path, models_dir: Path, none_ok: bool) -> str:
+    """What to do about missing weights: the download.py command where it can check the release file, the
+    release URL where it cannot, else the names accepted."""
+    release_name = next((n for n, r in RELEASES.items() if name == n or path.name == r.filename), None)
+    release = RELEASES.get(release_name)
+    if release and release.sha256:
+        folder = "" if path.parent == Path(models_dir) else f" --dir {path.parent}"
+        return f"upscaler weights {path} not found; run `python download.py --only {release_name}{folder}`"
+    if release:
+        return (f"upscaler weights {path} not found; download.py cannot fetch {release_name} (no published sha256 "
+                f"to check it against): download {release.url} yourself and save it as {path}")
+    accepted = (f"accepted: a .pth or .safetensors file, a release name ({', '.join(RELEASES)}) in {models_dir} "
+                "(`python download.py --list` shows which are there), tiny" + (", none" if none_ok else ""))
+    if name == "none":
+        return f"upscaler none leaves nothing to do here; {accepted}"
+    if path.suffix.lower() not in WEIGHT_SUFFIXES and len(path.parts) == 1:
+        return f"upscaler {name!r} is neither a weight file nor a name t2v knows; {accepted}"
+    return f"upscaler weights {path} not found; {accepted}"
 
 
 class Upscaler:
     """A loaded upscaler. `upscale()` takes a batch of uint8 frames; `stream()` takes an iterable of them."""
 
     def __init__(self, path: Path, device: str = "cpu", half: bool | None = None, tile: int = 0,
-                 tile_pad: int = 16, batch: int = 4):
+                 tile_pad: int = 16, batch: int = 4, channels_last: bool | None = None):
         import spandrel
 
         path = Path(path)
@@ -94,7 +120,11 @@ class Upscaler:
             half = device.startswith("cuda") and descriptor.supports_half
         self.dtype = torch.float16 if half else torch.float32
         self.device = device
+        if channels_last is None:
+            channels_last = CHANNELS_LAST.get(torch.device(device).type, False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = descriptor.to(device).to(self.dtype).eval()
+        self.model.model.to(memory_format=self.memory_format)
         self.scale = descriptor.scale
         self.architecture = descriptor.architecture.name
         self.path = path
@@ -106,7 +136,7 @@ class Upscaler:
         """uint8 (N, H, W, 3) -> uint8 (N, H*outscale, W*outscale, 3). Every frame comes back, in order."""
         outscale = outscale or self.scale
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255)
+        x = x.permute(0, 3, 1, 2).to(self.dtype).div_(255).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             y = self._run_with_oom_retry(x)
             h, w = frames.shape[1] * outscale, frames.shape[2] * outscale
@@ -128,14 +158,14 @@ class Upscaler:
 
     def _run_with_oom_retry(self, x: torch.Tensor) -> torch.Tensor:
         """Run the batch; on CUDA OOM halve the tile (starting from the frame size) and retry the same batch."""
-        tile = self.tile
+        tile, side = self.tile, max(x.shape[-2:])
         while True:
             try:
                 return self._run(x, tile)
             except torch.OutOfMemoryError:
                 if x.is_cuda:
                     torch.cuda.empty_cache()
-                tile = (tile or max(x.shape[-2:])) // 2
+                tile = min(tile or side, side) // 2  # a tile larger than the frame was a whole-frame run
                 if tile < MIN_TILE:
                     raise
                 log.warning("out of GPU memory while upscaling; retrying the same batch with %dpx tiles", tile)
@@ -150,13 +180,13 @@ class Upscaler:
         """Upscale tile by tile; each tile sees `tile_pad` extra pixels of context, cropped off after."""
         n, c, h, w = x.shape
         s, pad = self.scale, self.tile_pad
-        out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
+        out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device, memory_format=self.memory_format)
         for top in range(0, h, tile):
             for left in range(0, w, tile):
                 bottom, right = min(top + tile, h), min(left + tile, w)
                 t0, l0 = max(top - pad, 0), max(left - pad, 0)
                 b0, r0 = min(bottom + pad, h), min(right + pad, w)
-                y = self.model(x[:, :, t0:b0, l0:r0])
+                y = self.model(x[:, :, t0:b0, l0:r0].contiguous(memory_format=self.memory_format))
                 out[:, :, top * s:bottom * s, left * s:right * s] = y[
                     :, :, (top - t0) * s:(bottom - t0) * s, (left - l0) * s:(right - l0) * s]
         return out

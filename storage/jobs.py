@@ -1,7 +1,7 @@
 """Job records: `SqliteJobStore` (default, one file under the data folder) and `MongoJobStore` (pymongo).
 
 Both keep the same contract, checked by one test suite:
-- `claim()` hands the oldest queued job to exactly one worker, with a lease;
+- `claim()` hands the oldest queued job of the kinds a worker can run to exactly one worker, with a lease;
 - a worker renews the lease with `heartbeat()`; a job whose lease ran out goes back to the queue
   (`requeue_expired`), or fails with `worker_lost` after its last attempt;
 - `complete()`, `fail()` and `mark_canceled()` only act on a job the calling worker still holds,
@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
 TERMINAL = (COMPLETED, FAILED, CANCELED)
+JOB_KINDS = ("generate", "upscale")
 
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class JobStore(Protocol):
     def history(self, owner: str, session_id: str) -> list[dict]: ...
     def count_queued(self) -> int: ...
     def queue_position(self, job: dict) -> int: ...
-    def claim(self, worker_id: str, lease_s: float) -> dict | None: ...
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None: ...
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None: ...
     def update_progress(self, reference_id: str, worker_id: str, **fields) -> None: ...
     def complete(self, reference_id: str, worker_id: str, result: dict) -> bool: ...
@@ -242,14 +243,17 @@ class SqliteJobStore(_Outcomes):
                 "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq <= (SELECT seq FROM jobs WHERE reference_id = ?)",
                 (QUEUED, job["reference_id"])).fetchone()[0]
 
-    def claim(self, worker_id: str, lease_s: float) -> dict | None:
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
+        if not kinds:
+            return None
         now = time.time()
         with self._tx(write=True) as db:
             row = db.execute(
                 "UPDATE jobs SET status = ?, stage = 'starting', worker_id = ?, lease_until = ?, "
                 "attempts = attempts + 1, started_at = ? "
-                "WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) AND status = ? "
-                "RETURNING *", (PROCESSING, worker_id, now + lease_s, now, QUEUED, QUEUED)).fetchone()
+                f"WHERE seq = (SELECT seq FROM jobs WHERE status = ? AND kind IN ({', '.join('?' * len(kinds))}) "
+                "ORDER BY seq LIMIT 1) AND status = ? RETURNING *",
+                (PROCESSING, worker_id, now + lease_s, now, QUEUED, *kinds, QUEUED)).fetchone()
         return self._row(row)
 
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None:
@@ -456,10 +460,12 @@ class MongoJobStore(_Outcomes):
         ret = self._pymongo.ReturnDocument.AFTER
         return self._doc(self._guard(lambda: self.jobs.find_one_and_update(query, update, return_document=ret, **kw)))
 
-    def claim(self, worker_id: str, lease_s: float) -> dict | None:
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
+        if not kinds:
+            return None
         now = time.time()
         return self._update_one(
-            {"status": QUEUED},
+            {"status": QUEUED, "kind": {"$in": list(kinds)}},
             {"$set": {"status": PROCESSING, "stage": "starting", "worker_id": worker_id, "lease_until": now + lease_s,
                       "started_at": now}, "$inc": {"attempts": 1}, "$unset": {"slot": ""}},
             sort=[("created_at", 1), ("_id", 1)])

@@ -210,7 +210,7 @@ def test_vae_tiling_is_on_with_every_memory_preset_on_cuda_unless_turned_off(mem
 def test_a_generator_loaded_for_cuda_with_the_none_preset_tiles_its_vae(data_dir, tiny_model, monkeypatch):
     # Before: only the offload presets turned tiling on; `none` decoded 720p x 129 frames untiled (~34 GiB).
     monkeypatch.setattr(generate, "use_device", lambda device: None)  # no GPU here: load on the CPU,
-    monkeypatch.setattr(generate, "component_dtypes", lambda device: {"default": torch.float32})
+    monkeypatch.setattr(generate, "component_dtypes", lambda device, entry=None: {"default": torch.float32})
     monkeypatch.setattr(generate, "free_vram_bytes", lambda device: 80 * GiB)
     placed = []
     monkeypatch.setattr(generate, "apply_memory_preset", lambda pipe, preset, device: placed.append((preset, device)))

@@ -57,6 +57,20 @@ def test_claims_are_fifo_and_queue_positions_follow(store):
     assert store.claim("w1", 30) is None
 
 
+def test_a_worker_claims_only_the_kinds_it_can_run(store):
+    """A worker whose model failed to load asks for upscale jobs only; one that can run nothing asks for none."""
+    for ref, kind in (("gen00001", "generate"), ("ups00002", "upscale"), ("gen00003", "generate")):
+        store.create(new_job(ref, "s", "o", kind, {}))
+        time.sleep(0.002)
+    assert store.claim("broken", 30, kinds=()) is None
+    upscale = store.claim("broken", 30, kinds=("upscale",))
+    assert upscale["reference_id"] == "ups00002" and upscale["worker_id"] == "broken"
+    assert store.claim("broken", 30, kinds=("upscale",)) is None, "generation jobs are left for others"
+    assert [store.get(r)["status"] for r in ("gen00001", "gen00003")] == [QUEUED, QUEUED]
+    assert store.claim("healthy", 30)["reference_id"] == "gen00001"  # the default takes every kind, oldest first
+    assert store.claim("healthy", 30, kinds=("generate", "upscale"))["reference_id"] == "gen00003"
+
+
 @pytest.fixture
 def serial_mongomock(monkeypatch):
     """A mongomock client whose every collection call is atomic, as each single-document write is on a

@@ -139,3 +139,55 @@ def test_only_pth_and_safetensors_are_loaded(tmp_path, tiny_upscalers):
         with pytest.raises(UpscalerLoadError, match=f"weights{suffix}: only .pth and .safetensors"):
             Upscaler(other)
     assert Upscaler(tiny_upscalers["compact"]).scale == 4
+
+
+def test_out_of_memory_with_a_tile_larger_than_the_frame_halves_the_frame_first(tiny_upscalers, monkeypatch):
+    """Bug 7: a configured tile of 512 on a 96x128 frame must not retry whole frames at 256 and 128."""
+    up = Upscaler(tiny_upscalers["compact"], tile=512)
+    tried = []
+
+    def out_of_memory(x, tile):
+        tried.append(tile)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(up, "_run", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        up.upscale(smooth_clip(1, 96, 128))
+    assert tried == [512, 64, 32]  # the whole frame, then half its longer side, then down to MIN_TILE
+
+
+class _Recorder:
+    """Wraps a spandrel model and records whether each input it gets is channels_last in memory."""
+
+    def __init__(self, model):
+        self.model, self.channels_last = model, []
+
+    def __call__(self, x):
+        self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("kind", ["rrdb", "compact"])
+def test_memory_format_applies_to_the_weights_and_every_input(tiny_upscalers, kind):
+    clip = smooth_clip(3, 40, 56)
+    outputs = {}
+    for channels_last in (True, False):
+        up = Upscaler(tiny_upscalers[kind], channels_last=channels_last, batch=3)
+        convs = [p for p in up.model.model.parameters() if p.ndim == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last
+                             and p.is_contiguous() != channels_last for p in convs)
+        up.model = _Recorder(up.model)
+        outputs[channels_last] = up.upscale(clip)
+        up.tile = 32  # the tiles' inputs too
+        up.upscale(clip)
+        assert len(up.model.channels_last) > 2 and set(up.model.channels_last) == {channels_last}
+    # the same network either way: only float rounding may differ
+    assert np.abs(outputs[True].astype(int) - outputs[False].astype(int)).max() <= 1
+
+
+def test_default_memory_format_is_the_measured_one_per_device(tiny_upscalers):
+    from pipeline.upscale import CHANNELS_LAST
+
+    up = Upscaler(tiny_upscalers["compact"])  # on the CPU
+    expected = torch.channels_last if CHANNELS_LAST["cpu"] else torch.contiguous_format
+    assert up.memory_format == expected and CHANNELS_LAST["cuda"] is True
