@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         message = str(exc)
         for name in overrides:  # a bad flag is named as the flag, a bad variable as the variable
-            message = message.replace(ENV_NAMES[name], "--" + name.replace("_", "-"))
+            message = re.sub(rf"\b{ENV_NAMES[name]}\b", "--" + name.replace("_", "-"), message)  # not T2V_MODELS_DIR
         parser.error(message)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if slots:

@@ -55,6 +55,9 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
         return models.get(model_id), tiny.tiny_model_dir(data_dir, model_id)
     entry = models.MODELS.get(model)
     folder = Path(models_dir or "models") / entry.folder_name if entry else Path(model)
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        raise MissingWeightsError(f"{folder} is not a diffusers model folder (no model_index.json); "
+                                  "point --model (T2V_MODEL) at a folder that `save_pretrained` or download.py wrote")
     if not (folder / "model_index.json").is_file():
         fetch = f"python download.py --only {entry.id}" if entry else "python download.py"
         raise MissingWeightsError(

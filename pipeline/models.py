@@ -443,7 +443,7 @@ def prepare_call(pipe, entry: ModelEntry, *, prompt: str, num_frames: int, steps
 def local_dir(entry: ModelEntry, models_dir: Path) -> Path:
     """Where download.py puts an entry's weights: the Hub folder's own name under T2V_MODELS_DIR, so the default
     model lands in ./models/HunyuanVideo, T2V_MODEL's default."""
-    return Path(models_dir) / entry.hub_repo.rsplit("/", 1)[-1]
+    return Path(models_dir) / entry.folder_name
 
 
 # What download.py fetches per id, in GB, where the size was found; an id not here has no known figure.
