@@ -122,7 +122,7 @@ def sign_in(page, base):
 def fill_tiny_job(page, prompt, steps=2, frames=9, seed=None, upscale=False):
     """The smallest job the form offers: 64x64, a few frames and steps."""
     page.fill("#prompt", prompt)
-    page.select_option("#size", "2")  # 1:1 (small) (64x64)
+    page.select_option("#size", "0")  # tiny 1:1 (64x64)
     page.fill("#frames", str(frames))
     page.fill("#steps", str(steps))
     page.fill("#seed", "" if seed is None else str(seed))
@@ -155,10 +155,10 @@ def test_prompt_to_video_in_the_browser(page, served, tmp_path):
     sign_in(page, server)  # keys are on: the page asks for one, once, and keeps it (keyboard only)
     assert page.evaluate("localStorage.getItem('t2v.apiKey')") == KEY
 
-    # The form offers only what the server accepts (T2V_MAX_SIDE=64).
+    # The form offers only what the server accepts: a tiny build's sizes within T2V_MAX_SIDE=64, 33 frames.
     sizes = page.eval_on_selector_all("#size option", "els => els.map(e => e.textContent)")
-    assert sizes == ["16:9 (small) (64x32)", "9:16 (small) (32x64)", "1:1 (small) (64x64)"]
-    assert page.get_attribute("#frames", "max") == "129" and page.get_attribute("#steps", "max") == "100"
+    assert sizes == ["tiny 1:1 (64x64)"]
+    assert page.get_attribute("#frames", "max") == "33" and page.get_attribute("#steps", "max") == "100"
     assert page.input_value("#fps") == "24" and page.input_value("#guidance") == "6"
     unlabeled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
         .filter(e => e.labels.length === 0).map(e => e.id)""")
@@ -224,8 +224,8 @@ def test_phone_layout_has_no_gaps(open_page, server):
 
 def test_cancel_shows_canceling_at_once_then_canceled(page, server):
     sign_in(page, server)
-    # Long enough to still be running when Cancel is pressed: 129 frames and 100 steps.
-    fill_tiny_job(page, "a long job to cancel", steps=100, frames=129)
+    # Long enough to still be running when Cancel is pressed: a tiny build's most frames (33) and 100 steps.
+    fill_tiny_job(page, "a long job to cancel", steps=100, frames=33)
     page.click("#submit")
     page.wait_for_function("document.querySelector('#stage').textContent.startsWith('Denoising')")
     ref = page.evaluate("localStorage.getItem('t2v.current')")
@@ -329,7 +329,7 @@ def test_reload_keeps_the_form_and_follows_the_job_and_the_queue(open_page, tmp_
         page.wait_for_function("document.querySelector('#current').dataset.status === 'queued'")
         values = page.evaluate("""['#prompt', '#size', '#frames', '#steps', '#fps', '#guidance', '#seed']
             .map(s => document.querySelector(s).value)""")
-        assert values == [example, "2", "9", "2", "12", "4.5", "7"]
+        assert values == [example, "0", "9", "2", "12", "4.5", "7"]
         assert page.is_checked("#upscale") is False
         assert page.evaluate("localStorage.getItem('t2v.current')") == second
         page.wait_for_function("document.querySelector('#stage').textContent"
