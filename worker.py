@@ -307,13 +307,12 @@ class Worker:
 
     def _fetch_image(self, key: str, ref: str):
         """The job's input image, fetched from the blob store (the API checked it before queueing)."""
-        from PIL import Image
+        from pipeline.spec import load_image
 
         path = self.work_dir / f"{ref}.image"
         try:
             self.blobs.get(key, path)
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            return load_image(path)  # upright by its EXIF orientation, as a phone photo needs
         except StorageError as exc:
             raise InputUnavailable(f"the input image could not be fetched: {exc}") from None
         finally:

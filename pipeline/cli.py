@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
-from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError
+from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError, Rules
 
 EXIT_USAGE = 2
 
@@ -83,12 +83,13 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
     param("prompt", "what the video shows (1-2000 characters)", required=True)
     param("negative_prompt", "what to avoid; turns on true CFG, which doubles the work per step (default: none)",
           metavar="TEXT")
-    param("width", f"frame width, a multiple of 16 (default: {DEFAULT_WIDTH})", type=int)
-    param("height", f"frame height, a multiple of 16 (default: {DEFAULT_HEIGHT})", type=int)
-    param("num_frames", f"frame count, 4k+1; 129 is about 5 s at 24 fps (default: {Limits.max_frames}, or "
-                        "$T2V_MAX_FRAMES when lower)", type=int, metavar="N")
+    param("width", f"frame width, a multiple of the model's size step (default: the model's own; {DEFAULT_WIDTH} for "
+          "HunyuanVideo, 64 for a tiny build)", type=int)
+    param("height", f"frame height (default: the model's own; {DEFAULT_HEIGHT} for HunyuanVideo, 64 for a tiny build)", type=int)
+    param("num_frames", f"frame count, 4k+1; 129 is about 5 s at 24 fps (default: the model's own; {Limits.max_frames} "
+                        "for HunyuanVideo, 9 for a tiny build; at most $T2V_MAX_FRAMES)", type=int, metavar="N")
     param("fps", f"frame rate of the MP4, 1-60 (default: {DEFAULT_FPS})", type=int)
-    param("num_inference_steps", "denoising steps, 1-100 (default: 30)", type=int, metavar="N")
+    param("num_inference_steps", "denoising steps, 1-100 (default: the model's own; 30 for HunyuanVideo, 4 for a tiny build)", type=int, metavar="N")
     param("guidance_scale", "embedded guidance scale (default: 6.0)", type=float, metavar="SCALE")
     param("seed", "random seed (default: picked at random and printed)", type=int)
     if upscale:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         settings = Settings.from_env(**overrides)
         given = {name: value for name in PARAM_FLAGS if (value := getattr(args, name, None)) is not None}
         params = JobParams.from_dict({**given, "upscale": upscale and settings.upscaler != "none"},
-                                     Limits.from_settings(settings))
+                                     Rules.from_settings(settings))  # a tiny model gets tiny defaults
         output = args.output or Path(settings.output_dir) / f"t2v_{params.seed}.mp4"
         check_writable(output)
         check_weights(settings, params)

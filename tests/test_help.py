@@ -89,6 +89,7 @@ def test_the_settings_flags_name_their_variable_and_its_default_once(tmp_path):
     assert entries["--model"].endswith("($T2V_MODEL; default: ./models/HunyuanVideo)")
     assert entries["--memory"].endswith("($T2V_MEMORY; default: auto)")
     assert entries["--upscaler"].endswith("($T2V_UPSCALER; default: ./models/RealESRGAN_x4plus.pth)")
-    assert entries["--steps"].endswith("(default: 30)") and entries["--width"].endswith("(default: 960)")
+    assert entries["--steps"].endswith("30 for HunyuanVideo, 4 for a tiny build)")
+    assert entries["--width"].endswith("960 for HunyuanVideo, 64 for a tiny build)")
     assert entries["--output"].endswith("(default: ./outputs/t2v_<seed>.mp4, in $T2V_OUTPUT_DIR)")
     assert entries["--prompt"] == "--prompt PROMPT what the video shows (1-2000 characters)"

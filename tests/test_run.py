@@ -95,6 +95,14 @@ def test_test_py_writes_the_64px_video(tmp_path):
     assert (info["width"], info["height"], info["frames"]) == (64, 64, 9)
 
 
+def test_a_tiny_model_gets_tiny_defaults_on_the_command_line(tmp_path):
+    """Issue 13: `test.py --model tiny --prompt ...` alone finishes in seconds (it took HunyuanVideo's 960x544x129)."""
+    proc = run_script("test.py", "--model", "tiny", "--prompt", "a red fox", "--output", "first.mp4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = probe(tmp_path / "first.mp4")
+    assert (info["width"], info["height"], info["frames"]) == (64, 64, 9)
+
+
 @pytest.mark.parametrize("args, reason", [
     (["--width", "65"], "--width: must be a multiple of 16"),
     (["--num-frames", "10"], "--num-frames: must be of the form 4k+1"),
