@@ -479,7 +479,7 @@ class VideoGenerator:
         """Run one short job (one step) at `params`' size, so a compiled model compiles now and not in
         the first user's job."""
         log.info("warm-up: one step at %dx%d, %d frames", params.width, params.height, params.num_frames)
-        self.generate(replace(params, num_inference_steps=1))
+        self.generate(params.model_copy(update={"num_inference_steps": 1}))
 
     def unload(self) -> None:
         """Let go of the model's memory: offload hooks freed and removed, compiled graphs dropped. The caller

@@ -332,6 +332,15 @@ def default_model(settings) -> str:
     return by_name[0] if by_name else DEFAULT_MODEL
 
 
+def pipeline_class_of(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder names; ValueError naming the file when it cannot be read."""
+    index = Path(folder) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{index} cannot be read as a diffusers model index ({exc})") from None
+
+
 def is_model_folder(folder: Path) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
@@ -340,7 +349,7 @@ def model_id_for_folder(folder: Path) -> str:
     """The registry id of a diffusers folder, from its pipeline class; where several ids share the class
     (Wan, HunyuanVideo-1.5), from the folder's name, which must then be the Hub folder's own."""
     folder = Path(folder)
-    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    class_name = pipeline_class_of(folder)
     candidates = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
     if len(candidates) == 1:
         return candidates[0].id
@@ -372,7 +381,7 @@ def entry_for_folder(folder: Path) -> ModelEntry:
     """The entry a diffusers folder loads as: among the entries whose pipeline class is the folder's, the one
     the folder is named after (its Hub name, or its id for a tiny build), else the first (the ids that share a
     class differ only in defaults; the weights' own configs rule the call)."""
-    class_name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    class_name = pipeline_class_of(Path(folder))
     matches = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
     if not matches:
         raise ValueError(f"{folder} holds a {class_name}, which t2v does not serve; "
