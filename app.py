@@ -378,41 +378,39 @@ def _image_too_large(settings: Settings) -> ApiError:
     return ApiError(400, "invalid_image", f"image: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
 
 
-def _store_image(data: bytes, reference_id: str) -> None:
-    """Put a checked image in the blob store (`inputs/<id>`, as uploaded clips), where a worker on any node
-    fetches it. A disk or storage fault is a 503, never a 500."""
-    path = Path(_svc().settings.data_dir) / "work" / f"{reference_id}.image"
+@contextlib.contextmanager
+def _staged_input(path: Path, what: str):
+    """A temporary file for a job's input on its way into the blob store (`inputs/<id>`), where a worker on
+    any node fetches it. A disk or storage fault is a 503, never a 500; the file goes either way."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        _svc().blobs.put(path, input_key(reference_id))
+        yield path
     except (OSError, StorageError) as exc:
-        log.error("could not store an input image: %s", exc)
-        raise ApiError(503, "storage_unavailable", "the image could not be stored; try again shortly") from None
+        log.error("could not store %s: %s", what, exc)
+        raise ApiError(503, "storage_unavailable", f"{what} could not be stored; try again shortly") from None
     finally:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+def _store_image(data: bytes, reference_id: str) -> None:
+    """Put a checked image in the blob store, as uploaded clips are."""
+    with _staged_input(Path(_svc().settings.data_dir) / "work" / f"{reference_id}.image", "the image") as path:
+        path.write_bytes(data)
+        _svc().blobs.put(path, input_key(reference_id))
 
 
 def _store_input(upload, reference_id: str):
-    """Check the clip on a temporary file here, then put it in the blob store (`inputs/<id>`), where a
-    worker on any node fetches it. A disk or storage fault is a 503, never a 500."""
+    """Check the clip on a temporary file here, then put it in the blob store."""
     settings = _svc().settings
-    path = upload_path(settings, reference_id)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with _staged_input(upload_path(settings, reference_id), "the upload") as path:
         upload.save(path)
-        info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
+        try:
+            info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
+        except VideoInputError as exc:
+            raise ApiError(400, "invalid_video", str(exc)) from None
         _svc().blobs.put(path, input_key(reference_id))
         return info
-    except VideoInputError as exc:
-        raise ApiError(400, "invalid_video", str(exc)) from None
-    except (OSError, StorageError) as exc:
-        log.error("could not store an upload: %s", exc)
-        raise ApiError(503, "storage_unavailable", "the upload could not be stored; try again shortly") from None
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- answers
