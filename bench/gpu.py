@@ -111,6 +111,11 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / GiB, 2) if device.type == "cuda" else None
 
 
+def significant(seconds: float) -> float:
+    """A timing to 4 significant figures: a fast row on a small config never rounds down to 0."""
+    return float(f"{seconds:.4g}")
+
+
 def timed(fn, device: torch.device) -> float:
     """Seconds that `fn()` takes on `device`, with the device drained before and after."""
     synchronize(device)
@@ -254,7 +259,7 @@ def transformer_rows(m: Matrix, device, dtype, pairs, compile_blocks: bool, budg
                         timed(step, device)
                     with torch.compiler.set_stance("fail_on_recompile"):
                         seconds = [timed(step, device) for _ in range(m.steps)]
-                return {"seconds": round(sum(seconds) / len(seconds), 3), "per": f"step (mean of {m.steps})"}
+                return {"seconds": significant(sum(seconds) / len(seconds)), "per": f"step (mean of {m.steps})"}
 
             tokens = m.text_tokens if mode == "masked" else m.real_tokens
             rows.append(run_row({"part": "transformer", "shape": f"{height}x{width}x{m.frames}",
@@ -279,7 +284,7 @@ def vae_rows(m: Matrix, device, dtype, budget: Budget) -> list[dict]:
                 with torch.inference_mode():
                     timed(lambda: vae.decode(latents[:, :, :1]), device)  # kernels and workspaces, not compile
                     seconds = timed(lambda: vae.decode(latents), device)
-                return {"seconds": round(seconds, 2), "per": "decode of the clip"}
+                return {"seconds": significant(seconds), "per": "decode of the clip"}
 
             rows.append(run_row({"part": "vae decode", "shape": f"{height}x{width}x{m.frames}",
                                  "variant": "tiled" if tiled else "untiled", "backend": ""}, measure, device, budget))
@@ -308,7 +313,7 @@ def upscale_rows(m: Matrix, device, folder: Path, budget: Budget) -> list[dict]:
                 up.upscale(frames[:batch])  # warm-up at the batch's shape
                 seconds = timed(lambda: sum(1 for _ in up.stream(frames)), device)
                 note = f"OOM retry settled on {up.tile}px tiles" if up.tile else ""
-                return {"seconds": round(seconds, 2), "per": f"clip ({m.upscale_frames / seconds:.1f} frames/s)",
+                return {"seconds": significant(seconds), "per": f"clip ({m.upscale_frames / seconds:.1f} frames/s)",
                         "note": note}
 
             dtype = "fp16" if up.dtype == torch.float16 else "fp32"
