@@ -1,6 +1,6 @@
 """The t2v REST API: `create_app(settings=None)` builds Flask over one blueprint per face of the API
-(api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page), all calling one
-service layer (api/service.py), behind the request guards of api/guards.py.
+(api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page; api/events.py: live
+events and previews), all calling one service layer (api/service.py), behind the request guards of api/guards.py.
 
     python app.py                                   # waitress on 127.0.0.1:7866, SQLite, local files, thread worker
     gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
@@ -21,7 +21,7 @@ import waitress
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from api import classic, guards, jobs as job_routes
+from api import classic, events, guards, jobs as job_routes
 from api.service import ApiError, Service, svc
 from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from pipeline.cli import ArgumentParser
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     guards.install(app)
     app.register_blueprint(classic.bp)
     app.register_blueprint(job_routes.bp)
+    app.register_blueprint(events.bp)
     return app
 
 

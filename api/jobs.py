@@ -13,7 +13,7 @@ from pipeline import models
 from pipeline.spec import OUTSCALES, describe
 from storage.blobs import StorageError
 from storage.jobs import CANCELED, TERMINAL, StoreUnavailable
-from worker import discard_input
+from worker import discard_input, preview_key
 
 log = logging.getLogger("t2v.api")
 bp = Blueprint("jobs", __name__)
@@ -37,7 +37,8 @@ def cancel_job(reference_id):
 
 @bp.delete("/jobs/<reference_id>")
 def delete_job(reference_id):
-    """Remove a job for good: its video, poster and uploaded clip (T2V_KEEP_INPUTS or not), then its record.
+    """Remove a job for good: its video, poster, preview and uploaded clip (T2V_KEEP_INPUTS or not), then its
+    record and its events.
     A queued or running job is canceled first. A running job's worker finds its lease gone at its next
     heartbeat and stops at its next cancel check; its later writes match no record, so none brings it back.
     The files go first: if that fails (503), the record stays and the DELETE can be sent again."""
@@ -51,6 +52,7 @@ def delete_job(reference_id):
             if job["result"] and job["result"].get(key):
                 service.blobs.delete(job["result"][key])
         service.blobs.delete(input_key(reference_id))  # an uploaded clip or image, if the job had one
+        service.blobs.delete(preview_key(reference_id))  # its latest preview, if it made one
     except (OSError, StorageError) as exc:
         log.error("job %s: its files could not be deleted: %s", reference_id, exc)
         raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None

@@ -279,7 +279,8 @@ def status_view(job: dict) -> dict:
 def job_view(job: dict) -> dict:
     view = {"session_id": job["session_id"], "kind": job["kind"], **status_view(job),
             "params": job["params"], "created_at": job["created_at"], "started_at": job["started_at"],
-            "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None}
+            "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None,
+            "events_url": media_url("events.job_events", job["reference_id"])}
     if job["status"] == COMPLETED and job["result"]:
         view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
