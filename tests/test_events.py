@@ -204,3 +204,37 @@ def test_open_streams_counts_each_stream_until_it_closes(make_app):
     for r in reversed(responses):  # in one thread, Flask's stream contexts must end last-opened first
         r.close()
     assert open_streams(app) == 0
+
+
+def test_the_worker_keeps_no_preview_of_a_deleted_job(tmp_path, settings):
+    """A preview stored after its job was deleted is removed at once; one left by a crash, by the sweep."""
+    import numpy as np
+
+    from storage.blobs import LocalBlobStore
+    from storage.jobs import SqliteJobStore, new_job
+    from worker import Worker, _PreviewWriter, preview_key
+
+    jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")
+    (tmp_path / "work").mkdir()
+    frames = np.stack([np.full((8, 8, 3), 60 * i, np.uint8) for i in range(3)])  # WebP merges equal frames
+    jobs.create(new_job("ref00001", "s", "o", "generate", {}))
+    jobs.claim("w1", 30)
+
+    def preview_at(step):
+        writer = _PreviewWriter(jobs, blobs, "ref00001", "w1", tmp_path / "work", duration_s=1.0)
+        writer(step, 4, frames)
+        writer.close()
+
+    preview_at(2)
+    assert Image.open(blobs.local_path(preview_key("ref00001"))).n_frames == 3
+    assert [e["data"] for e in jobs.events_after("ref00001", 0)] == [
+        {"step": 2, "total": 4, "width": 8, "height": 8, "frames": 3}]
+    jobs.delete("ref00001")
+    preview_at(4)
+    assert blobs.local_path(preview_key("ref00001")) is None and not list((tmp_path / "work").iterdir())
+
+    orphan = tmp_path / "orphan.webp"
+    orphan.write_bytes(b"RIFF")
+    blobs.put(orphan, preview_key("ref00002"))
+    worker = Worker(settings, jobs, blobs, models=object())
+    assert worker.sweep_previews() == 1 and blobs.local_path(preview_key("ref00002")) is None
