@@ -110,13 +110,13 @@ def preview_frames(latents: torch.Tensor, family: str, max_side: int = MAX_SIDE)
     video = latents[0].float()  # (C, F, H, W)
     proj = projection(family, video.shape[0])
     rgb = torch.einsum("cfhw,cr->frhw", video, proj.weights.to(video.device))
-    rgb = rgb + proj.bias.to(video.device)[None, :, None, None]
+    rgb.add_(proj.bias.to(video.device)[None, :, None, None])
     height, width = rgb.shape[-2:]
     scale = min(1.0, max_side / max(height, width))
     if scale < 1.0:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         rgb = torch.nn.functional.interpolate(rgb, size=size, mode="area")
-    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+    pixels = rgb.add_(1).mul_(127.5).clamp_(0, 255).round_().to(torch.uint8)  # [-1, 1] -> [0, 255]
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
