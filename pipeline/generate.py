@@ -65,7 +65,7 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
             f"run `{fetch}` to fetch it, or use --model tiny"
         )
     try:
-        return entry or models.entry_for_folder(folder), folder
+        return entry or models.MODELS[models.model_id_for_folder(folder)], folder
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
