@@ -51,8 +51,10 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
     name>`; anything else -> a diffusers folder, whose entry is read from its pipeline class.
     """
     model_id, is_tiny = models.split_tiny(model)
+    if is_tiny and model_id not in models.MODELS:
+        raise ConfigError(f"{model}: no such tiny build; tiny:<id> takes a registry id ({', '.join(models.MODELS)})")
     if is_tiny:
-        return models.get(model_id), tiny.tiny_model_dir(data_dir, model_id)
+        return models.MODELS[model_id], tiny.tiny_model_dir(data_dir, model_id)
     entry = models.MODELS.get(model)
     folder = Path(models_dir or "models") / entry.folder_name if entry else Path(model)
     if folder.is_dir() and not (folder / "model_index.json").is_file():
