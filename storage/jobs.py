@@ -32,8 +32,6 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Collection, Protocol
 
-from pipeline.models import DEFAULT_MODEL
-
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
 TERMINAL = (COMPLETED, FAILED, CANCELED)
 JOB_KINDS = ("generate", "upscale")
@@ -92,14 +90,16 @@ def _worker_lost(attempts: int) -> dict:
 WORKER_REPORT_EVERY_S = 5.0  # how often a running worker records what it takes
 WORKER_LIVE_S = 30.0  # a worker seen this recently counts as live (generous: busy stores, clocks a little apart)
 WORKER_FORGET_S = 24 * 3600.0  # the record of a worker that died without a word is deleted after this
+# What a job stored without `model` (queued before jobs named one) runs: JobParams' default,
+# pipeline.models.DEFAULT_MODEL (storage imports nothing of pipeline/; a test checks the two agree).
+UNNAMED_MODEL = "hunyuanvideo"
 
 
 def job_model(job: dict) -> str | None:
-    """The model a generation job runs: `params.model`, or for a record without one (queued before jobs named
-    their model) the registry's default, as the worker's `JobParams` fills it. None for other kinds."""
+    """The model a generation job runs: `params.model`, else UNNAMED_MODEL. None for other kinds."""
     if job["kind"] != "generate":
         return None
-    return (job["params"] or {}).get("model") or DEFAULT_MODEL
+    return (job["params"] or {}).get("model") or UNNAMED_MODEL
 
 
 def _claimable_kinds(kinds: tuple[str, ...], models: Collection[str] | None) -> tuple[str, ...]:
@@ -304,7 +304,7 @@ class SqliteJobStore(_Outcomes):
         if models is not None:
             model_rule = (" AND (kind != 'generate' OR COALESCE(json_extract(params, '$.model'), ?) "
                           f"IN ({', '.join('?' * len(models))}))")
-            model_args = (DEFAULT_MODEL, *models)
+            model_args = (UNNAMED_MODEL, *models)
         now = time.time()
         with self._tx(write=True) as db:
             row = db.execute(
@@ -548,7 +548,7 @@ class MongoJobStore(_Outcomes):
             return None
         query = {"status": QUEUED, "kind": {"$in": list(kinds)}}
         if models is not None:
-            named = [*models, None] if DEFAULT_MODEL in models else list(models)
+            named = [*models, None] if UNNAMED_MODEL in models else list(models)
             query["$or"] = [{"kind": {"$ne": "generate"}}, {"params.model": {"$in": named}}]
         now = time.time()
         return self._update_one(

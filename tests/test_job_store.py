@@ -74,6 +74,11 @@ def test_a_worker_claims_only_the_kinds_it_can_run(store):
 def test_a_worker_claims_only_generation_jobs_for_the_models_it_serves(store):
     """A job stored without a model (queued before jobs named one) runs the default model, hunyuanvideo;
     upscale jobs are not model-bound; a worker that serves no model takes upscale jobs only."""
+    from pipeline.models import DEFAULT_MODEL
+    from pipeline.spec import JobParams
+    from storage.jobs import UNNAMED_MODEL
+
+    assert UNNAMED_MODEL == DEFAULT_MODEL == JobParams(prompt="p").model == "hunyuanvideo"
     for ref, kind, params in (("wan00001", "generate", {"model": "wan2.2-ti2v-5b"}), ("old00002", "generate", {}),
                               ("hun00003", "generate", {"model": "hunyuanvideo"}), ("ups00004", "upscale", {}),
                               ("wan00005", "generate", {"model": "wan2.2-ti2v-5b"})):
