@@ -4,6 +4,8 @@ node, and a queued job that no live worker takes says why in /get_status.
 Each "node" here is a models folder holding one tiny build under its Hub folder name, as download.py lays out
 real weights; the nodes share one SQLite job store and one blob store, as `python worker.py` nodes do."""
 
+import dataclasses
+
 import pytest
 
 from config import Settings
@@ -98,3 +100,55 @@ def test_a_stopped_worker_removes_its_record(node, shared):
     wait_for(lambda: jobs.live_workers(60), timeout=120)
     worker.stop(timeout=120)
     assert not worker.alive and jobs.live_workers(60) == []
+
+
+def get_status(client, sub: dict) -> dict:
+    r = client.post("/get_status", json={"session_id": sub["session_id"], "reference_id": sub["reference_id"]})
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def test_a_queued_job_no_live_worker_takes_says_why_in_get_status(node, shared, start, tmp_path):
+    """An API node without the worker (T2V_WORKER=off) queues any registry model; /get_status tells why it waits."""
+    from app import create_app
+
+    jobs, blobs = shared
+    api = Settings.from_env(env={}, model="tiny", upscaler="none", worker="off", data_dir=tmp_path / "api")
+    client = create_app(api, jobs=jobs, blobs=blobs).test_client()
+    r = client.post("/generate_video", json={**JOB, "model": WAN})
+    assert r.status_code == 200, r.json
+    sub = r.json
+    status = get_status(client, sub)
+    assert status["status"] == QUEUED and status["stage"] == "waiting for a worker: none has reported in the last 30 s"
+    assert set(status) == {"reference_id", "status", "stage", "progress", "queue_position", "eta_s", "error"}
+    hunyuan_worker = start(node(HUNYUAN), jobs, blobs)
+    wait_for(lambda: jobs.live_workers(60), timeout=120)
+    status = get_status(client, sub)
+    assert status["status"] == QUEUED and status["stage"] == f"waiting for a worker that serves {WAN}"
+    assert client.get(f"/jobs/{sub['reference_id']}").json["stage"] == status["stage"]
+    other = client.post("/generate_video", json={**JOB, "model": HUNYUAN}).json  # this one a live worker takes
+    done = wait_for(lambda: (s := get_status(client, other))["status"] == COMPLETED and s, timeout=600)
+    assert done["stage"] == COMPLETED and jobs.get(other["reference_id"])["worker_id"] == hunyuan_worker.worker_id
+    assert get_status(client, sub)["stage"] == f"waiting for a worker that serves {WAN}"
+    start(node(WAN), jobs, blobs)  # a node with the model joins: the job runs there
+    assert wait_for(lambda: (s := get_status(client, sub))["status"] == COMPLETED and s, timeout=600)["error"] is None
+
+
+def test_an_api_node_running_the_worker_refuses_a_model_it_lacks(node, shared, tmp_path):
+    """T2V_WORKER=thread: the worker in this process is the one that would run the job, so a model it does not
+    serve is refused at submission with a 400 naming it, and nothing is queued."""
+    from app import create_app
+
+    jobs, blobs = shared
+    settings = dataclasses.replace(node(HUNYUAN), worker="thread")
+    app = create_app(settings, jobs=jobs, blobs=blobs)
+    worker = app.extensions["t2v"].worker
+    try:
+        assert worker is not None and worker.served == (HUNYUAN,)
+        r = app.test_client().post("/generate_video", json={**JOB, "model": WAN})
+        assert r.status_code == 400 and r.json["error"]["code"] == "invalid_parameter", r.json
+        assert r.json["error"]["message"].startswith(f"model: {WAN} is not installed on this server "
+                                                     f"(it serves: {HUNYUAN})")
+        assert jobs.count_queued() == 0
+    finally:
+        worker.stop(timeout=120)
