@@ -56,8 +56,10 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
     name>`; anything else -> a diffusers folder, whose entry is read from its pipeline class.
     """
     model_id, is_tiny = models.split_tiny(model)
+    if is_tiny and model_id not in models.MODELS:
+        raise ConfigError(f"{model}: no such tiny build; tiny:<id> takes a registry id ({', '.join(models.MODELS)})")
     if is_tiny:
-        return models.get(model_id), tiny.tiny_model_dir(data_dir, model_id)
+        return models.MODELS[model_id], tiny.tiny_model_dir(data_dir, model_id)
     entry = models.MODELS.get(model)
     folder = Path(models_dir or "models") / entry.folder_name if entry else Path(model)
     if folder.is_dir() and not (folder / "model_index.json").is_file():
@@ -70,7 +72,7 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
             f"run `{fetch}` to fetch it, or use --model tiny"
         )
     try:
-        return entry or models.entry_for_folder(folder), folder
+        return entry or models.MODELS[models.model_id_for_folder(folder)], folder
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -305,12 +305,12 @@ def test_signed_media_links_work_without_a_key_and_only_as_issued(make_app):
     swapped = poster.replace("/poster?", "/video?")  # a poster's signature does not open the video
     import time
 
-    import app as app_module
+    from api.service import signature
 
     with app.test_request_context():  # a correctly signed link whose time is up
         past = int(time.time()) - 10
-        expired = f"/jobs/{sub['reference_id']}/video?expires={past}&sig=" + app_module._signature(
-            "job_video", sub["reference_id"], past)
+        expired = f"/jobs/{sub['reference_id']}/video?expires={past}&sig=" + signature(
+            "jobs.job_video", sub["reference_id"], past)
     for link in (tampered, swapped, expired):
         r = client.get(link)
         assert r.status_code == 401 and r.json["error"]["code"] == "invalid_signature"

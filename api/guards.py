@@ -1,0 +1,152 @@
+"""Who may call, and what a request may carry: hooks that run before (and after) every route.
+
+Host allow-list (DNS rebinding), cross-site refusal and CORS, body types, API keys and signed links,
+and the body-size limits per route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from urllib.parse import urlsplit
+
+from flask import Flask, g, request
+
+from api.service import ApiError, generate_body_limit, signature, svc
+
+PUBLIC_ENDPOINTS = {"jobs.health", "static", "jobs.index"}  # everything else needs a key when keys are on
+
+
+SIGNED_ENDPOINTS = {"jobs.job_video", "jobs.job_poster"}
+
+
+EXPIRES_PATTERN = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True, and int() refuses it
+
+
+SIG_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?", re.IGNORECASE)
+
+
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data")}
+
+
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
+
+
+def _check_host():
+    """Answer only to the Host names allowed (T2V_ALLOWED_HOSTS), so a page cannot reach a loopback server
+    under a name of its own (DNS rebinding)."""
+    trusted = svc().settings.trusted_hosts
+    match = HOST_HEADER.fullmatch(request.host)  # Werkzeug gives "" for a Host with invalid characters
+    if trusted is not None and (match is None or match["name"].lower() not in trusted):
+        raise ApiError(400, "host_not_allowed", "this server does not answer to that Host name (T2V_ALLOWED_HOSTS)")
+
+
+def _cross_site_origin() -> str | None:
+    """The Origin of a request sent by another site's page, or "" when Sec-Fetch-Site alone says so; else None."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        try:
+            same = urlsplit(origin).netloc.lower() == request.host.lower()
+        except ValueError:  # "http://[::1" and the like
+            same = False
+        if not same:
+            return origin
+    return "" if request.headers.get("Sec-Fetch-Site") == "cross-site" else None
+
+
+def _cors_allowed(origin: str | None) -> bool:
+    return bool(origin) and origin.lower() in {o.lower() for o in svc().settings.cors_origins}
+
+
+def _refuse_cross_site():
+    """Another site's page may not change anything here unless T2V_CORS_ORIGINS names it."""
+    if request.method in STATE_CHANGING and request.url_rule is not None:
+        origin = _cross_site_origin()
+        if origin is not None and not _cors_allowed(origin):
+            raise ApiError(403, "cross_site", "requests from other sites are refused (T2V_CORS_ORIGINS)")
+
+
+def _check_body_type():
+    """A state-changing request's body is JSON (multipart for uploads), which no HTML form and no CORS-simple
+    request can send. A POST with no body and no Content-Type (curl -X POST .../cancel) carries nothing."""
+    if request.method not in STATE_CHANGING or request.url_rule is None:
+        return
+    bodyless = request.content_length == 0 or (request.content_length is None
+                                                 and "Transfer-Encoding" not in request.headers)
+    if bodyless and not request.content_type:
+        return
+    wanted = BODY_TYPES.get(request.endpoint, ("application/json",))
+    if request.mimetype not in wanted:
+        raise ApiError(415, "unsupported_media_type", f"send the request body as {' or '.join(wanted)}")
+
+
+def _cors_headers(response):
+    """CORS headers for the origins in T2V_CORS_ORIGINS, preflights (OPTIONS) included."""
+    if not svc().settings.cors_origins:
+        return response
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if _cors_allowed(origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response.headers["Access-Control-Allow-Methods"] = response.headers.get("Allow", "GET, POST")
+            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+            response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def _authenticate():
+    """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video or
+    poster, a signed link). The owner of a job is a hash of the key that made it. A CORS preflight
+    (OPTIONS) never carries a key and changes nothing."""
+    keys = svc().settings.api_keys
+    if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS" or not keys:
+        g.owner = "local"
+        return None
+    if request.endpoint in SIGNED_ENDPOINTS and "sig" in request.args:
+        if not _signature_valid():
+            raise ApiError(401, "invalid_signature", "this link is invalid or has expired")
+        g.owner, g.signed_ref = None, request.view_args["reference_id"]
+        return None
+    auth = request.headers.get("Authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
+    key_bytes = key.encode("utf-8", "surrogatepass")
+    if not key or not any(hmac.compare_digest(key_bytes, k.encode()) for k in keys):
+        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
+    g.owner = "key:" + hashlib.sha256(key_bytes).hexdigest()[:16]
+    return None
+
+
+def _signature_valid() -> bool:
+    expires, sig = request.args.get("expires", ""), request.args.get("sig", "")
+    if not EXPIRES_PATTERN.fullmatch(expires) or not SIG_PATTERN.fullmatch(sig) or int(expires) < time.time():
+        return False
+    expected = signature(request.endpoint, request.view_args["reference_id"], int(expires))
+    return hmac.compare_digest(expected, sig)
+
+
+def _upload_limit():
+    """Uploads get their own, larger body limit (T2V_MAX_UPLOAD_MB); JSON bodies keep T2V_MAX_BODY_KB, with
+    room for an image on /generate_video."""
+    if request.endpoint == "classic.upscale_video":
+        request.max_content_length = svc().settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
+    elif request.endpoint == "classic.generate_video":
+        request.max_content_length = generate_body_limit(svc().settings)
+
+
+def install(app: Flask) -> None:
+    """The hooks, in the order they must run: a refused Host or site learns nothing about keys."""
+    app.before_request(_check_host)
+    app.before_request(_refuse_cross_site)
+    app.before_request(_check_body_type)
+    app.before_request(_authenticate)
+    app.before_request(_upload_limit)
+    app.after_request(_cors_headers)

@@ -1,0 +1,120 @@
+"""Resource-style routes over the same jobs: one job by id (view, cancel, delete, its video and poster),
+what this server serves (/models, /limits), /health, /openapi.json and the web page."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify
+
+from api.service import (ApiError, blob_response, input_key, job_rules, job_view, owned_job, svc)
+from openapi import build_spec
+from pipeline import models
+from pipeline.spec import OUTSCALES, describe
+from storage.blobs import StorageError
+from storage.jobs import CANCELED, TERMINAL, StoreUnavailable
+from worker import discard_input
+
+log = logging.getLogger("t2v.api")
+bp = Blueprint("jobs", __name__)
+
+
+@bp.get("/jobs/<reference_id>")
+def job(reference_id):
+    return jsonify(job_view(owned_job(reference_id)))
+
+
+@bp.post("/jobs/<reference_id>/cancel")
+def cancel_job(reference_id):
+    job = owned_job(reference_id)
+    if job["status"] in TERMINAL:
+        raise ApiError(409, "already_finished", f"job {reference_id} is already {job['status']}")
+    status = svc().jobs.request_cancel(reference_id)
+    if status == CANCELED:
+        discard_input(svc().settings, svc().blobs, job)
+    return jsonify(reference_id=reference_id, status=status, cancel_requested=True)
+
+
+@bp.delete("/jobs/<reference_id>")
+def delete_job(reference_id):
+    """Remove a job for good: its video, poster and uploaded clip (T2V_KEEP_INPUTS or not), then its record.
+    A queued or running job is canceled first. A running job's worker finds its lease gone at its next
+    heartbeat and stops at its next cancel check; its later writes match no record, so none brings it back.
+    The files go first: if that fails (503), the record stays and the DELETE can be sent again."""
+    service = svc()
+    job = owned_job(reference_id)
+    if job["status"] not in TERMINAL:
+        service.jobs.request_cancel(reference_id)
+        job = service.jobs.get(reference_id) or job  # it may have completed meanwhile, with files to delete
+    try:
+        for key in ("video_key", "poster_key"):
+            if job["result"] and job["result"].get(key):
+                service.blobs.delete(job["result"][key])
+        service.blobs.delete(input_key(reference_id))  # an uploaded clip or image, if the job had one
+    except (OSError, StorageError) as exc:
+        log.error("job %s: its files could not be deleted: %s", reference_id, exc)
+        raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None
+    service.jobs.delete(reference_id)
+    return jsonify(reference_id=reference_id, deleted=True)
+
+
+@bp.get("/jobs/<reference_id>/video")
+def job_video(reference_id):
+    return blob_response(owned_job(reference_id), "video_key", "video/mp4")
+
+
+@bp.get("/jobs/<reference_id>/poster")
+def job_poster(reference_id):
+    return blob_response(owned_job(reference_id), "poster_key", "image/jpeg")
+
+
+@bp.get("/")
+def index():
+    """The web page: plain HTML, CSS and JavaScript that use this same API."""
+    return current_app.send_static_file("index.html")
+
+
+@bp.get("/limits")
+def limits():
+    """What this server accepts for its default model (a tiny build's small sizes included), so a
+    client (the web page) offers nothing it would refuse."""
+    s, rules = svc().settings, job_rules()
+    model = describe(rules, rules.default_model)
+    caps = model["limits"]
+    return jsonify(max_prompt_chars=caps["max_prompt_chars"], sizes=model["presets"], max_side=caps["max_side"],
+                   max_frames=caps["max_frames"], max_steps=caps["max_steps"],
+                   default_steps=model["defaults"]["num_inference_steps"], outscales=list(OUTSCALES),
+                   upscale=s.upscaler != "none", max_upload_mb=s.max_upload_mb, model=model["id"],
+                   inputs=model["inputs"], defaults=model["defaults"], max_image_mb=s.max_image_mb)
+
+
+@bp.get("/models")
+def list_models():
+    """The models a job may name here, with their inputs, presets, limits and defaults; and the LoRAs.
+    `installed`: the weights (or the tiny build) are on this node."""
+    rules = job_rules()
+    here = models.served_models(svc().settings)
+    return jsonify(default=rules.default_model, loras=list(rules.loras),
+                   models=[{**describe(rules, model_id), "installed": model_id in here} for model_id in rules.models])
+
+
+@bp.get("/health")
+def health():
+    service = svc()
+    worker = service.worker
+    body = {"status": "ok", "store": "ok", "queue_length": None,
+            "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
+            "model_loaded": bool(worker and worker.model_loaded),
+            "model_error": worker.model_error if worker else None}
+    try:
+        service.jobs.ping()
+        body["queue_length"] = service.jobs.count_queued()
+    except StoreUnavailable:
+        body.update(status="unavailable", store="unavailable")
+        return jsonify(body), 503
+    return jsonify(body)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(build_spec(svc().settings, job_rules()))

@@ -1,0 +1,312 @@
+"""The one service layer under every face of the API: the stores, who owns a job, how a job is queued,
+how a request's fields and inputs are read, and how a job is shown. Blueprints call these; none of them
+holds a rule of its own about jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import current_app, g, jsonify, redirect, request, send_file, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from config import Settings
+from pipeline import models
+from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
+from storage.blobs import BlobStore, StorageError
+from storage.jobs import COMPLETED, JobStore, QueueFull, new_job, waiting_reason
+from pipeline.video import VideoInputError, inspect_video
+from worker import input_key, upload_path
+
+log = logging.getLogger("t2v.api")
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]{1,64};base64,(?P<data>[A-Za-z0-9+/]*={0,2})")
+MAX_JSON_DEPTH = 16  # the API's bodies are flat; deeper nesting is refused before any route sees it
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Service:
+    """What the routes need, kept in `app.extensions["t2v"]`."""
+
+    settings: Settings
+    jobs: JobStore
+    blobs: BlobStore
+    worker: object | None  # worker.Worker when T2V_WORKER=thread
+    url_secret: bytes
+
+
+def svc() -> Service:
+    return current_app.extensions["t2v"]
+
+
+def signature(endpoint: str, reference_id: str, expires: int) -> str:
+    message = f"{endpoint}:{reference_id}:{expires}".encode()
+    return hmac.new(svc().url_secret, message, hashlib.sha256).hexdigest()
+
+
+def media_url(endpoint: str, reference_id: str, external: bool = False) -> str:
+    """A link to a job's video or poster; signed when keys are on, so tags and plain browsers can use it.
+
+    The expiry is rounded to half the TTL, so the link stays the same from one poll to the next.
+    """
+    settings = svc().settings
+    if not settings.api_keys:
+        return url_for(endpoint, reference_id=reference_id, _external=external)
+    half = max(settings.url_ttl_s // 2, 1)
+    expires = (int(time.time()) // half + 2) * half
+    return url_for(endpoint, reference_id=reference_id, expires=expires,
+                   sig=signature(endpoint, reference_id, expires), _external=external)
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def check_id(value, name: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ApiError(400, "invalid_id", f"{name} must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+def json_body() -> dict:
+    """The body as a JSON object: shallow, and every string in it (keys included) valid Unicode text."""
+    data = request.get_data(cache=True)
+    # Werkzeug stops reading a chunked body at the limit without a word; one that reaches it is refused.
+    if request.content_length is None and len(data) >= request.max_content_length:
+        raise RequestEntityTooLarge()
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
+        body = None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    _check_json_values(body, "")
+    return body
+
+
+def _check_json_values(value, field: str, depth: int = 1) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH, and text that cannot be encoded (a lone surrogate, "\\ud800")."""
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, "invalid_json", f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{field}.{printable(key)}" if field else printable(key)
+            _check_text(key, name)
+            _check_json_values(item, name, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_values(item, f"{field}[{i}]", depth + 1)
+    elif isinstance(value, str):
+        _check_text(value, field)
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_text", f"{field} is not valid Unicode text (a lone surrogate)") from None
+
+
+def printable(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def owned_job(reference_id: str, session_id: str | None = None) -> dict:
+    """The job, if it exists, belongs to the caller (and to `session_id` when given); else 404."""
+    check_id(reference_id, "reference_id")
+    job = svc().jobs.get(reference_id)
+    owner_ok = job is not None and (job["owner"] == g.owner or g.get("signed_ref") == reference_id)
+    if not owner_ok or (session_id is not None and job["session_id"] != session_id):
+        raise ApiError(404, "not_found", f"no job {reference_id} for this caller")
+    return job
+
+
+def enqueue(job: dict) -> dict:
+    """Store the job unless the queue is full (429): one atomic step in the store, even under concurrency."""
+    try:
+        return svc().jobs.create(job, max_queued=svc().settings.max_queue)
+    except QueueFull:
+        raise ApiError(429, "queue_full", "the queue is full; try again later") from None
+
+
+def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dict:
+    """Validate a generate job's fields and image, store the image, and queue the job: the one way every
+    face of the API makes a generate job. Nothing is left behind when it is refused."""
+    settings = svc().settings
+    reference_id = new_id()
+    image_key = None if image is None else input_key(reference_id)
+    try:
+        params = JobParams.from_dict(body, job_rules(), image_key=image_key)
+    except ParamError as exc:
+        raise ApiError(400, "invalid_parameter", str(exc)) from None
+    if image is not None:
+        try:
+            check_image(image, settings.max_image_pixels)
+        except ParamError as exc:
+            raise ApiError(400, "invalid_image", str(exc)) from None
+        store_image(image, reference_id)
+    try:
+        return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict()))
+    except BaseException:
+        if image_key:
+            with contextlib.suppress(StorageError):
+                svc().blobs.delete(image_key)  # no job will read it
+        raise
+
+
+def job_rules() -> Rules:
+    """What a job may ask for here. With the worker in this process, only the models it serves; with
+    the worker elsewhere (T2V_WORKER=off), any registry id, as a remote worker may serve it."""
+    service = svc()
+    settings = service.settings
+    return Rules.from_settings(settings, models.served_models(settings) if service.worker is not None else None)
+
+
+def job_request(settings: Settings) -> tuple[dict, bytes | None]:
+    """A job's fields and its image, if it has one: a JSON body with the image as a data: URI in `image`,
+    or a multipart form with the image as the file `image` and the other fields as text."""
+    if request.mimetype != "multipart/form-data":
+        body = json_body()
+        return body, (_data_uri_bytes(body.pop("image"), settings) if "image" in body else None)
+    form = request.form.to_dict(flat=False)
+    repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
+    if repeated:
+        raise ApiError(400, "invalid_parameter", f"{printable(repeated[0])}: is given more than once")
+    others = [name for name in request.files if name != "image"]
+    if others:
+        raise ApiError(400, "invalid_parameter", f"{printable(others[0])}: is not a known file field (send `image`)")
+    if "image" not in request.files:
+        raise ApiError(400, "missing_field", "a multipart job sends its image as the file field 'image' "
+                                             "(send a job without an image as JSON)")
+    fields = {name: items[0] for name, items in form.items()}
+    session_id = fields.pop("session_id", None)
+    body = form_values(fields)
+    if session_id is not None:
+        body["session_id"] = session_id
+    return body, _within_image_limit(request.files["image"].stream.read(settings.max_image_mb * 2**20 + 1), settings)
+
+
+def _data_uri_bytes(value, settings: Settings) -> bytes:
+    """The bytes of an image sent as `data:image/...;base64,...`; the server never fetches a URL."""
+    match = DATA_URI.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ApiError(400, "invalid_image", "image: must be a data: URI (data:image/png;base64,...); "
+                                             "this server fetches no URL")
+    if len(match["data"]) // 4 * 3 > settings.max_image_mb * 2**20:  # refused before it is decoded
+        raise _image_too_large(settings)
+    try:
+        return _within_image_limit(base64.b64decode(match["data"], validate=True), settings)
+    except binascii.Error:  # the alphabet is checked above; this is the length or the padding
+        raise ApiError(400, "invalid_image", "image: the data: URI is not valid base64") from None
+
+
+def _within_image_limit(data: bytes, settings: Settings) -> bytes:
+    if len(data) > settings.max_image_mb * 2**20:
+        raise _image_too_large(settings)
+    return data
+
+
+def _image_too_large(settings: Settings) -> ApiError:
+    return ApiError(400, "invalid_image", f"image: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
+
+
+@contextlib.contextmanager
+def _staged_input(path: Path, what: str):
+    """A temporary file for a job's input on its way into the blob store (`inputs/<id>`), where a worker on
+    any node fetches it. A disk or storage fault is a 503, never a 500; the file goes either way."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    except (OSError, StorageError) as exc:
+        log.error("could not store %s: %s", what, exc)
+        raise ApiError(503, "storage_unavailable", f"{what} could not be stored; try again shortly") from None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def store_image(data: bytes, reference_id: str) -> None:
+    """Put a checked image in the blob store, as uploaded clips are."""
+    with _staged_input(Path(svc().settings.data_dir) / "work" / f"{reference_id}.image", "the image") as path:
+        path.write_bytes(data)
+        svc().blobs.put(path, input_key(reference_id))
+
+
+def store_input(upload, reference_id: str):
+    """Check the clip on a temporary file here, then put it in the blob store."""
+    settings = svc().settings
+    with _staged_input(upload_path(settings, reference_id), "the upload") as path:
+        upload.save(path)
+        try:
+            info = inspect_video(path, settings.max_upload_side, settings.max_upload_frames, settings.max_upload_s)
+        except VideoInputError as exc:
+            raise ApiError(400, "invalid_video", str(exc)) from None
+        svc().blobs.put(path, input_key(reference_id))
+        return info
+
+
+def accepted(job: dict):
+    return jsonify(session_id=job["session_id"], reference_id=job["reference_id"], status=job["status"],
+                   queue_position=svc().jobs.queue_position(job))
+
+
+def status_view(job: dict) -> dict:
+    """A queued job that no live worker would take says why in `stage`."""
+    return {
+        "reference_id": job["reference_id"], "status": job["status"],
+        "stage": waiting_reason(svc().jobs, job) or job["stage"],
+        "progress": job["progress"], "queue_position": svc().jobs.queue_position(job), "eta_s": job["eta_s"],
+        "error": job["error"],
+    }
+
+
+def job_view(job: dict) -> dict:
+    view = {"session_id": job["session_id"], "kind": job["kind"], **status_view(job),
+            "params": job["params"], "created_at": job["created_at"], "started_at": job["started_at"],
+            "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None}
+    if job["status"] == COMPLETED and job["result"]:
+        view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
+        view["video_url"] = media_url("jobs.job_video", job["reference_id"])
+        view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
+    return view
+
+
+def completed(job: dict) -> dict:
+    if job["status"] != COMPLETED:
+        raise ApiError(409, "not_ready", f"job {job['reference_id']} is {job['status']}, not completed")
+    return job
+
+
+def blob_response(job: dict, key_name: str, mimetype: str):
+    key = completed(job)["result"][key_name]
+    blobs = svc().blobs
+    path = blobs.local_path(key)
+    if path is not None:
+        return send_file(path, mimetype=mimetype, conditional=True, max_age=0)  # Range requests included
+    url = blobs.presigned_url(key)
+    if url is None:
+        raise ApiError(404, "not_found", "the file is no longer stored")
+    return redirect(url, code=302)
+
+
+def generate_body_limit(settings: Settings) -> int:
+    """A job's JSON body, plus room for an image: T2V_MAX_IMAGE_MB, grown by a third as base64 in a data: URI."""
+    return settings.max_body_kb * 1024 + settings.max_image_mb * 2**20 * 4 // 3 + 64 * 1024
