@@ -319,9 +319,6 @@ class Worker:
                 source.unlink(missing_ok=True)
         else:
             spec = JobParams(**params)
-            if spec.loras:
-                raise ModelUnavailable("this version of t2v validates LoRAs but does not apply them yet; "
-                                       "send the job without `loras`")
             progress = _ProgressReporter(self.jobs, ref, self.worker_id,
                                          STAGE_SPANS["generate+upscale" if spec.upscale else "generate"])
             image = self._fetch_image(spec.image_key, ref) if spec.image_key else None
@@ -369,7 +366,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     """(code, message) for a failed job. Messages are short and hold no paths beyond the data folder."""
     import torch
 
-    from pipeline.generate import MissingWeightsError
+    from pipeline.generate import LoraError, MissingWeightsError
     from pipeline.upscale import UpscalerLoadError
     from pipeline.video import VideoInputError
 
@@ -379,7 +376,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         return "storage_error", str(exc)
     if isinstance(exc, StorageError):
         return "storage_error", f"{exc}; the video was kept on the worker's disk"
-    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError)):
+    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError, LoraError)):
         return "model_error", str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return "out_of_memory", "the GPU ran out of memory; try a smaller size, fewer frames or another T2V_MEMORY preset"
