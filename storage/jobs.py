@@ -165,6 +165,16 @@ def _counts(by_state: dict[str, tuple[int, int]]) -> dict:
             "failed_attempts": sum(attempts for _, attempts in by_state.values()) - delivered}
 
 
+def _snapshot_value(name: str) -> str:
+    """A job column as the trigger copies it into JSON: JSON columns as JSON, and REAL columns with 17 digits
+    (json_object alone keeps 15, which would round a timestamp)."""
+    if name in _JSON_FIELDS:
+        return f"json(NEW.{name})"
+    if name in ("progress", "eta_s", "created_at", "started_at", "finished_at"):
+        return f"json(CASE WHEN NEW.{name} IS NULL THEN 'null' ELSE printf('%!.17g', NEW.{name}) END)"
+    return f"NEW.{name}"
+
+
 _WEBHOOK_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id TEXT PRIMARY KEY,
@@ -200,8 +210,7 @@ BEGIN
     INSERT OR IGNORE INTO webhook_deliveries (id, reference_id, event, url, job, created_at, next_at)
     SELECT 'msg_' || NEW.reference_id || '.' || e.event || '.' || NEW.attempts, NEW.reference_id, e.event,
            json_extract(NEW.webhook, '$.url'),
-           json_object({", ".join(f"'{f}', " + (f"json(NEW.{f})" if f in ("params", "error", "result") else f"NEW.{f}")
-                                  for f in SNAPSHOT_FIELDS)}),
+           json_object({", ".join(f"'{name}', {_snapshot_value(name)}" for name in SNAPSHOT_FIELDS)}),
            t.now, t.now
     FROM (SELECT CASE NEW.status {" ".join(f"WHEN '{s}' THEN '{e}'" for s, e in EVENT_OF_STATUS.items())} END AS event) e,
          (SELECT (julianday('now') - 2440587.5) * 86400.0 AS now) t

@@ -359,6 +359,9 @@ def test_each_status_change_writes_the_deliveries_its_webhook_asked_for(store):
     assert done["state"] == "pending" and done["attempts"] == 0 and done["next_at"] <= time.time()
     assert done["job"]["result"] == {"video_key": "k", "width": 64} and done["job"]["params"] == {"prompt": "p"}
     assert done["job"]["finished_at"] is not None and started["job"]["finished_at"] is None, "a copy as it was then"
+    record = store.get("hook0001")
+    assert {name: done["job"][name] for name in ("created_at", "started_at", "finished_at", "progress")} == {
+        name: record[name] for name in ("created_at", "started_at", "finished_at", "progress")}, "to the last digit"
     assert store.complete("hook0001", "w1", {"video_key": "again"}) is False
     assert len(store.deliveries("hook0001")) == 2, "a refused change writes nothing"
 
