@@ -319,7 +319,7 @@ def generate_body_limit(settings: Settings) -> int:
     return settings.max_body_kb * 1024 + settings.max_image_mb * 2**20 * 4 // 3 + 64 * 1024
 
 
-# ---------------------------------------------------------------------------------------- webhooks and idempotent submits
+# ------------------------------------------------------------------------------ webhooks and idempotent submits
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII without spaces, as Stripe and IETF's draft
 IDEMPOTENCY_WAIT_S = 10.0  # how long a twin waits for the job its key names to be stored

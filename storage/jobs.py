@@ -123,7 +123,7 @@ class _Outcomes:
         return self._finish(reference_id, worker_id, CANCELED)
 
 
-# ---------------------------------------------------------------------------------------- webhook outbox, idempotency keys
+# ------------------------------------------------------------------------------ webhook outbox, idempotency keys
 #
 # A job with a webhook (`job["webhook"] = {"url", "events"}`) gets one delivery row per event it asked for, written
 # in the same transaction (on MongoDB: the same single-document write) as the status change that causes it:
@@ -212,7 +212,8 @@ BEGIN
            json_extract(NEW.webhook, '$.url'),
            json_object({", ".join(f"'{name}', {_snapshot_value(name)}" for name in SNAPSHOT_FIELDS)}),
            t.now, t.now
-    FROM (SELECT CASE NEW.status {" ".join(f"WHEN '{s}' THEN '{e}'" for s, e in EVENT_OF_STATUS.items())} END AS event) e,
+    FROM (SELECT CASE NEW.status {" ".join(f"WHEN '{s}' THEN '{e}'" for s, e in EVENT_OF_STATUS.items())} END
+          AS event) e,
          (SELECT (julianday('now') - 2440587.5) * 86400.0 AS now) t
     WHERE e.event IN (SELECT value FROM json_each(NEW.webhook, '$.events'));
 END;

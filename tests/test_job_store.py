@@ -331,7 +331,7 @@ def test_unreachable_mongodb_is_store_unavailable(caplog):
     assert "unreachable" in caplog.text and "hunter2" not in caplog.text
 
 
-# ---------------------------------------------------------------------------------------- webhook outbox, idempotency keys
+# ------------------------------------------------------------------------------ webhook outbox, idempotency keys
 
 ALL_EVENTS = {"url": "http://receiver.example/hook", "events": ["started", "completed", "failed", "canceled"]}
 

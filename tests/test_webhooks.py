@@ -479,7 +479,8 @@ def test_a_key_whose_job_never_appeared_passes_to_the_next_request(make_app, mon
     with app.test_request_context("/generate_video", method="POST", data=body, content_type="application/json"):
         digest = service.request_digest()
     assert svc.jobs.reserve_idempotency_key("local", "lost-1", digest, "never-stored", ttl_s=60) is None
-    r = client.post("/generate_video", data=body, content_type="application/json", headers={"Idempotency-Key": "lost-1"})
+    r = client.post("/generate_video", data=body, content_type="application/json",
+                    headers={"Idempotency-Key": "lost-1"})
     assert r.status_code == 200 and r.json["reference_id"] != "never-stored"
     assert svc.jobs.idempotency_key("local", "lost-1", 60)["reference_id"] == r.json["reference_id"]
 
