@@ -196,6 +196,12 @@ class Settings:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:
             raise ConfigError(f"T2V_LEASE_S must be positive, got {self.lease_s}")
+        for host in self.allowed_hosts:
+            if host != "*" and not HOST_NAME.fullmatch(host):
+                raise ConfigError(f"T2V_ALLOWED_HOSTS takes host names without scheme or port (or *), got {host!r}")
+        for origin in self.cors_origins:
+            if not ORIGIN.fullmatch(origin):
+                raise ConfigError(f"T2V_CORS_ORIGINS takes origins such as https://app.example.com, got {origin!r}")
         for name, value in (("T2V_WEBHOOK_TIMEOUT_S", self.webhook_timeout_s),
                             ("T2V_WEBHOOK_RETRY_S", self.webhook_retry_s),
                             ("T2V_WEBHOOK_RETRY_WINDOW_S", self.webhook_retry_window_s),
@@ -206,12 +212,6 @@ class Settings:
             raise ConfigError("T2V_WEBHOOK_SECRET must be whsec_ and the base64 of at least 16 random bytes; make one "
                               "with: python -c \"import base64, secrets; "
                               "print('whsec_' + base64.b64encode(secrets.token_bytes(24)).decode())\"")
-        for host in self.allowed_hosts:
-            if host != "*" and not HOST_NAME.fullmatch(host):
-                raise ConfigError(f"T2V_ALLOWED_HOSTS takes host names without scheme or port (or *), got {host!r}")
-        for origin in self.cors_origins:
-            if not ORIGIN.fullmatch(origin):
-                raise ConfigError(f"T2V_CORS_ORIGINS takes origins such as https://app.example.com, got {origin!r}")
 
 
 def webhook_secret_ok(secret: str) -> bool:
