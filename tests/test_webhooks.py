@@ -515,3 +515,20 @@ def test_20_concurrent_submits_with_one_key_make_one_job(make_app):
     assert len({ref for _, ref, _ in answers}) == 1
     assert sorted(replayed is None for _, _, replayed in answers) == [False] * 19 + [True], "one made it"
     assert [j["reference_id"] for j in svc.jobs.history("local", "race")] == [answers[0][1]]
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"T2V_WEBHOOK_SECRET": "whsec_dG9vLXNob3J0"}, "T2V_WEBHOOK_SECRET"),  # 9 bytes
+    ({"T2V_WEBHOOK_SECRET": "not base64!"}, "T2V_WEBHOOK_SECRET"),
+    ({"T2V_WEBHOOK_RETRY_S": "0"}, "T2V_WEBHOOK_RETRY_S"),
+    ({"T2V_WEBHOOK_TIMEOUT_S": "-1"}, "T2V_WEBHOOK_TIMEOUT_S"),
+    ({"T2V_IDEMPOTENCY_TTL_S": "0"}, "T2V_IDEMPOTENCY_TTL_S"),
+])
+def test_bad_webhook_settings_name_the_variable_and_never_echo_the_secret(env, name):
+    from config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=name) as err:
+        Settings.from_env(env=env)
+    assert "dG9vLXNob3J0" not in str(err.value) and "not base64!" not in str(err.value)
+    settings = Settings.from_env(env={"T2V_WEBHOOK_SECRET": SECRET, "T2V_WEBHOOK_ALLOW_PRIVATE": "1"})
+    assert settings.webhook_allow_private is True and SECRET not in repr(settings)
