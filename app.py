@@ -27,6 +27,7 @@ from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from pipeline.cli import ArgumentParser
 from storage.blobs import BlobStore, open_blob_store
 from storage.jobs import JobStore, StoreUnavailable, open_job_store
+from webhooks import Dispatcher
 from worker import Worker
 
 log = logging.getLogger("t2v.api")
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     app.json.sort_keys = False
     url_secret = settings.url_secret.encode() if settings.url_secret else secrets.token_bytes(32)
     app.extensions["t2v"] = Service(settings, jobs, blobs, worker, url_secret)
+    if settings.webhook_secret:  # without it no job has a webhook (400), so there is nothing to send
+        app.extensions["t2v_webhooks"] = Dispatcher(settings, jobs).start()
     _register_errors(app)
     guards.install(app)
     app.register_blueprint(classic.bp)
@@ -105,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # server.run() stops on SystemExit
     log.info("t2v on http://%s:%d (waitress, %d threads; model %s)",
              settings.host, settings.port, settings.threads, settings.model)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if "t2v_webhooks" in app.extensions:
+            app.extensions["t2v_webhooks"].stop(timeout=settings.webhook_timeout_s + 5)
     return 0
 
 

@@ -10,6 +10,16 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 IMAGE_URI = {"type": "string", "pattern": r"^data:image/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/]*={0,2}$",
              "description": "the first frame: a PNG, JPEG or WebP as a data: URI (data:image/png;base64,...)"}
 STATUSES = ["queued", "processing", "completed", "failed", "canceled"]
+IDEMPOTENCY_PARAM = {"name": "Idempotency-Key", "in": "header", "required": False,
+                     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                     "description": "the same key and request within 24 h answer the job the first one made; "
+                                    "the key with another request is a 409"}
+WEBHOOK_FIELDS = {
+    "webhook_url": {"type": "string", "maxLength": 2048,
+                    "description": "http(s) URL to POST job events to, signed the Standard Webhooks way"},
+    "webhook_events": {"description": "events to send (default all): a list, or comma-separated in a form",
+                       "oneOf": [{"type": "array", "items": {"enum": ["started", "completed", "failed", "canceled"]}},
+                                 {"type": "string"}]}}
 
 
 def _errors(*codes: int) -> dict:
@@ -24,9 +34,10 @@ def _ok(schema: dict, *errors: int) -> dict:
     return {"200": {"description": "OK", **_json(schema)}, **_errors(*errors)}
 
 
-def _generate_schemas(rules: Rules) -> tuple[dict, dict]:
+def _generate_schemas(rules: Rules, webhooks: bool) -> tuple[dict, dict]:
     """The JSON body of /generate_video, generated from `pipeline.spec` (one object schema per model), plus the
-    component schemas it refers to. The API adds `session_id`, and `image` (a data: URI) for image models."""
+    component schemas it refers to. The API adds `session_id`, `image` (a data: URI) for image models, and
+    the webhook fields when this server sends webhooks."""
     schema = request_schema(rules, ref_template="#/components/schemas/{model}")  # a new dict on each call
     components = schema.pop("$defs", {})
     for job in (*components.values(), schema):
@@ -34,6 +45,8 @@ def _generate_schemas(rules: Rules) -> tuple[dict, dict]:
         if model_id is None:
             continue
         job["properties"]["session_id"] = ID
+        if webhooks:
+            job["properties"].update(WEBHOOK_FIELDS)
         inputs = models.MODELS[model_id].inputs
         if inputs != "text":
             job["properties"]["image"] = IMAGE_URI
@@ -48,7 +61,8 @@ def build_spec(settings, rules: Rules) -> dict:
     # A signed link from a job view, for tags that cannot send a key (<video>, <img>).
     signed_params = [{"name": "expires", "in": "query", "required": False, "schema": {"type": "string"}},
                      {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
-    generate_json, job_schemas = _generate_schemas(rules)
+    webhooks = WEBHOOK_FIELDS if settings.webhook_secret else {}
+    generate_json, job_schemas = _generate_schemas(rules, bool(webhooks))
     generate_form = {
         "type": "object", "required": ["image", "prompt"], "additionalProperties": False,
         "properties": {
@@ -57,7 +71,7 @@ def build_spec(settings, rules: Rules) -> dict:
                                      f"{settings.max_image_pixels} pixels"},
             **{name: {"type": "string", "description": "as in the JSON body, as text"}
                for name in job_fields()},
-            "session_id": ID}}
+            "session_id": ID, **webhooks}}
     accepted = {"type": "object", "required": ["session_id", "reference_id", "status", "queue_position"],
                 "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
                                "queue_position": {"type": "integer", "minimum": 0}}}
@@ -73,12 +87,14 @@ def build_spec(settings, rules: Rules) -> dict:
             "/generate_video": {"post": {
                 "summary": "Queue a video job: text to video, or image to video (the image as a data: URI in JSON, "
                            "or as the multipart file `image`)",
+                "parameters": [IDEMPOTENCY_PARAM],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": generate_json},
                     "multipart/form-data": {"schema": generate_form}}},
-                "responses": _ok(accepted, 400, 401, 413, 415, 429, 503)}},
+                "responses": _ok(accepted, 400, 401, 409, 413, 415, 429, 503)}},
             "/upscale_video": {"post": {
                 "summary": "Queue an upscale of an uploaded clip (same queue, status and history as generation)",
+                "parameters": [IDEMPOTENCY_PARAM],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["video"],
                     "properties": {
@@ -88,8 +104,9 @@ def build_spec(settings, rules: Rules) -> dict:
                                                  f"{settings.max_upload_frames} frames and {settings.max_upload_s:g} s"},
                         "session_id": ID,
                         "outscale": {"type": "string", "enum": ["2", "4"], "default": "4"},
-                        "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"}}}}}},
-                "responses": _ok(accepted, 400, 401, 413, 429, 503)}},
+                        "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"},
+                        **webhooks}}}}},
+                "responses": _ok(accepted, 400, 401, 409, 413, 429, 503)}},
             "/get_status": {"post": {
                 "summary": "Status of one job",
                 "requestBody": {"required": True, **_json({"type": "object", "required": ["session_id", "reference_id"],

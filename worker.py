@@ -25,6 +25,7 @@ from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
 from storage.blobs import BlobStore, StorageError, open_blob_store
 from storage.jobs import (FAILED, PROCESSING, TERMINAL, WORKER_REPORT_EVERY_S, JobStore, StoreUnavailable,
                           open_job_store)
+from webhooks import Dispatcher
 
 log = logging.getLogger("t2v.worker")
 
@@ -648,7 +649,12 @@ def run_worker(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("worker %s on %s, model %s", worker.worker_id, settings.device, settings.model)
-    worker.run_forever()
+    dispatcher = Dispatcher(settings, worker.jobs).start() if settings.webhook_secret else None
+    try:
+        worker.run_forever()
+    finally:
+        if dispatcher is not None:
+            dispatcher.stop(timeout=settings.webhook_timeout_s + 5)
     return 0
 
 

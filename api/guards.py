@@ -37,7 +37,7 @@ STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data")}
 
 
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-API-Key"
 
 
 def _check_host():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -18,15 +19,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import current_app, g, jsonify, redirect, request, send_file, url_for
+from flask import current_app, g, jsonify, make_response, redirect, request, send_file, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings
 from pipeline import models
 from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
 from storage.blobs import BlobStore, StorageError
-from storage.jobs import COMPLETED, JobStore, QueueFull, new_job, waiting_reason
+from storage.jobs import COMPLETED, JobStore, QueueFull, StoreUnavailable, new_job, waiting_reason
 from pipeline.video import VideoInputError, inspect_video
+from webhooks import EVENTS, WebhookRefused, check_url
+from webhooks import job_view as plain_job_view
 from worker import input_key, upload_path
 
 log = logging.getLogger("t2v.api")
@@ -140,11 +143,18 @@ def owned_job(reference_id: str, session_id: str | None = None) -> dict:
 
 
 def enqueue(job: dict) -> dict:
-    """Store the job unless the queue is full (429): one atomic step in the store, even under concurrency."""
+    """Store the job unless the queue is full (429): one atomic step in the store, even under concurrency.
+    Under an Idempotency-Key, the key is taken for this job first (`_take_idempotency_key`)."""
+    key = _take_idempotency_key(job["reference_id"])
     try:
         return svc().jobs.create(job, max_queued=svc().settings.max_queue)
-    except QueueFull:
-        raise ApiError(429, "queue_full", "the queue is full; try again later") from None
+    except BaseException as exc:
+        if key is not None:
+            with contextlib.suppress(StoreUnavailable):
+                svc().jobs.release_idempotency_key(g.owner, key, job["reference_id"])  # a later retry may use it
+        if isinstance(exc, QueueFull):
+            raise ApiError(429, "queue_full", "the queue is full; try again later") from None
+        raise
 
 
 def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dict:
@@ -153,6 +163,7 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dic
     settings = svc().settings
     reference_id = new_id()
     image_key = None if image is None else input_key(reference_id)
+    webhook = read_webhook(body)
     try:
         params = JobParams.from_dict(body, job_rules(), image_key=image_key)
     except ParamError as exc:
@@ -164,7 +175,7 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dic
             raise ApiError(400, "invalid_image", str(exc)) from None
         store_image(image, reference_id)
     try:
-        return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict()))
+        return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict(), webhook))
     except BaseException:
         if image_key:
             with contextlib.suppress(StorageError):
@@ -279,11 +290,9 @@ def status_view(job: dict) -> dict:
 
 
 def job_view(job: dict) -> dict:
-    view = {"session_id": job["session_id"], "kind": job["kind"], **status_view(job),
-            "params": job["params"], "created_at": job["created_at"], "started_at": job["started_at"],
-            "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None}
-    if job["status"] == COMPLETED and job["result"]:
-        view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
+    """The job view webhooks carry too (webhooks.job_view), with this server's links: signed when keys are on."""
+    view = plain_job_view(job, svc().jobs.queue_position(job))
+    if view["video_url"]:
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
         view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
     return view
@@ -310,3 +319,137 @@ def blob_response(job: dict, key_name: str, mimetype: str):
 def generate_body_limit(settings: Settings) -> int:
     """A job's JSON body, plus room for an image: T2V_MAX_IMAGE_MB, grown by a third as base64 in a data: URI."""
     return settings.max_body_kb * 1024 + settings.max_image_mb * 2**20 * 4 // 3 + 64 * 1024
+
+
+# ------------------------------------------------------------------------------ webhooks and idempotent submits
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII without spaces, as Stripe and IETF's draft
+IDEMPOTENCY_WAIT_S = 10.0  # how long a twin waits for the job its key names to be stored
+
+
+def read_webhook(fields: dict) -> dict | None:
+    """Take `webhook_url` and `webhook_events` out of a create's fields and check them: the job's
+    {"url", "events"}, or None without a URL. Events: a list or comma-separated text; all four when left out."""
+    url, events = fields.pop("webhook_url", None), fields.pop("webhook_events", None)
+    if url is None:
+        if events is not None:
+            raise ApiError(400, "invalid_parameter", "webhook_events: needs a webhook_url")
+        return None
+    settings = svc().settings
+    if not settings.webhook_secret:
+        raise ApiError(400, "webhooks_not_configured", "webhooks are not configured on this server "
+                                                       "(T2V_WEBHOOK_SECRET is unset)")
+    try:
+        check_url(url, settings.webhook_allow_private)
+    except WebhookRefused as exc:
+        raise ApiError(400, "invalid_webhook_url", str(exc)) from None
+    return {"url": url, "events": _webhook_events(events)}
+
+
+def _webhook_events(events) -> list[str]:
+    if events is None:
+        return list(EVENTS)
+    names = events.split(",") if isinstance(events, str) else events
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ApiError(400, "invalid_parameter", "webhook_events: must be a list of event names")
+    chosen = {n.strip() for n in names if n.strip()}
+    unknown = sorted(chosen - set(EVENTS))
+    if unknown or not chosen:
+        raise ApiError(400, "invalid_parameter", f"webhook_events: name one or more of {', '.join(EVENTS)}"
+                                                 + (f" (not {printable(unknown[0])})" if unknown else ""))
+    return [e for e in EVENTS if e in chosen]
+
+
+def form_webhook() -> dict | None:
+    """read_webhook for a multipart form; an empty field is left out, as an HTML form sends one."""
+    return read_webhook({name: text for name, text in request.form.items() if text.strip()})
+
+
+class _Replay(Exception):
+    """The job an Idempotency-Key already made: answered again instead of a new one."""
+
+    def __init__(self, job: dict):
+        super().__init__(job["reference_id"])
+        self.job = job
+
+
+def idempotent(answer):
+    """Decorate a create route. With an `Idempotency-Key` header, the same key and the same request within
+    T2V_IDEMPOTENCY_TTL_S answer the job it made (200, `answer(job)`, `Idempotent-Replayed: true`) instead of
+    making another; the key with another request is a 409. Keys belong to the caller (its API key)."""
+    def decorate(route):
+        @functools.wraps(route)
+        def create(*args, **kwargs):
+            key = request.headers.get("Idempotency-Key")
+            if key is None:
+                return route(*args, **kwargs)
+            if not IDEMPOTENCY_KEY.fullmatch(key):
+                raise ApiError(400, "invalid_idempotency_key",
+                               "Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+            g.idempotency = (key, request_digest())
+            try:
+                _replay_if_known(key)  # a retry of a create that went through does no work
+                return route(*args, **kwargs)
+            except _Replay as replay:
+                response = make_response(answer(replay.job))
+                response.headers["Idempotent-Replayed"] = "true"
+                return response
+        return create
+    return decorate
+
+
+def request_digest() -> str:
+    """What makes two creates the same request: the route and the body. A JSON body counts byte for byte; a
+    multipart body by its fields and files, as its boundary differs on every send."""
+    digest = hashlib.sha256(request.endpoint.encode() + b"\n")
+    if request.mimetype != "multipart/form-data":
+        digest.update(request.get_data(cache=True))
+        return digest.hexdigest()
+    digest.update(json.dumps(sorted(request.form.items(multi=True))).encode())
+    for name, upload in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+        digest.update(json.dumps([name, upload.filename]).encode())
+        for chunk in iter(lambda: upload.stream.read(2**20), b""):
+            digest.update(chunk)
+        upload.stream.seek(0)  # the route reads it next
+    return digest.hexdigest()
+
+
+def _known_job(record: dict) -> dict | None:
+    """The job a key's record names, after checking the request is the same one (else 409)."""
+    if not hmac.compare_digest(record["digest"], g.idempotency[1]):
+        raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request; "
+                                                      "send a new key for a new job")
+    return svc().jobs.get(record["reference_id"])
+
+
+def _replay_if_known(key: str) -> None:
+    record = svc().jobs.idempotency_key(g.owner, key, svc().settings.idempotency_ttl_s)
+    job = _known_job(record) if record else None
+    if job is not None:
+        raise _Replay(job)
+
+
+def _take_idempotency_key(reference_id: str) -> str | None:
+    """Reserve the request's key for `reference_id` before its job is stored: one unique (owner, key) row, so of
+    concurrent twins exactly one goes on. A twin answers the winner's job once it is stored (_Replay); a key whose
+    job never appeared (its create died) passes to this job after IDEMPOTENCY_WAIT_S."""
+    if g.get("idempotency") is None:
+        return None
+    key, digest = g.idempotency
+    jobs, ttl_s = svc().jobs, svc().settings.idempotency_ttl_s
+    give_up = time.monotonic() + IDEMPOTENCY_WAIT_S
+    while True:
+        record = jobs.reserve_idempotency_key(g.owner, key, digest, reference_id, ttl_s)
+        if record is None:
+            return key
+        job = _known_job(record)
+        if job is not None:
+            raise _Replay(job)
+        if time.time() - record["created_at"] > IDEMPOTENCY_WAIT_S:
+            if jobs.replace_idempotency_key(g.owner, key, record["reference_id"], reference_id):
+                return key
+            continue
+        if time.monotonic() > give_up:
+            raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being "
+                                                          "processed; try again shortly")
+        time.sleep(0.05)

@@ -71,13 +71,14 @@ class JobStore(Protocol):
     def live_workers(self, within_s: float) -> list[dict]: ...
 
 
-def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: dict) -> dict:
-    """A fresh queued record with every field the stores keep."""
+def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: dict,
+            webhook: dict | None = None) -> dict:
+    """A fresh queued record with every field the stores keep. `webhook`: {"url", "events"} or None."""
     return {
         "reference_id": reference_id, "session_id": session_id, "owner": owner, "kind": kind, "params": params,
         "status": QUEUED, "stage": QUEUED, "progress": 0.0, "eta_s": None, "error": None, "result": None,
         "attempts": 0, "worker_id": None, "lease_until": None, "cancel_requested": False,
-        "created_at": time.time(), "started_at": None, "finished_at": None,
+        "created_at": time.time(), "started_at": None, "finished_at": None, "webhook": webhook,
     }
 
 
@@ -129,7 +130,7 @@ def waiting_reason(store: "JobStore", job: dict, within_s: float = WORKER_LIVE_S
 
 # ---------------------------------------------------------------------------------------- SQLite
 
-_JSON_FIELDS = ("params", "error", "result")
+_JSON_FIELDS = ("params", "error", "result", "webhook")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -173,7 +174,204 @@ class _Outcomes:
         return self._finish(reference_id, worker_id, CANCELED)
 
 
-class SqliteJobStore(_Outcomes):
+# ------------------------------------------------------------------------------ webhook outbox, idempotency keys
+#
+# A job with a webhook (`job["webhook"] = {"url", "events"}`) gets one delivery row per event it asked for, written
+# in the same transaction (on MongoDB: the same single-document write) as the status change that causes it:
+# claim -> `started`; complete, fail, mark_canceled, a queued job's request_cancel and requeue_expired's last word
+# -> the terminal event. A dispatcher (webhooks.py) in any process claims due rows with a lease, sends them and
+# records each attempt; rows outlive their job, so deleting a job loses no delivery. Idempotency keys map
+# (owner, key) to the job a create made, for 24 h (api/service.py).
+
+EVENT_OF_STATUS = {PROCESSING: "started", COMPLETED: "completed", FAILED: "failed", CANCELED: "canceled"}
+WEBHOOK_EVENTS = tuple(EVENT_OF_STATUS.values())
+PENDING, DELIVERED, GIVEN_UP = "pending", "delivered", "given_up"  # a delivery's states
+SNAPSHOT_FIELDS = ("reference_id", "session_id", "kind", "params", "status", "stage", "progress", "eta_s", "error",
+                   "result", "attempts", "created_at", "started_at", "finished_at")  # a delivery's copy of its job
+
+
+class OutboxStore(Protocol):
+    def claim_delivery(self, dispatcher_id: str, lease_s: float) -> dict | None: ...
+    def record_attempt(self, delivery_id: str, dispatcher_id: str, state: str, status_code: int | None,
+                       error: str | None, next_at: float | None = None) -> bool: ...
+    def deliveries(self, reference_id: str) -> list[dict]: ...
+    def webhook_counts(self) -> dict: ...
+    def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
+                                ttl_s: float) -> dict | None: ...
+    def idempotency_key(self, owner: str, key: str, ttl_s: float) -> dict | None: ...
+    def replace_idempotency_key(self, owner: str, key: str, old_reference_id: str, reference_id: str) -> bool: ...
+    def release_idempotency_key(self, owner: str, key: str, reference_id: str) -> None: ...
+
+
+def delivery_id(reference_id: str, event: str, attempts: int) -> str:
+    """The `webhook-id`: the same on every retry of one delivery, so a receiver can drop repeats."""
+    return f"msg_{reference_id}.{event}.{attempts}"
+
+
+def _counts(by_state: dict[str, tuple[int, int]]) -> dict:
+    """{state: (rows, attempts)} as the numbers /metrics shows; every attempt but a delivering one failed."""
+    delivered = by_state.get(DELIVERED, (0, 0))[0]
+    return {"delivered": delivered, "given_up": by_state.get(GIVEN_UP, (0, 0))[0],
+            "pending": by_state.get(PENDING, (0, 0))[0],
+            "failed_attempts": sum(attempts for _, attempts in by_state.values()) - delivered}
+
+
+def _snapshot_value(name: str) -> str:
+    """A job column as the trigger copies it into JSON: JSON columns as JSON, and REAL columns with 17 digits
+    (json_object alone keeps 15, which would round a timestamp)."""
+    if name in _JSON_FIELDS:
+        return f"json(NEW.{name})"
+    if name in ("progress", "eta_s", "created_at", "started_at", "finished_at"):
+        return f"json(CASE WHEN NEW.{name} IS NULL THEN 'null' ELSE printf('%!.17g', NEW.{name}) END)"
+    return f"NEW.{name}"
+
+
+_WEBHOOK_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    reference_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    url TEXT NOT NULL,
+    job TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT '{PENDING}',
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    leased_by TEXT,
+    lease_until REAL,
+    last_attempt_at REAL,
+    last_status INTEGER,
+    last_error TEXT,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_at);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (reference_id);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    reference_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_at);
+CREATE TRIGGER IF NOT EXISTS webhook_outbox_v1 AFTER UPDATE OF status ON jobs
+WHEN NEW.webhook IS NOT NULL AND NEW.status IS NOT OLD.status
+BEGIN
+    INSERT OR IGNORE INTO webhook_deliveries (id, reference_id, event, url, job, created_at, next_at)
+    SELECT 'msg_' || NEW.reference_id || '.' || e.event || '.' || NEW.attempts, NEW.reference_id, e.event,
+           json_extract(NEW.webhook, '$.url'),
+           json_object({", ".join(f"'{name}', {_snapshot_value(name)}" for name in SNAPSHOT_FIELDS)}),
+           t.now, t.now
+    FROM (SELECT CASE NEW.status {" ".join(f"WHEN '{s}' THEN '{e}'" for s, e in EVENT_OF_STATUS.items())} END
+          AS event) e,
+         (SELECT (julianday('now') - 2440587.5) * 86400.0 AS now) t
+    WHERE e.event IN (SELECT value FROM json_each(NEW.webhook, '$.events'));
+END;
+"""
+
+
+def _create_webhook_tables(db: sqlite3.Connection) -> None:
+    """The outbox, the idempotency keys and the trigger that fills the outbox; `jobs.webhook` on older files."""
+    db.execute("BEGIN IMMEDIATE")  # another process starting at the same time waits here
+    try:
+        if "webhook" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+        for statement in _statements(_WEBHOOK_SCHEMA):
+            db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str):
+    """The statements of a script one by one (a trigger's body holds `;`), for `execute` inside a transaction."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
+class _SqliteWebhooks:
+    """The outbox and the idempotency keys on SQLite; the trigger above writes the outbox rows."""
+
+    @staticmethod
+    def _delivery(row) -> dict | None:
+        return None if row is None else {**dict(row), "job": json.loads(row["job"])}
+
+    def claim_delivery(self, dispatcher_id: str, lease_s: float) -> dict | None:
+        """The delivery due first, leased to this dispatcher so no other sends it meanwhile; None when none is due."""
+        now = time.time()
+        with self._tx(write=True) as db:
+            row = db.execute(
+                "UPDATE webhook_deliveries SET leased_by = ?, lease_until = ? WHERE id = (SELECT id FROM "
+                "webhook_deliveries WHERE state = ? AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?) "
+                "ORDER BY next_at LIMIT 1) RETURNING *", (dispatcher_id, now + lease_s, PENDING, now, now)).fetchone()
+        return self._delivery(row)
+
+    def record_attempt(self, delivery_id: str, dispatcher_id: str, state: str, status_code: int | None,
+                       error: str | None, next_at: float | None = None) -> bool:
+        """One attempt's outcome; `state` is DELIVERED, PENDING (try again at `next_at`) or GIVEN_UP. Only the
+        dispatcher holding the lease records; False when it no longer does."""
+        now = time.time()
+        with self._tx(write=True) as db:
+            return db.execute(
+                "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, last_attempt_at = ?, "
+                "last_status = ?, last_error = ?, next_at = COALESCE(?, next_at), leased_by = NULL, "
+                "lease_until = NULL, finished_at = ? WHERE id = ? AND leased_by = ? AND state = ?",
+                (state, now, status_code, error, next_at, None if state == PENDING else now, delivery_id,
+                 dispatcher_id, PENDING)).rowcount == 1
+
+    def deliveries(self, reference_id: str) -> list[dict]:
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM webhook_deliveries WHERE reference_id = ? ORDER BY created_at, rowid",
+                              (reference_id,)).fetchall()
+        return [self._delivery(r) for r in rows]
+
+    def webhook_counts(self) -> dict:
+        """{"delivered", "given_up", "pending", "failed_attempts"} over every delivery on record."""
+        with self._tx() as db:
+            rows = db.execute("SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM webhook_deliveries "
+                              "GROUP BY state").fetchall()
+        return _counts({state: (n, attempts) for state, n, attempts in rows})
+
+    def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
+                                ttl_s: float) -> dict | None:
+        """Take (owner, key) for `reference_id` unless a live record holds it: None when taken, else that record."""
+        now = time.time()
+        with self._tx(write=True) as db:
+            db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (now - ttl_s,))
+            taken = db.execute("INSERT OR IGNORE INTO idempotency_keys (owner, key, digest, reference_id, created_at) "
+                               "VALUES (?, ?, ?, ?, ?)", (owner, key, digest, reference_id, now)).rowcount == 1
+            if taken:
+                return None
+            row = db.execute("SELECT * FROM idempotency_keys WHERE owner = ? AND key = ?", (owner, key)).fetchone()
+        return dict(row)
+
+    def idempotency_key(self, owner: str, key: str, ttl_s: float) -> dict | None:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at >= ?",
+                             (owner, key, time.time() - ttl_s)).fetchone()
+        return dict(row) if row else None
+
+    def replace_idempotency_key(self, owner: str, key: str, old_reference_id: str, reference_id: str) -> bool:
+        """Point a key whose job never appeared at a new job; False if someone else did first."""
+        with self._tx(write=True) as db:
+            return db.execute("UPDATE idempotency_keys SET reference_id = ?, created_at = ? WHERE owner = ? AND "
+                              "key = ? AND reference_id = ?",
+                              (reference_id, time.time(), owner, key, old_reference_id)).rowcount == 1
+
+    def release_idempotency_key(self, owner: str, key: str, reference_id: str) -> None:
+        """Free a key whose create was refused, unless it was already handed on."""
+        with self._tx(write=True) as db:
+            db.execute("DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND reference_id = ?",
+                       (owner, key, reference_id))
+
+
+class SqliteJobStore(_Outcomes, _SqliteWebhooks):
     """Jobs in one SQLite file (WAL mode). Each thread gets its own connection.
 
     The file is made once, here at start-up. Every later connection opens it with `mode=rw`, so a
@@ -192,6 +390,7 @@ class SqliteJobStore(_Outcomes):
             with closing(sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)) as creator:  # may create
                 creator.execute("PRAGMA journal_mode=WAL")
                 creator.executescript(_SCHEMA)  # executescript manages its own transaction
+                _create_webhook_tables(creator)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"job database unavailable: {exc}") from None
         self._closed = threading.Event()
@@ -453,7 +652,163 @@ def _checkpoint_every(store_ref: weakref.ref, every_s: float, closed: threading.
 
 # ---------------------------------------------------------------------------------------- MongoDB
 
-class MongoJobStore(_Outcomes):
+class _MongoWebhooks:
+    """The outbox and the idempotency keys on MongoDB.
+
+    A standalone server has no multi-document transaction, so a status change and its delivery share one
+    single-document write: the delivery is pushed onto the job's own `webhook_outbox` (`_transition`). The next
+    dispatcher pass (or `delete()`) moves it into the `webhook_deliveries` collection under its id, so a
+    crash between the copy and the pull only repeats a copy that is then ignored."""
+
+    @property
+    def _deliveries(self):
+        return self.jobs.database["webhook_deliveries"]
+
+    @property
+    def _idempotency(self):
+        return self.jobs.database["idempotency_keys"]
+
+    def _ensure_webhook_indexes(self) -> None:
+        if not getattr(self, "_webhook_indexed", False):
+            self._guard(lambda: (
+                self.jobs.create_index("webhook_outbox.id",
+                                       partialFilterExpression={"webhook_outbox.id": {"$exists": True}}),
+                self._deliveries.create_index([("state", 1), ("next_at", 1)]),
+                self._deliveries.create_index("reference_id"),
+                self._idempotency.create_index([("owner", 1), ("key", 1)], unique=True),
+                self._idempotency.create_index("created_at"),
+            ))
+            self._webhook_indexed = True
+
+    def _transition(self, query: dict, update: dict, event: str, sort: list | None = None) -> dict | None:
+        """find_one_and_update(query, update) that also pushes `event`'s delivery onto the job's outbox when its
+        webhook wants it, in that same write. The job is read first (its webhook never changes), and the write
+        matches it only while `query` still does; with `sort`, a job another caller took meanwhile is passed over."""
+        ret = self._pymongo.ReturnDocument.AFTER
+        while True:
+            doc = self._guard(lambda: self.jobs.find_one(query, sort=sort))
+            if doc is None:
+                return None
+            change = _with_delivery(doc, update, event)
+            after = self._guard(lambda: self.jobs.find_one_and_update({**query, "_id": doc["_id"]}, change,
+                                                                       return_document=ret))
+            if after is not None or sort is None:
+                return after
+
+    def _transition_many(self, query: dict, update: dict, event: str) -> int:
+        """update_many(query, update), where each job whose webhook wants `event` gets its delivery in its own write."""
+        wanting = self._guard(lambda: list(self.jobs.find({**query, "webhook.events": event}, {"_id": 1})))
+        changed = sum(self._transition({**query, "_id": doc["_id"]}, update, event) is not None for doc in wanting)
+        return changed + self._guard(lambda: self.jobs.update_many(
+            {**query, "webhook.events": {"$ne": event}}, update)).modified_count
+
+    def _relay_outbox(self, query: dict | None = None) -> None:
+        """Move deliveries from their jobs' outboxes into the deliveries collection: insert, then pull."""
+        self._ensure_webhook_indexes()
+        docs = self._guard(lambda: list(self.jobs.find({"webhook_outbox.id": {"$exists": True}, **(query or {})},
+                                                       {"webhook_outbox": 1})))
+        for doc in docs:
+            for item in doc["webhook_outbox"]:
+                try:
+                    self._deliveries.insert_one({"_id": item["id"], **{k: v for k, v in item.items() if k != "id"}})
+                except self._pymongo.errors.DuplicateKeyError:
+                    pass  # copied before a crash, not yet pulled
+                except self._pymongo.errors.PyMongoError as exc:
+                    raise StoreUnavailable(f"job database unavailable: {type(exc).__name__}") from None
+                self._guard(lambda: self.jobs.update_one({"_id": doc["_id"]},
+                                                         {"$pull": {"webhook_outbox": {"id": item["id"]}}}))
+
+    @staticmethod
+    def _delivery(doc) -> dict | None:
+        if doc is None:
+            return None
+        doc = dict(doc)
+        doc["id"] = doc.pop("_id")
+        return doc
+
+    def claim_delivery(self, dispatcher_id: str, lease_s: float) -> dict | None:
+        """As SqliteJobStore.claim_delivery."""
+        self._relay_outbox()
+        now = time.time()
+        return self._delivery(self._guard(lambda: self._deliveries.find_one_and_update(
+            {"state": PENDING, "next_at": {"$lte": now}, "$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}]},
+            {"$set": {"leased_by": dispatcher_id, "lease_until": now + lease_s}},
+            sort=[("next_at", 1), ("_id", 1)], return_document=self._pymongo.ReturnDocument.AFTER)))
+
+    def record_attempt(self, delivery_id: str, dispatcher_id: str, state: str, status_code: int | None,
+                       error: str | None, next_at: float | None = None) -> bool:
+        """As SqliteJobStore.record_attempt."""
+        now = time.time()
+        values = {"state": state, "last_attempt_at": now, "last_status": status_code, "last_error": error,
+                  "leased_by": None, "lease_until": None, "finished_at": None if state == PENDING else now}
+        if next_at is not None:
+            values["next_at"] = next_at
+        return self._guard(lambda: self._deliveries.update_one(
+            {"_id": delivery_id, "leased_by": dispatcher_id, "state": PENDING},
+            {"$set": values, "$inc": {"attempts": 1}})).modified_count == 1
+
+    def deliveries(self, reference_id: str) -> list[dict]:
+        self._relay_outbox({"reference_id": reference_id})
+        docs = self._guard(lambda: list(self._deliveries.find({"reference_id": reference_id})
+                                        .sort([("created_at", 1), ("_id", 1)])))
+        return [self._delivery(d) for d in docs]
+
+    def webhook_counts(self) -> dict:
+        """As SqliteJobStore.webhook_counts."""
+        self._relay_outbox()
+        rows = self._guard(lambda: list(self._deliveries.aggregate(
+            [{"$group": {"_id": "$state", "rows": {"$sum": 1}, "attempts": {"$sum": "$attempts"}}}])))
+        return _counts({row["_id"]: (row["rows"], row["attempts"]) for row in rows})
+
+    def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
+                                ttl_s: float) -> dict | None:
+        """As SqliteJobStore.reserve_idempotency_key; the unique (owner, key) index settles a race."""
+        self._ensure_webhook_indexes()
+        now = time.time()
+        self._guard(lambda: self._idempotency.delete_many({"created_at": {"$lt": now - ttl_s}}))
+        while True:
+            try:
+                self._idempotency.insert_one({"owner": owner, "key": key, "digest": digest,
+                                              "reference_id": reference_id, "created_at": now})
+                return None
+            except self._pymongo.errors.DuplicateKeyError:
+                held = self.idempotency_key(owner, key, ttl_s)
+                if held is not None:
+                    return held  # else it expired or was released since: try again
+            except self._pymongo.errors.PyMongoError as exc:
+                raise StoreUnavailable(f"job database unavailable: {type(exc).__name__}") from None
+
+    def idempotency_key(self, owner: str, key: str, ttl_s: float) -> dict | None:
+        doc = self._guard(lambda: self._idempotency.find_one(
+            {"owner": owner, "key": key, "created_at": {"$gte": time.time() - ttl_s}}, {"_id": 0}))
+        return dict(doc) if doc else None
+
+    def replace_idempotency_key(self, owner: str, key: str, old_reference_id: str, reference_id: str) -> bool:
+        return self._guard(lambda: self._idempotency.update_one(
+            {"owner": owner, "key": key, "reference_id": old_reference_id},
+            {"$set": {"reference_id": reference_id, "created_at": time.time()}})).modified_count == 1
+
+    def release_idempotency_key(self, owner: str, key: str, reference_id: str) -> None:
+        self._guard(lambda: self._idempotency.delete_one({"owner": owner, "key": key, "reference_id": reference_id}))
+
+
+def _with_delivery(doc: dict, update: dict, event: str) -> dict:
+    """`update` plus, when the job's webhook wants `event`, a $push of the delivery with the job as it will be."""
+    webhook = doc.get("webhook") or {}
+    if event not in (webhook.get("events") or ()):
+        return update
+    after = {**doc, **update.get("$set", {})}
+    for name, step in update.get("$inc", {}).items():
+        after[name] = after.get(name, 0) + step
+    now = time.time()
+    item = {"id": delivery_id(doc["reference_id"], event, after["attempts"]), "reference_id": doc["reference_id"],
+            "event": event, "url": webhook["url"], "job": {name: after.get(name) for name in SNAPSHOT_FIELDS},
+            "state": PENDING, "created_at": now, "next_at": now, "attempts": 0, "leased_by": None,
+            "lease_until": None, "last_attempt_at": None, "last_status": None, "last_error": None, "finished_at": None}
+    return {**update, "$push": {"webhook_outbox": item}}
+
+
+class MongoJobStore(_Outcomes, _MongoWebhooks):
     """Jobs in a MongoDB collection; claims are single `find_one_and_update` calls.
 
     Queue admission needs no multi-document transaction (a standalone server has none): an admitted
@@ -497,6 +852,7 @@ class MongoJobStore(_Outcomes):
         doc = dict(doc)
         doc.pop("_id", None)
         doc.pop("slot", None)
+        doc.pop("webhook_outbox", None)
         return doc
 
     def create(self, job: dict, max_queued: int | None = None) -> dict:
@@ -536,7 +892,10 @@ class MongoJobStore(_Outcomes):
         return self._guard(lambda: self.jobs.count_documents(
             {"status": QUEUED, "created_at": {"$lte": job["created_at"]}}))
 
-    def _update_one(self, query: dict, update: dict, **kw) -> dict | None:
+    def _update_one(self, query: dict, update: dict, event: str | None = None, **kw) -> dict | None:
+        """find_one_and_update; a status change names its webhook `event`, written with it (`_transition`)."""
+        if event is not None:
+            return self._doc(self._transition(query, update, event, **kw))
         ret = self._pymongo.ReturnDocument.AFTER
         return self._doc(self._guard(lambda: self.jobs.find_one_and_update(query, update, return_document=ret, **kw)))
 
@@ -555,7 +914,7 @@ class MongoJobStore(_Outcomes):
             query,
             {"$set": {"status": PROCESSING, "stage": "starting", "worker_id": worker_id, "lease_until": now + lease_s,
                       "started_at": now}, "$inc": {"attempts": 1}, "$unset": {"slot": ""}},
-            sort=[("created_at", 1), ("_id", 1)])
+            event=EVENT_OF_STATUS[PROCESSING], sort=[("created_at", 1), ("_id", 1)])
 
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None:
         return self._update_one({"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING},
@@ -569,34 +928,42 @@ class MongoJobStore(_Outcomes):
     def _finish(self, reference_id: str, worker_id: str, status: str, **fields) -> bool:
         values = {"status": status, "stage": status, "finished_at": time.time(), "lease_until": None, "eta_s": None,
                   **fields}
-        res = self._guard(lambda: self.jobs.update_one(
-            {"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING}, {"$set": values}))
-        return res.modified_count == 1
+        return self._update_one({"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING},
+                                {"$set": values}, event=EVENT_OF_STATUS[status]) is not None
 
     def request_cancel(self, reference_id: str) -> str | None:
-        self._guard(lambda: self.jobs.update_one(
+        self._update_one(
             {"reference_id": reference_id, "status": QUEUED},
-            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": time.time()}, "$unset": {"slot": ""}}))
+            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": time.time()}, "$unset": {"slot": ""}},
+            event=EVENT_OF_STATUS[CANCELED])
         self._guard(lambda: self.jobs.update_one(
             {"reference_id": reference_id, "status": PROCESSING}, {"$set": {"cancel_requested": True}}))
         job = self.get(reference_id)
         return job["status"] if job else None
 
     def delete(self, reference_id: str) -> bool:
-        """Remove the record (and with it any queue slot it held); False when there was none."""
-        return self._guard(lambda: self.jobs.delete_one({"reference_id": reference_id})).deleted_count == 1
+        """Remove the record (and with it any queue slot it held); False when there was none. Deliveries still in
+        its outbox move to the deliveries collection first; a record that gained one meanwhile is not deleted yet."""
+        while True:
+            self._relay_outbox({"reference_id": reference_id})
+            if self._guard(lambda: self.jobs.delete_one(
+                    {"reference_id": reference_id, "webhook_outbox.id": {"$exists": False}})).deleted_count == 1:
+                return True
+            if self.get(reference_id) is None:
+                return False
 
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
         """Same rules as SqliteJobStore.requeue_expired; returns (requeued, ended)."""
         now = time.time()
         expired = {"status": PROCESSING, "lease_until": {"$lt": now}}
-        ended = self._guard(lambda: self.jobs.update_many(
+        ended = self._transition_many(
             {**expired, "cancel_requested": True},
-            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": now, "lease_until": None}})).modified_count
-        ended += self._guard(lambda: self.jobs.update_many(
+            {"$set": {"status": CANCELED, "stage": CANCELED, "finished_at": now, "lease_until": None}},
+            EVENT_OF_STATUS[CANCELED])
+        ended += self._transition_many(
             {**expired, "attempts": {"$gte": max_attempts}},
             {"$set": {"status": FAILED, "stage": FAILED, "error": _worker_lost(max_attempts), "finished_at": now,
-                      "lease_until": None}})).modified_count
+                      "lease_until": None}}, EVENT_OF_STATUS[FAILED])
         requeued = self._guard(lambda: self.jobs.update_many(
             expired, {"$set": {"status": QUEUED, "stage": QUEUED, "worker_id": None, "lease_until": None,
                                "progress": 0.0, "eta_s": None}}))
