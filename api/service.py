@@ -290,8 +290,9 @@ def status_view(job: dict) -> dict:
 
 
 def job_view(job: dict) -> dict:
-    """The job view webhooks carry too (webhooks.job_view), with this server's links: signed when keys are on."""
-    view = plain_job_view(job, svc().jobs.queue_position(job))
+    """The job view webhooks carry too (webhooks.job_view), with the status as get_status shows it and this
+    server's links: signed when keys are on."""
+    view = {**plain_job_view(job), **status_view(job)}
     if view["video_url"]:
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
         view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
