@@ -10,12 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from conftest import ROOT
 from pipeline import tiny
 from pipeline.video import read_frames
+from test_families import halves, vae_round_trip
 from test_spec import png
 
 WAN = "wan2.2-ti2v-5b"
@@ -24,13 +23,6 @@ WAN = "wan2.2-ti2v-5b"
 def run_script(*args, cwd, **env):
     return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **env})
-
-
-def halves(size: int, flip: bool = False) -> Image.Image:
-    """Black on the left and white on the right (or mirrored): two pictures as far apart as they can be."""
-    x = np.zeros((size, size, 3), np.uint8)
-    x[:, size // 2:] = 255
-    return Image.fromarray(np.ascontiguousarray(x[:, ::-1] if flip else x))
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -43,7 +35,7 @@ def test_image_to_video_on_the_command_line_starts_from_the_image(tmp_path, data
     that reproduction of the input and of a mirrored image, in luma, which yuv420p keeps at full resolution (the
     random VAE's pixel-scale colour noise is lost to the 4:2:0 chroma)."""
     folder = tiny.tiny_model_dir(data_dir, WAN)  # built once; the script finds it in T2V_DATA_DIR
-    image, other = halves(64), halves(64, flip=True)
+    image, other = halves(64, 64), halves(64, 64, flip=True)
     image.save(tmp_path / "input.png")
     proc = run_script("test.py", "--model", f"tiny:{WAN}", "--prompt", "a red fox", "--image", "input.png",
                       "--output", "i2v.mp4", cwd=tmp_path, T2V_DATA_DIR=str(data_dir))
@@ -54,15 +46,8 @@ def test_image_to_video_on_the_command_line_starts_from_the_image(tmp_path, data
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(folder)
-
-    def round_trip(picture):
-        x = pipe.video_processor.preprocess(picture, 64, 64).unsqueeze(2)
-        with torch.inference_mode():
-            decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample[0, :, 0]
-        return ((decoded / 2 + 0.5).clamp(0, 1) * 255).permute(1, 2, 0).numpy()
-
     first = luma(frames[0])
-    own, another = (float(np.abs(first - luma(round_trip(p))).mean()) for p in (image, other))
+    own, another = (float(np.abs(first - luma(vae_round_trip(pipe, p, 64, 64))).mean()) for p in (image, other))
     assert own * 1.5 < another, (own, another)  # measured: 1.9 against 3.9 (H.264 at CRF 18 is the 1.9)
 
 
@@ -79,7 +64,7 @@ def test_image_to_video_on_the_command_line_starts_from_the_image(tmp_path, data
 def test_a_bad_image_exits_2_with_one_line_before_loading(tmp_path, args, env, reason):
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "big.png").write_bytes(b"x" * (2**20 + 1))  # refused by its size, before it is read
-    halves(64).save(tmp_path / "small.png")
+    halves(64, 64).save(tmp_path / "small.png")
     (tmp_path / "bomb.png").write_bytes(png(20000, 20000))
     proc = run_script("test.py", "--prompt", "fox", "--model", "tiny", *args, cwd=tmp_path, **env)
     assert proc.returncode == 2
