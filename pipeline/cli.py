@@ -124,7 +124,7 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
     setting_flag(setup, "attention_backend", "diffusers attention backend, e.g. native, flash_varlen, sage_varlen")
     setting_flag(setup, "compile", "regional torch.compile of the transformer blocks")
     setting_flag(setup, "data_dir", "where tiny test models are built")
-    setting_flag(setup, "models_dir", "where upscaler release names are looked up")
+    setting_flag(setup, "models_dir", "where model ids and upscaler release names are looked up")
     return p
 
 
@@ -221,6 +221,6 @@ def check_weights(settings: Settings, params: JobParams) -> None:
     from pipeline.generate import resolve_model_dir
     from pipeline.upscale import resolve_upscaler
 
-    resolve_model_dir(settings.model, settings.data_dir)
+    resolve_model_dir(settings.model, settings.data_dir, settings.models_dir)
     if params.upscale:
         resolve_upscaler(settings.upscaler, settings.models_dir, settings.data_dir)

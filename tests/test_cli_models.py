@@ -5,6 +5,7 @@ tiny model and its MP4 starts from that image.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,6 +50,17 @@ def test_image_to_video_on_the_command_line_starts_from_the_image(tmp_path, data
     first = luma(frames[0])
     own, another = (float(np.abs(first - luma(vae_round_trip(pipe, p, 64, 64))).mean()) for p in (image, other))
     assert own * 1.5 < another, (own, another)  # measured: 1.9 against 3.9 (H.264 at CRF 18 is the 1.9)
+
+
+def test_a_model_id_loads_from_the_models_dir_given(tmp_path, data_dir):
+    """`--model <id>` loads T2V_MODELS_DIR/<Hub folder name>; the check before loading looked in ./models."""
+    shutil.copytree(tiny.tiny_model_dir(data_dir, WAN), tmp_path / "weights" / "Wan2.2-TI2V-5B-Diffusers")
+    proc = run_script("test.py", "--model", WAN, "--models-dir", "weights", "--prompt", "a red fox", "--width", "64",
+                      "--height", "64", "--num-frames", "5", "--steps", "1", "--output", "wan.mp4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert np.stack(list(read_frames(tmp_path / "wan.mp4"))).shape == (5, 64, 64, 3)
+    proc = run_script("test.py", "--model", WAN, "--models-dir", "elsewhere", "--prompt", "fox", cwd=tmp_path)
+    assert proc.returncode == 2 and "model folder elsewhere/Wan2.2-TI2V-5B-Diffusers is missing" in proc.stderr
 
 
 @pytest.mark.parametrize("args, env, reason", [
