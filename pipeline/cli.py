@@ -141,8 +141,6 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         params = JobParams.from_dict({**given, "upscale": upscale and settings.upscaler != "none"},
                                      Rules.from_settings(settings),  # a tiny model gets tiny defaults
                                      with_image=image is not None)
-        if params.loras:  # as the worker refuses them, until run_job applies LoRAs
-            raise ValueError("--lora: this version of t2v checks LoRAs but does not apply them yet")
         output = args.output or Path(settings.output_dir) / f"t2v_{params.seed}.mp4"
         check_writable(output)
         check_weights(settings, params)
@@ -151,6 +149,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         return EXIT_USAGE
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.generate import LoraError
     from pipeline.run import Models, run_job
     from pipeline.upscale import UpscalerLoadError
 
@@ -165,7 +164,11 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
     print(f"seed {params.seed}; device {settings.device}" + (f" (CUDA_DEVICE_ID={cuda})" if cuda else ""))
     if models.generator.is_tiny:
         print("note: this is the tiny random-weight model; its video is noise, by design")
-    result = run_job(params, settings, models=models, output=output, progress_bar=True, image=image)
+    try:
+        result = run_job(params, settings, models=models, output=output, progress_bar=True, image=image)
+    except LoraError as exc:  # a file that does not load into this model, or a setting LoRAs cannot go with
+        print(f"{prog}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames at {result.fps} fps, "
           f"{result.size_bytes / 1e6:.2f} MB)")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items()))
