@@ -62,6 +62,11 @@ class JobStore(Protocol):
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
+    # /v1/videos and /metrics
+    def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
+                  oldest_first: bool = False) -> list[dict]: ...
+    def job_counts(self) -> list[tuple[str, str, str | None, int]]: ...
+    def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]: ...
 
 
 def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: dict) -> dict:
@@ -107,6 +112,8 @@ CREATE INDEX IF NOT EXISTS jobs_owner_session ON jobs (owner, session_id, create
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+# /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
+_SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
 
 
 class _Outcomes:
@@ -319,6 +326,42 @@ class SqliteJobStore(_Outcomes):
         with self._tx(write=True) as db:
             db.execute("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),))
 
+    # ------------------------------------------------------------ /v1/videos and /metrics
+
+    def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
+                  oldest_first: bool = False) -> list[dict]:
+        """Up to `limit` of the owner's jobs (of one kind, if given), newest first (or oldest first), starting
+        after the job `after`. KeyError when `after` names no job of this owner."""
+        where, args = ["owner = ?"], [owner]
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        with self._tx() as db:
+            if after is not None:
+                row = db.execute("SELECT seq FROM jobs WHERE reference_id = ? AND owner = ?", (after, owner)).fetchone()
+                if row is None:
+                    raise KeyError(after)
+                where.append("seq > ?" if oldest_first else "seq < ?")
+                args.append(row[0])
+            rows = db.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} "
+                              f"ORDER BY seq {'ASC' if oldest_first else 'DESC'} LIMIT ?", [*args, limit]).fetchall()
+        return [self._row(r) for r in rows]
+
+    def job_counts(self) -> list[tuple[str, str, str | None, int]]:
+        """(status, kind, model, count) over every record: one grouped query, whatever the number of jobs."""
+        with self._tx() as db:
+            rows = db.execute("SELECT status, kind, json_extract(params, '$.model') AS model, COUNT(*) FROM jobs "
+                              "GROUP BY status, kind, model").fetchall()
+        return [tuple(r) for r in rows]
+
+    def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
+        """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""
+        with self._tx() as db:
+            rows = db.execute("SELECT kind, json_extract(params, '$.model'), json_extract(result, '$.timings_s'), "
+                              "json_extract(result, '$.gpu_peak_bytes') FROM jobs WHERE status = ?",
+                              (COMPLETED,)).fetchall()
+        return [(kind, model, json.loads(timings) if timings else {}, peak) for kind, model, timings, peak in rows]
+
 
 class _SqliteTx:
     """`with store._tx(write=True) as db:` runs one transaction; sqlite errors become StoreUnavailable."""
@@ -400,6 +443,7 @@ class MongoJobStore(_Outcomes):
                 self.jobs.create_index([("owner", 1), ("session_id", 1), ("created_at", -1)]),
                 self.jobs.create_index([("status", 1), ("created_at", 1)]),
                 self.jobs.create_index("slot", unique=True, partialFilterExpression={"slot": {"$exists": True}}),
+                self.jobs.create_index([("owner", 1), ("kind", 1), ("created_at", -1)]),  # /v1/videos lists
             ))
             self._indexed = True
 
@@ -521,6 +565,41 @@ class MongoJobStore(_Outcomes):
 
     def close(self) -> None:
         self.client.close()
+
+    # ------------------------------------------------------------ /v1/videos and /metrics
+
+    def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
+                  oldest_first: bool = False) -> list[dict]:
+        """Same contract as SqliteJobStore.list_jobs; the order is (created_at, _id), as in `history`."""
+        query: dict = {"owner": owner}
+        if kind is not None:
+            query["kind"] = kind
+        if after is not None:
+            mark = self._guard(lambda: self.jobs.find_one({"reference_id": after, "owner": owner},
+                                                          {"created_at": 1}))
+            if mark is None:
+                raise KeyError(after)
+            beyond = "$gt" if oldest_first else "$lt"
+            query["$or"] = [{"created_at": {beyond: mark["created_at"]}},
+                            {"created_at": mark["created_at"], "_id": {beyond: mark["_id"]}}]
+        direction = 1 if oldest_first else -1
+        docs = self._guard(lambda: list(self.jobs.find(query).sort([("created_at", direction), ("_id", direction)])
+                                        .limit(limit)))
+        return [self._doc(d) for d in docs]
+
+    def job_counts(self) -> list[tuple[str, str, str | None, int]]:
+        """(status, kind, model, count) over every record, grouped by the server."""
+        groups = self._guard(lambda: list(self.jobs.aggregate([
+            {"$group": {"_id": {"status": "$status", "kind": "$kind", "model": "$params.model"}, "n": {"$sum": 1}}}])))
+        return [(g["_id"]["status"], g["_id"]["kind"], g["_id"].get("model"), g["n"]) for g in groups]
+
+    def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
+        """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""
+        docs = self._guard(lambda: list(self.jobs.find(
+            {"status": COMPLETED},
+            {"_id": 0, "kind": 1, "params.model": 1, "result.timings_s": 1, "result.gpu_peak_bytes": 1})))
+        return [(d["kind"], d.get("params", {}).get("model"), (d.get("result") or {}).get("timings_s") or {},
+                 (d.get("result") or {}).get("gpu_peak_bytes")) for d in docs]
 
 
 def open_job_store(settings) -> JobStore:
