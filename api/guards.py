@@ -34,7 +34,8 @@ HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data")}
+BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data"),
+              "v1.create_video": ("application/json", "multipart/form-data")}
 
 
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
@@ -138,7 +139,7 @@ def _upload_limit():
     room for an image on /generate_video."""
     if request.endpoint == "classic.upscale_video":
         request.max_content_length = svc().settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
-    elif request.endpoint == "classic.generate_video":
+    elif request.endpoint in ("classic.generate_video", "v1.create_video"):
         request.max_content_length = generate_body_limit(svc().settings)
 
 
