@@ -23,7 +23,8 @@ from flask import Blueprint, g, jsonify, request
 
 from api.service import (ApiError, blob_response, check_id, create_generate_job, image_bytes, job_rules, json_body,
                          new_id, owned_job, printable, remove_job, spritesheet_response, svc)
-from pipeline.spec import model_rules
+from pipeline.models import DEFAULT_MODEL
+from pipeline.spec import DEFAULT_FPS, model_rules
 from storage.jobs import CANCELED, COMPLETED, PROCESSING, QUEUED, TERMINAL
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -105,17 +106,18 @@ def video_content(reference_id):
 
 
 def video_object(job: dict) -> dict:
-    """A generate job as the Videos API's `video` object. Size and length are the MP4's once it exists."""
+    """A generate job as the Videos API's `video` object. Size and length are the MP4's once it exists.
+    A record from before the model registry has no `model` (it was HunyuanVideo's) and may lack `fps`."""
     params, result = job["params"], job["result"] or {}
     width, height = result.get("width", params["width"]), result.get("height", params["height"])
-    frames, fps = result.get("frames", params["num_frames"]), result.get("fps", params["fps"])
+    frames, fps = result.get("frames", params["num_frames"]), result.get("fps", params.get("fps", DEFAULT_FPS))
     status = job["status"]
     return {
         "id": job["reference_id"], "object": "video", "status": STATUSES[status],
         "progress": 100 if status == COMPLETED else min(99, int(job["progress"] * 100)),
         "created_at": int(job["created_at"]),
         "completed_at": int(job["finished_at"]) if status in TERMINAL and job["finished_at"] else None,
-        "model": params["model"], "prompt": params["prompt"], "seconds": f"{round(frames / fps, 3):g}",
+        "model": params.get("model", DEFAULT_MODEL), "prompt": params["prompt"], "seconds": f"{round(frames / fps, 3):g}",
         "size": f"{width}x{height}", "error": CANCELED_ERROR if status == CANCELED else job["error"],
     }
 

@@ -240,3 +240,11 @@ def test_the_original_routes_see_a_v1_video_and_v1_sees_a_generate_job(make_app)
     assert (video["id"], video["status"], video["size"], video["seconds"]) == (ref, "queued", "64x64", "0.375")
     svc.jobs.create(new_job("upscale-job-1", "s", "local", "upscale", {}))
     assert [v["id"] for v in client.get("/v1/videos").json["data"]] == [ref]
+
+
+def test_a_record_from_before_the_model_registry_shows_as_hunyuanvideo(make_app):
+    app, svc = make_app(worker=False)
+    svc.jobs.create(new_job("oldjob01", "s", "local", "generate",
+                            {"prompt": "p", "width": 64, "height": 64, "num_frames": 9}))  # no model, no fps
+    video = app.test_client().get("/v1/videos/oldjob01").json
+    assert (video["model"], video["seconds"], video["size"]) == ("hunyuanvideo", "0.375", "64x64")
