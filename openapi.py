@@ -168,6 +168,12 @@ def build_spec(settings, rules: Rules) -> dict:
                 "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
             **_v1_paths(settings, rules, ref_param),
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics, read from the job store at each scrape (with keys on, a key is "
+                           "needed unless T2V_METRICS_PUBLIC is set)",
+                "responses": {"200": {"description": "Prometheus text (OpenMetrics by Accept)",
+                                      "content": {"text/plain": {}, "application/openmetrics-text": {}}},
+                              **_errors(401, 503)}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},

@@ -106,10 +106,12 @@ def _cors_headers(response):
 
 def _authenticate():
     """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video or
-    poster, a signed link). The owner of a job is a hash of the key that made it. A CORS preflight
+    poster, a signed link); /metrics too, unless T2V_METRICS_PUBLIC is on. The owner of a job is a hash of the key that made it. A CORS preflight
     (OPTIONS) never carries a key and changes nothing."""
-    keys = svc().settings.api_keys
-    if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS" or not keys:
+    settings = svc().settings
+    keys = settings.api_keys
+    public = request.endpoint in PUBLIC_ENDPOINTS or (request.endpoint == "metrics.metrics" and settings.metrics_public)
+    if public or request.method == "OPTIONS" or not keys:
         g.owner = "local"
         return None
     if request.endpoint in SIGNED_ENDPOINTS and "sig" in request.args:
