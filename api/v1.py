@@ -8,8 +8,8 @@ How the shapes map (docs/DESIGN.md, "OpenAI-compatible /v1/videos"):
 - `seconds` becomes `num_frames` at the model's fps, rounded to the nearest count its frame rule allows
   (4k+1); the video's `seconds` is then the clip's real length (97 frames at 24 fps: "4.042");
 - `size` "WxH" is the size of the MP4: /v1 jobs are not upscaled;
-- `input_reference`, the first frame for image-to-video: a file (multipart), or a data: URI (JSON, or the
-  SDK's `{"image_url": ...}`); never a URL, never a `file_id`;
+- `input_reference`, the first frame for image-to-video: a file or a data: URI (multipart), or in JSON a
+  data: URI or `{"image_url": <data: URI>}`; never a URL, never a `file_id`;
 - status: processing is `in_progress`; a canceled job is `failed` with error code `canceled`, as the
   Videos API has no canceled state.
 """
@@ -30,8 +30,6 @@ from storage.jobs import CANCELED, COMPLETED, PROCESSING, QUEUED, TERMINAL
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
 FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
-# The names a multipart form gives the reference object's members (the SDK's `{"image_url": ...}`).
-REFERENCE_FORM_FIELDS = {"input_reference[image_url]": "image_url", "input_reference[file_id]": "file_id"}
 # JobParams' fields under the names a /v1 client sent, for error messages.
 FIELD_NAMES = {"image": "input_reference", "width": "size (width)", "height": "size (height)", "num_frames": "seconds"}
 SIZE = re.compile(r"(?P<width>[0-9]{1,5})x(?P<height>[0-9]{1,5})")
@@ -159,12 +157,11 @@ def _create_request() -> tuple[dict, bytes | None]:
             raise ApiError(400, "invalid_parameter",
                            f"{printable(others[0])}: is not a known file field (send `input_reference`)")
         fields = {name: items[0] for name, items in form.items()}
-        given = [value for value in (request.files.get("input_reference"), fields.pop("input_reference", None),
-                                     {REFERENCE_FORM_FIELDS[name]: fields.pop(name) for name in list(fields)
-                                      if name in REFERENCE_FORM_FIELDS} or None) if value is not None]
-        if len(given) > 1:
-            raise ApiError(400, "invalid_parameter", "input_reference: is given more than once")
-        reference = given[0] if given else ABSENT
+        reference = fields.pop("input_reference", ABSENT)  # a data: URI as text
+        if "input_reference" in request.files:
+            if reference is not ABSENT:
+                raise ApiError(400, "invalid_parameter", "input_reference: is given more than once")
+            reference = request.files["input_reference"]
     unknown = [name for name in fields if name not in FIELDS]
     if unknown:
         raise ApiError(400, "invalid_parameter", f"{printable(unknown[0])}: is not a known parameter "

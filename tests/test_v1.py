@@ -165,13 +165,15 @@ def test_multipart_create_as_the_sdk_sends_it_with_an_image_file(make_app):
     assert job["params"]["model"] == "hunyuanvideo-i2v" and job["params"]["image_key"] == f"inputs/{r.json['id']}"
     assert (Path(svc.settings.data_dir) / "blobs" / job["params"]["image_key"]).read_bytes() == picture(size=(64, 64))
 
-    # The SDK's {"image_url": <data: URI>} arrives as a bracketed form field.
+    # A form may carry the image as a data: URI in a text field; JSON also as {"image_url": <data: URI>}.
     form = {"prompt": "a red fox", "model": "hunyuanvideo-i2v", "size": "64x64", "seconds": "0.375",
-            "input_reference[image_url]": data_uri(picture(size=(64, 64)))}
+            "input_reference": data_uri(picture(size=(64, 64)))}
     r = client.post("/v1/videos", data=form, content_type="multipart/form-data")
     assert r.status_code == 200 and svc.jobs.get(r.json["id"])["params"]["image_key"], r.json
+    r = client.post("/v1/videos", json={**form, "input_reference": {"image_url": form["input_reference"]}})
+    assert r.status_code == 200 and svc.jobs.get(r.json["id"])["params"]["image_key"], r.json
 
-    form["input_reference"] = (io.BytesIO(picture()), "twice.png")
+    form["input_reference"] = [form["input_reference"], (io.BytesIO(picture()), "twice.png")]  # text and file
     r = client.post("/v1/videos", data=form, content_type="multipart/form-data")
     assert r.status_code == 400 and "input_reference: is given more than once" in r.json["error"]["message"]
     r = client.post("/v1/videos", data={**TINY_VIDEO, "video": (io.BytesIO(b"x"), "a.mp4")},
