@@ -28,7 +28,7 @@ from config import Settings
 from pipeline import models
 from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
 from storage.blobs import BlobMissing, BlobStore, StorageError
-from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, new_job
+from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, new_job, waiting_reason
 from pipeline.video import VideoInputError, inspect_video, write_spritesheet
 from worker import input_key, upload_path
 
@@ -281,8 +281,10 @@ def accepted(job: dict):
 
 
 def status_view(job: dict) -> dict:
+    """A queued job that no live worker would take says why in `stage`."""
     return {
-        "reference_id": job["reference_id"], "status": job["status"], "stage": job["stage"],
+        "reference_id": job["reference_id"], "status": job["status"],
+        "stage": waiting_reason(svc().jobs, job) or job["stage"],
         "progress": job["progress"], "queue_position": svc().jobs.queue_position(job), "eta_s": job["eta_s"],
         "error": job["error"],
     }

@@ -23,9 +23,8 @@ from flask import Blueprint, g, jsonify, request
 
 from api.service import (ApiError, blob_response, check_id, create_generate_job, image_bytes, job_rules, json_body,
                          new_id, owned_job, printable, remove_job, spritesheet_response, svc)
-from pipeline.models import DEFAULT_MODEL
 from pipeline.spec import DEFAULT_FPS, model_rules
-from storage.jobs import CANCELED, COMPLETED, PROCESSING, QUEUED, TERMINAL
+from storage.jobs import CANCELED, COMPLETED, PROCESSING, QUEUED, TERMINAL, job_model
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -105,7 +104,7 @@ def video_content(reference_id):
 
 def video_object(job: dict) -> dict:
     """A generate job as the Videos API's `video` object. Size and length are the MP4's once it exists.
-    A record from before the model registry has no `model` (it was HunyuanVideo's) and may lack `fps`."""
+    A record from before the model registry has no `model` (storage's job_model names it) and may lack `fps`."""
     params, result = job["params"], job["result"] or {}
     width, height = result.get("width", params["width"]), result.get("height", params["height"])
     frames, fps = result.get("frames", params["num_frames"]), result.get("fps", params.get("fps", DEFAULT_FPS))
@@ -115,7 +114,7 @@ def video_object(job: dict) -> dict:
         "progress": 100 if status == COMPLETED else min(99, int(job["progress"] * 100)),
         "created_at": int(job["created_at"]),
         "completed_at": int(job["finished_at"]) if status in TERMINAL and job["finished_at"] else None,
-        "model": params.get("model", DEFAULT_MODEL), "prompt": params["prompt"], "seconds": f"{round(frames / fps, 3):g}",
+        "model": job_model(job), "prompt": params["prompt"], "seconds": f"{round(frames / fps, 3):g}",
         "size": f"{width}x{height}", "error": CANCELED_ERROR if status == CANCELED else job["error"],
     }
 

@@ -1,7 +1,8 @@
 """Job records: `SqliteJobStore` (default, one file under the data folder) and `MongoJobStore` (pymongo).
 
 Both keep the same contract, checked by one test suite:
-- `claim()` hands the oldest queued job of the kinds a worker can run to exactly one worker, with a lease;
+- `claim()` hands the oldest queued job of the kinds (and, for generation, the models) a worker can run to
+  exactly one worker, with a lease;
 - a worker renews the lease with `heartbeat()`; a job whose lease ran out goes back to the queue
   (`requeue_expired`), or fails with `worker_lost` after its last attempt;
 - `complete()`, `fail()` and `mark_canceled()` only act on a job the calling worker still holds,
@@ -11,6 +12,8 @@ Both keep the same contract, checked by one test suite:
 - `delete()` removes a record for good; a worker still running it then finds its lease gone, and
   every later write of that worker (progress, heartbeat, outcome) matches nothing, so none brings it back.
 Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
+Workers also record what they take (`worker_seen`), so a queued job no live worker takes says why
+(`waiting_reason`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import urllib.parse
 import weakref
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
 TERMINAL = (COMPLETED, FAILED, CANCELED)
@@ -51,7 +54,8 @@ class JobStore(Protocol):
     def history(self, owner: str, session_id: str) -> list[dict]: ...
     def count_queued(self) -> int: ...
     def queue_position(self, job: dict) -> int: ...
-    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None: ...
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
+              models: Collection[str] | None = None) -> dict | None: ...
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None: ...
     def update_progress(self, reference_id: str, worker_id: str, **fields) -> None: ...
     def complete(self, reference_id: str, worker_id: str, result: dict) -> bool: ...
@@ -68,6 +72,10 @@ class JobStore(Protocol):
     def job_counts(self) -> list[tuple[str, str, str | None, int]]: ...
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]: ...
 
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None: ...
+    def worker_stopped(self, worker_id: str) -> None: ...
+    def live_workers(self, within_s: float) -> list[dict]: ...
+
 
 def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: dict) -> dict:
     """A fresh queued record with every field the stores keep."""
@@ -81,6 +89,48 @@ def new_job(reference_id: str, session_id: str, owner: str, kind: str, params: d
 
 def _worker_lost(attempts: int) -> dict:
     return {"code": "worker_lost", "message": f"the worker running this job stopped responding ({attempts} attempts)"}
+
+
+# ---------------------------------------------------------------------------------------- who takes which job
+
+WORKER_REPORT_EVERY_S = 5.0  # how often a running worker records what it takes
+WORKER_LIVE_S = 30.0  # a worker seen this recently counts as live (generous: busy stores, clocks a little apart)
+WORKER_FORGET_S = 24 * 3600.0  # the record of a worker that died without a word is deleted after this
+# What a job stored without `model` (queued before jobs named one) runs: JobParams' default,
+# pipeline.models.DEFAULT_MODEL (storage imports nothing of pipeline/; a test checks the two agree).
+UNNAMED_MODEL = "hunyuanvideo"
+
+
+def job_model(job: dict) -> str | None:
+    """The model a generation job runs: `params.model`, else UNNAMED_MODEL. None for other kinds."""
+    if job["kind"] != "generate":
+        return None
+    return (job["params"] or {}).get("model") or UNNAMED_MODEL
+
+
+def _claimable_kinds(kinds: tuple[str, ...], models: Collection[str] | None) -> tuple[str, ...]:
+    """A worker that serves no model takes no generation job."""
+    return tuple(k for k in kinds if k != "generate") if models is not None and not models else tuple(kinds)
+
+
+def can_take(worker: dict, job: dict) -> bool:
+    """Whether a worker, as it last reported (`kinds`, `models`), would claim `job`: the rule `claim` applies."""
+    return job["kind"] in worker["kinds"] and (job["kind"] != "generate" or job_model(job) in worker["models"])
+
+
+def waiting_reason(store: "JobStore", job: dict, within_s: float = WORKER_LIVE_S) -> str | None:
+    """Why a queued job waits for more than its turn: no worker is live, or no live worker takes its kind
+    or model. None when some live worker would take it, and for a job that is not queued."""
+    if job["status"] != QUEUED:
+        return None
+    live = store.live_workers(within_s)
+    if not live:
+        return f"waiting for a worker: none has reported in the last {within_s:.0f} s"
+    if any(can_take(worker, job) for worker in live):
+        return None
+    if job["kind"] == "generate":
+        return f"waiting for a worker that serves {job_model(job)}"
+    return f"waiting for a worker that takes {job['kind']} jobs"
 
 
 # ---------------------------------------------------------------------------------------- SQLite
@@ -111,9 +161,25 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_owner_session ON jobs (owner, session_id, created_at);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
+                                    last_seen REAL NOT NULL);
 """
 # /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
 _SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
+
+
+def _model_of(kind: str, model: str | None) -> str | None:
+    """A grouped row's model by job_model's rule (an unnamed generation job runs UNNAMED_MODEL)."""
+    return job_model({"kind": kind, "params": {"model": model}})
+
+
+def _counts_by_model(rows) -> list[tuple[str, str, str | None, int]]:
+    """(status, kind, stored model, count) rows regrouped by the model each job runs."""
+    counts: dict[tuple[str, str, str | None], int] = {}
+    for status, kind, model, count in rows:
+        key = (status, kind, _model_of(kind, model))
+        counts[key] = counts.get(key, 0) + count
+    return [(*key, count) for key, count in counts.items()]
 
 
 class _Outcomes:
@@ -250,17 +316,25 @@ class SqliteJobStore(_Outcomes):
                 "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq <= (SELECT seq FROM jobs WHERE reference_id = ?)",
                 (QUEUED, job["reference_id"])).fetchone()[0]
 
-    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
+              models: Collection[str] | None = None) -> dict | None:
+        """`models`: the ids whose generation jobs this worker runs (None: any); other kinds are not model-bound."""
+        kinds = _claimable_kinds(kinds, models)
         if not kinds:
             return None
+        model_rule, model_args = "", ()
+        if models is not None:
+            model_rule = (" AND (kind != 'generate' OR COALESCE(json_extract(params, '$.model'), ?) "
+                          f"IN ({', '.join('?' * len(models))}))")
+            model_args = (UNNAMED_MODEL, *models)
         now = time.time()
         with self._tx(write=True) as db:
             row = db.execute(
                 "UPDATE jobs SET status = ?, stage = 'starting', worker_id = ?, lease_until = ?, "
                 "attempts = attempts + 1, started_at = ? "
-                f"WHERE seq = (SELECT seq FROM jobs WHERE status = ? AND kind IN ({', '.join('?' * len(kinds))}) "
-                "ORDER BY seq LIMIT 1) AND status = ? RETURNING *",
-                (PROCESSING, worker_id, now + lease_s, now, QUEUED, *kinds, QUEUED)).fetchone()
+                f"WHERE seq = (SELECT seq FROM jobs WHERE status = ? AND kind IN ({', '.join('?' * len(kinds))})"
+                f"{model_rule} ORDER BY seq LIMIT 1) AND status = ? RETURNING *",
+                (PROCESSING, worker_id, now + lease_s, now, QUEUED, *kinds, *model_args, QUEUED)).fetchone()
         return self._row(row)
 
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None:
@@ -352,7 +426,7 @@ class SqliteJobStore(_Outcomes):
         with self._tx() as db:
             rows = db.execute("SELECT status, kind, json_extract(params, '$.model') AS model, COUNT(*) FROM jobs "
                               "GROUP BY status, kind, model").fetchall()
-        return [tuple(r) for r in rows]
+        return _counts_by_model(rows)
 
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
         """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""
@@ -360,7 +434,28 @@ class SqliteJobStore(_Outcomes):
             rows = db.execute("SELECT kind, json_extract(params, '$.model'), json_extract(result, '$.timings_s'), "
                               "json_extract(result, '$.gpu_peak_bytes') FROM jobs WHERE status = ?",
                               (COMPLETED,)).fetchall()
-        return [(kind, model, json.loads(timings) if timings else {}, peak) for kind, model, timings, peak in rows]
+        return [(kind, _model_of(kind, model), json.loads(timings) if timings else {}, peak)
+                for kind, model, timings, peak in rows]
+
+    # --- workers: what each takes, and when it was last seen
+
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None:
+        """Record that this worker is alive and what it claims; forget workers silent for WORKER_FORGET_S."""
+        now = time.time()
+        with self._tx(write=True) as db:
+            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen) VALUES (?, ?, ?, ?)",
+                       (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)), now))
+            db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_FORGET_S,))
+
+    def worker_stopped(self, worker_id: str) -> None:
+        with self._tx(write=True) as db:
+            db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    def live_workers(self, within_s: float) -> list[dict]:
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id",
+                              (time.time() - within_s,)).fetchall()
+        return [{**dict(r), "kinds": json.loads(r["kinds"]), "models": json.loads(r["models"])} for r in rows]
 
 
 class _SqliteTx:
@@ -430,6 +525,7 @@ class MongoJobStore(_Outcomes):
         self._pymongo = pymongo
         self.client = client or pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
         self.jobs = self.client[database]["jobs"]
+        self.workers = self.client[database]["workers"]  # one document per worker, keyed by its id
         self._indexed = False
         try:
             self._ensure_indexes()
@@ -504,12 +600,19 @@ class MongoJobStore(_Outcomes):
         ret = self._pymongo.ReturnDocument.AFTER
         return self._doc(self._guard(lambda: self.jobs.find_one_and_update(query, update, return_document=ret, **kw)))
 
-    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
+              models: Collection[str] | None = None) -> dict | None:
+        """`models` as in SqliteJobStore.claim; `$in` with None matches a job stored without a model."""
+        kinds = _claimable_kinds(kinds, models)
         if not kinds:
             return None
+        query = {"status": QUEUED, "kind": {"$in": list(kinds)}}
+        if models is not None:
+            named = [*models, None] if UNNAMED_MODEL in models else list(models)
+            query["$or"] = [{"kind": {"$ne": "generate"}}, {"params.model": {"$in": named}}]
         now = time.time()
         return self._update_one(
-            {"status": QUEUED, "kind": {"$in": list(kinds)}},
+            query,
             {"$set": {"status": PROCESSING, "stage": "starting", "worker_id": worker_id, "lease_until": now + lease_s,
                       "started_at": now}, "$inc": {"attempts": 1}, "$unset": {"slot": ""}},
             sort=[("created_at", 1), ("_id", 1)])
@@ -563,6 +666,24 @@ class MongoJobStore(_Outcomes):
         self._guard(lambda: self.client.admin.command("ping"))
         self._ensure_indexes()
 
+    # --- workers: what each takes, and when it was last seen (same contract as SqliteJobStore)
+
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None:
+        now = time.time()
+        self._guard(lambda: self.workers.update_one(
+            {"_id": worker_id}, {"$set": {"kinds": list(kinds), "models": sorted(models), "last_seen": now}},
+            upsert=True))
+        self._guard(lambda: self.workers.delete_many({"last_seen": {"$lt": now - WORKER_FORGET_S}}))
+
+    def worker_stopped(self, worker_id: str) -> None:
+        self._guard(lambda: self.workers.delete_one({"_id": worker_id}))
+
+    def live_workers(self, within_s: float) -> list[dict]:
+        docs = self._guard(lambda: list(self.workers.find({"last_seen": {"$gte": time.time() - within_s}})
+                                        .sort("_id", 1)))
+        return [{"worker_id": d["_id"], "kinds": d["kinds"], "models": d["models"], "last_seen": d["last_seen"]}
+                for d in docs]
+
     def close(self) -> None:
         self.client.close()
 
@@ -591,15 +712,16 @@ class MongoJobStore(_Outcomes):
         """(status, kind, model, count) over every record, grouped by the server."""
         groups = self._guard(lambda: list(self.jobs.aggregate([
             {"$group": {"_id": {"status": "$status", "kind": "$kind", "model": "$params.model"}, "n": {"$sum": 1}}}])))
-        return [(g["_id"]["status"], g["_id"]["kind"], g["_id"].get("model"), g["n"]) for g in groups]
+        return _counts_by_model((g["_id"]["status"], g["_id"]["kind"], g["_id"].get("model"), g["n"]) for g in groups)
 
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
         """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""
         docs = self._guard(lambda: list(self.jobs.find(
             {"status": COMPLETED},
             {"_id": 0, "kind": 1, "params.model": 1, "result.timings_s": 1, "result.gpu_peak_bytes": 1})))
-        return [(d["kind"], d.get("params", {}).get("model"), (d.get("result") or {}).get("timings_s") or {},
-                 (d.get("result") or {}).get("gpu_peak_bytes")) for d in docs]
+        return [(d["kind"], _model_of(d["kind"], d.get("params", {}).get("model")),
+                 (d.get("result") or {}).get("timings_s") or {}, (d.get("result") or {}).get("gpu_peak_bytes"))
+                for d in docs]
 
 
 def open_job_store(settings) -> JobStore:

@@ -71,6 +71,59 @@ def test_a_worker_claims_only_the_kinds_it_can_run(store):
     assert store.claim("healthy", 30, kinds=("generate", "upscale"))["reference_id"] == "gen00003"
 
 
+def test_a_worker_claims_only_generation_jobs_for_the_models_it_serves(store):
+    """A job stored without a model (queued before jobs named one) runs the default model, hunyuanvideo;
+    upscale jobs are not model-bound; a worker that serves no model takes upscale jobs only."""
+    from pipeline.models import DEFAULT_MODEL
+    from pipeline.spec import JobParams
+    from storage.jobs import UNNAMED_MODEL
+
+    assert UNNAMED_MODEL == DEFAULT_MODEL == JobParams(prompt="p").model == "hunyuanvideo"
+    for ref, kind, params in (("wan00001", "generate", {"model": "wan2.2-ti2v-5b"}), ("old00002", "generate", {}),
+                              ("hun00003", "generate", {"model": "hunyuanvideo"}), ("ups00004", "upscale", {}),
+                              ("wan00005", "generate", {"model": "wan2.2-ti2v-5b"})):
+        store.create(new_job(ref, "s", "o", kind, params))
+        time.sleep(0.002)
+    assert store.claim("nothing", 30, kinds=("generate",), models=()) is None
+    assert store.claim("other", 30, models=["wan2.1-t2v-1.3b"])["reference_id"] == "ups00004"
+    assert store.claim("other", 30, models=["wan2.1-t2v-1.3b"]) is None
+    hunyuan = ("hunyuanvideo", "hunyuanvideo-1.5-480p")
+    assert [store.claim("hun", 30, models=hunyuan)["reference_id"] for _ in range(2)] == ["old00002", "hun00003"]
+    assert store.claim("hun", 30, models=hunyuan) is None, "the Wan jobs are left for a Wan worker"
+    assert store.get("wan00001")["status"] == QUEUED
+    assert store.claim("wan", 30, models=("wan2.2-ti2v-5b",))["reference_id"] == "wan00001"
+    assert store.claim("any", 30)["reference_id"] == "wan00005"  # no models given: any model
+    assert {r: store.get(r)["worker_id"] for r in ("wan00001", "old00002", "hun00003", "ups00004", "wan00005")} == \
+        {"wan00001": "wan", "old00002": "hun", "hun00003": "hun", "ups00004": "other", "wan00005": "any"}
+
+
+def test_workers_record_what_they_take_and_a_queued_job_says_why_it_waits(store):
+    from storage.jobs import waiting_reason
+
+    wan = store.create(new_job("wan00001", "s", "o", "generate", {"model": "wan2.2-ti2v-5b"}))
+    old = store.create(new_job("old00002", "s", "o", "generate", {"prompt": "p"}))
+    upscale = store.create(new_job("ups00003", "s", "o", "upscale", {}))
+    assert store.live_workers(30) == []
+    assert waiting_reason(store, wan) == "waiting for a worker: none has reported in the last 30 s"
+    store.worker_seen("gpu-a", ("generate", "upscale"), ["hunyuanvideo"])
+    store.worker_seen("gpu-b", ("upscale",), ["wan2.2-ti2v-5b"])  # its model does not load: no generation
+    seen = store.live_workers(30)
+    assert [(w["worker_id"], w["kinds"], w["models"]) for w in seen] == [
+        ("gpu-a", ["generate", "upscale"], ["hunyuanvideo"]), ("gpu-b", ["upscale"], ["wan2.2-ti2v-5b"])]
+    assert all(time.time() - w["last_seen"] < 30 for w in seen)
+    assert waiting_reason(store, wan) == "waiting for a worker that serves wan2.2-ti2v-5b"
+    assert waiting_reason(store, old) is None and waiting_reason(store, upscale) is None
+    store.worker_seen("gpu-b", ("generate", "upscale"), ["wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"])  # loaded now
+    assert waiting_reason(store, wan) is None
+    assert len(store.live_workers(30)) == 2, "a worker's record is replaced, not added to"
+    store.worker_stopped("gpu-a")
+    assert waiting_reason(store, old) == "waiting for a worker that serves hunyuanvideo"
+    assert waiting_reason(store, store.claim("gpu-b", 30)) is None, "only a queued job waits"
+    time.sleep(0.05)
+    assert store.live_workers(0.01) == [], "a worker not seen within the window is not live"
+    assert waiting_reason(store, upscale, within_s=0.01).startswith("waiting for a worker: none has reported")
+
+
 @pytest.fixture
 def serial_mongomock(monkeypatch):
     """A mongomock client whose every collection call is atomic, as each single-document write is on a
@@ -366,11 +419,12 @@ def test_job_counts_group_every_record_by_status_kind_and_model(store):
     add(store, "ref00001", model="hunyuanvideo")
     add(store, "ref00002", model="hunyuanvideo")
     add(store, "ref00003", model="wan2.2-ti2v-5b")
+    add(store, "ref00004")  # stored before jobs named a model: it runs UNNAMED_MODEL
     store.create(new_job("ups00001", "s", "o", "upscale", {"outscale": 4}))
     store.claim("w1", 30)
     store.complete("ref00001", "w1", {"video_key": "k"})
     assert sorted(store.job_counts()) == [("completed", "generate", "hunyuanvideo", 1),
-                                          ("queued", "generate", "hunyuanvideo", 1),
+                                          ("queued", "generate", "hunyuanvideo", 2),
                                           ("queued", "generate", "wan2.2-ti2v-5b", 1),
                                           ("queued", "upscale", None, 1)]
 
