@@ -24,7 +24,7 @@ from flask import Blueprint, g, jsonify, request
 from api.service import (ApiError, blob_response, check_id, create_generate_job, image_bytes, job_rules, json_body,
                          new_id, owned_job, printable, remove_job, spritesheet_response, svc)
 from pipeline.spec import DEFAULT_FPS, model_rules
-from storage.jobs import CANCELED, COMPLETED, PROCESSING, QUEUED, TERMINAL, job_model
+from storage.jobs import CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, TERMINAL, job_model
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -33,7 +33,7 @@ FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 FIELD_NAMES = {"image": "input_reference", "width": "size (width)", "height": "size (height)", "num_frames": "seconds"}
 SIZE = re.compile(r"(?P<width>[0-9]{1,5})x(?P<height>[0-9]{1,5})")
 SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
-STATUSES = {QUEUED: "queued", PROCESSING: "in_progress", COMPLETED: "completed", "failed": "failed",
+STATUSES = {QUEUED: "queued", PROCESSING: "in_progress", COMPLETED: "completed", FAILED: "failed",
             CANCELED: "failed"}
 CANCELED_ERROR = {"code": "canceled", "message": "the job was canceled before it finished"}
 VARIANTS = ("video", "thumbnail", "spritesheet")
