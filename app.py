@@ -1,6 +1,7 @@
 """The t2v REST API: `create_app(settings=None)` builds Flask over one blueprint per face of the API
-(api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page), all calling one
-service layer (api/service.py), behind the request guards of api/guards.py.
+(api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page; api/v1.py: OpenAI's
+/v1/videos; api/metrics.py: /metrics), all calling one service layer (api/service.py), behind the request
+guards of api/guards.py.
 
     python app.py                                   # waitress on 127.0.0.1:7866, SQLite, local files, thread worker
     gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
@@ -21,7 +22,7 @@ import waitress
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from api import classic, guards, jobs as job_routes
+from api import classic, guards, jobs as job_routes, metrics, v1
 from api.service import ApiError, Service, svc
 from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from pipeline.cli import ArgumentParser
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     guards.install(app)
     app.register_blueprint(classic.bp)
     app.register_blueprint(job_routes.bp)
+    app.register_blueprint(v1.bp)
+    app.register_blueprint(metrics.bp)
     return app
 
 
@@ -72,6 +75,7 @@ def _register_errors(app: Flask) -> None:
             settings = svc().settings
             limit = {"classic.upscale_video": f"{settings.max_upload_mb} MB",
                      "classic.generate_video": f"{settings.max_body_kb} KB with an image of {settings.max_image_mb} MB",
+                     "v1.create_video": f"{settings.max_body_kb} KB with an image of {settings.max_image_mb} MB",
                      }.get(request.endpoint, f"{settings.max_body_kb} KB")
             return error(413, "too_large", f"the request body is over {limit}")
         response, status = error(exc.code or 500, code, exc.description or exc.name)

@@ -102,6 +102,7 @@ class Settings:
     url_secret: str | None = _secret()  # signs the web page's video links; random per process if unset
     allowed_hosts: tuple[str, ...] = ()  # Host names answered; empty: loopback names on a loopback T2V_HOST, else any
     cors_origins: tuple[str, ...] = ()  # other sites whose pages may call the API from a browser
+    metrics_public: bool = False  # with keys on, GET /metrics answers without a key (a scraper on a private network)
 
     # Webhooks and idempotent submits.
     webhook_secret: str | None = _secret()  # whsec_<base64>: signs deliveries; unset, a job with a webhook is a 400

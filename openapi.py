@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline import models
-from pipeline.spec import Rules, job_fields, request_schema
+from pipeline.spec import PROMPT_PATTERN, Rules, job_fields, request_schema
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -184,6 +184,13 @@ def build_spec(settings, rules: Rules) -> dict:
             "/openapi.json": {"get": {
                 "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
+            **_v1_paths(settings, rules, ref_param),
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics, read from the job store at each scrape (with keys on, a key is "
+                           "needed unless T2V_METRICS_PUBLIC is set)",
+                "responses": {"200": {"description": "Prometheus text (OpenMetrics by Accept)",
+                                      "content": {"text/plain": {}, "application/openmetrics-text": {}}},
+                              **_errors(401, 503)}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
@@ -213,6 +220,7 @@ def build_spec(settings, rules: Rules) -> dict:
                                          "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
                                          "presets": {"type": "array"}, "limits": {"type": "object"},
                                          "defaults": {"type": "object"}}},
+                "Video": VIDEO,
                 "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
                            "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
                                           "worker": {"enum": ["alive", "dead", "off"]},
@@ -221,4 +229,85 @@ def build_spec(settings, rules: Rules) -> dict:
                                           "queue_length": {"type": ["integer", "null"]}}},
             },
         },
+    }
+
+
+# ---------------------------------------------------------------------------------------- /v1/videos
+
+VIDEO = {
+    "type": "object", "description": "a generate job in the shape of OpenAI's Videos API",
+    "required": ["id", "object", "status", "progress", "created_at", "completed_at", "model", "seconds", "size",
+                 "error"],
+    "properties": {
+        "id": ID, "object": {"const": "video"}, "status": {"enum": ["queued", "in_progress", "completed", "failed"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100}, "created_at": {"type": "integer"},
+        "completed_at": {"type": ["integer", "null"]}, "model": {"type": "string"}, "prompt": {"type": "string"},
+        "seconds": {"type": "string", "description": "the clip's length: its frames over its fps"},
+        "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+        "error": {"type": ["object", "null"], "required": ["code", "message"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}}}}}
+V1_SIZE = {"type": "string", "pattern": "^[0-9]{1,5}x[0-9]{1,5}$",
+           "description": "WIDTHxHEIGHT of the MP4, within the model's size rules (GET /models); not upscaled"}
+V1_SECONDS = {"description": "becomes the nearest frame count the model's frame rule allows, at its fps",
+              "anyOf": [{"type": "string", "pattern": r"^[0-9]{1,6}(\.[0-9]{1,6})?$"},
+                        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1_000_000}]}
+
+
+def _v1_paths(settings, rules: Rules, ref_param: dict) -> dict:
+    """OpenAI's Videos API shape over the same jobs (api/v1.py)."""
+    video = _ok({"$ref": "#/components/schemas/Video"}, 400, 401, 404, 503)
+    prompt = {"type": "string", "minLength": 1, "maxLength": rules.limits.max_prompt_chars, "pattern": PROMPT_PATTERN}
+    model = {"enum": list(rules.models)} if rules.models else {"type": "string"}
+    create_json = {
+        "type": "object", "required": ["prompt"], "additionalProperties": False,
+        "properties": {"prompt": prompt, "model": {**model, "description": "a model id; the server's default if absent"},
+                       "seconds": V1_SECONDS, "size": V1_SIZE,
+                       "input_reference": {"anyOf": [IMAGE_URI, {
+                           "type": "object", "required": ["image_url"], "additionalProperties": False,
+                           "properties": {"image_url": IMAGE_URI}}]}}}
+    create_form = {
+        "type": "object", "required": ["prompt"], "additionalProperties": False,
+        "properties": {"prompt": prompt, "model": {"type": "string"}, "seconds": V1_SECONDS["anyOf"][0],
+                       "size": V1_SIZE,
+                       "input_reference": {"type": "string", "contentMediaType": "application/octet-stream",
+                                           "description": f"the first frame: a PNG, JPEG or WebP of at most "
+                                                          f"{settings.max_image_mb} MB"}}}
+    listing = {"type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Video"}},
+        "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+        "has_more": {"type": "boolean"}}}
+    return {
+        "/v1/videos": {
+            "post": {
+                "summary": "Create a video (OpenAI's Videos API): prompt, model, seconds, size, input_reference",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": create_json},
+                                                              "multipart/form-data": {"schema": create_form}}},
+                "responses": _ok({"$ref": "#/components/schemas/Video"}, 400, 401, 413, 415, 429, 503)},
+            "get": {
+                "summary": "The caller's videos, newest first (order=asc: oldest first)",
+                "parameters": [
+                    {"name": "after", "in": "query", "required": False, "schema": ID,
+                     "description": "the last id of the page before"},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {"name": "order", "in": "query", "required": False,
+                     "schema": {"enum": ["asc", "desc"], "default": "desc"}}],
+                "responses": _ok(listing, 400, 401, 404, 503)}},
+        "/v1/videos/{reference_id}": {
+            "get": {"summary": "One video", "parameters": [ref_param], "responses": video},
+            "delete": {
+                "summary": "Delete a video: its files and record (a queued or running one is canceled first)",
+                "parameters": [ref_param],
+                "responses": _ok({"type": "object", "required": ["id", "object", "deleted"], "properties": {
+                    "id": ID, "object": {"const": "video.deleted"}, "deleted": {"const": True}}},
+                    400, 401, 403, 404, 415, 503)}},
+        "/v1/videos/{reference_id}/content": {"get": {
+            "summary": "The MP4 (variant=video), the poster (thumbnail) or a JPEG grid of frames (spritesheet)",
+            "parameters": [ref_param, {"name": "variant", "in": "query", "required": False,
+                                       "schema": {"enum": ["video", "thumbnail", "spritesheet"], "default": "video"}}],
+            "responses": {"200": {"description": "the file",
+                                  "content": {"video/mp4": {}, "image/jpeg": {}}},
+                          "206": {"description": "a byte range", "content": {"video/mp4": {}}},
+                          "302": {"description": "redirect to a presigned URL"},
+                          **_errors(400, 401, 404, 409, 416, 503)}}},
     }

@@ -276,7 +276,8 @@ class Worker:
 
         ref = job["reference_id"]
         try:
-            result = self._produce(job, lease)
+            with GpuPeak(self.settings.device) as gpu:
+                result = self._produce(job, lease)
         except JobCanceled:
             if lease.lost:
                 log.warning("job %s: lease lost to another worker; dropped", ref)
@@ -289,6 +290,8 @@ class Worker:
             log.warning("job %s: failed (%s: %s)", ref, code, message)
             self.jobs.fail(ref, self.worker_id, code, message)
             return
+        if gpu.peak_bytes is not None:
+            result["gpu_peak_bytes"] = gpu.peak_bytes
         if self.jobs.complete(ref, self.worker_id, result):
             log.info("job %s: completed in %.1fs", ref, result["timings_s"].get("total", 0))
         else:
@@ -353,6 +356,28 @@ class Worker:
             raise InputUnavailable(f"the input image could not be fetched: {exc}") from None
         finally:
             path.unlink(missing_ok=True)
+
+
+class GpuPeak:
+    """torch.cuda.max_memory_allocated over one job on a CUDA device, for GET /metrics; None on the CPU.
+    One worker runs one job at a time on its GPU, so the peak is that job's."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_bytes = device, None
+
+    def __enter__(self) -> "GpuPeak":
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.device.startswith("cuda") and exc_type is None:
+            import torch
+
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        return False
 
 
 class ModelUnavailable(RuntimeError):

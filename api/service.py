@@ -18,16 +18,19 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 from flask import current_app, g, jsonify, make_response, redirect, request, send_file, url_for
+from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings
 from pipeline import models
 from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
-from storage.blobs import BlobStore, StorageError
-from storage.jobs import COMPLETED, JobStore, QueueFull, StoreUnavailable, new_job, waiting_reason
-from pipeline.video import VideoInputError, inspect_video
+from storage.blobs import BlobMissing, BlobStore, StorageError
+from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, waiting_reason
+from pipeline.video import VideoInputError, inspect_video, write_spritesheet
 from webhooks import EVENTS, WebhookRefused, check_url
 from webhooks import job_view as plain_job_view
 from worker import input_key, upload_path
@@ -157,9 +160,11 @@ def enqueue(job: dict) -> dict:
         raise
 
 
-def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dict:
+def create_generate_job(body: dict, image: bytes | None, session_id: str,
+                        field_names: Mapping[str, str] = MappingProxyType({})) -> dict:
     """Validate a generate job's fields and image, store the image, and queue the job: the one way every
-    face of the API makes a generate job. Nothing is left behind when it is refused."""
+    face of the API makes a generate job. Nothing is left behind when it is refused. `field_names`: the
+    face's own names for JobParams fields, used in its error messages."""
     settings = svc().settings
     reference_id = new_id()
     image_key = None if image is None else input_key(reference_id)
@@ -167,12 +172,12 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dic
     try:
         params = JobParams.from_dict(body, job_rules(), image_key=image_key)
     except ParamError as exc:
-        raise ApiError(400, "invalid_parameter", str(exc)) from None
+        raise ApiError(400, "invalid_parameter", str(exc.renamed(field_names))) from None
     if image is not None:
         try:
             check_image(image, settings.max_image_pixels)
         except ParamError as exc:
-            raise ApiError(400, "invalid_image", str(exc)) from None
+            raise ApiError(400, "invalid_image", str(exc.renamed(field_names))) from None
         store_image(image, reference_id)
     try:
         return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict(), webhook))
@@ -196,7 +201,7 @@ def job_request(settings: Settings) -> tuple[dict, bytes | None]:
     or a multipart form with the image as the file `image` and the other fields as text."""
     if request.mimetype != "multipart/form-data":
         body = json_body()
-        return body, (_data_uri_bytes(body.pop("image"), settings) if "image" in body else None)
+        return body, (image_bytes(body.pop("image"), settings) if "image" in body else None)
     form = request.form.to_dict(flat=False)
     repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
     if repeated:
@@ -212,31 +217,38 @@ def job_request(settings: Settings) -> tuple[dict, bytes | None]:
     body = form_values(fields)
     if session_id is not None:
         body["session_id"] = session_id
-    return body, _within_image_limit(request.files["image"].stream.read(settings.max_image_mb * 2**20 + 1), settings)
+    return body, image_bytes(request.files["image"], settings)
 
 
-def _data_uri_bytes(value, settings: Settings) -> bytes:
+def image_bytes(value, settings: Settings, field: str = "image") -> bytes:
+    """An image as a request carries it: an uploaded file (multipart), or a data: URI in JSON or a form field."""
+    if isinstance(value, FileStorage):
+        return _within_image_limit(value.stream.read(settings.max_image_mb * 2**20 + 1), settings, field)
+    return _data_uri_bytes(value, settings, field)
+
+
+def _data_uri_bytes(value, settings: Settings, field: str) -> bytes:
     """The bytes of an image sent as `data:image/...;base64,...`; the server never fetches a URL."""
     match = DATA_URI.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ApiError(400, "invalid_image", "image: must be a data: URI (data:image/png;base64,...); "
+        raise ApiError(400, "invalid_image", f"{field}: must be a data: URI (data:image/png;base64,...); "
                                              "this server fetches no URL")
     if len(match["data"]) // 4 * 3 > settings.max_image_mb * 2**20:  # refused before it is decoded
-        raise _image_too_large(settings)
+        raise _image_too_large(settings, field)
     try:
-        return _within_image_limit(base64.b64decode(match["data"], validate=True), settings)
+        return _within_image_limit(base64.b64decode(match["data"], validate=True), settings, field)
     except binascii.Error:  # the alphabet is checked above; this is the length or the padding
-        raise ApiError(400, "invalid_image", "image: the data: URI is not valid base64") from None
+        raise ApiError(400, "invalid_image", f"{field}: the data: URI is not valid base64") from None
 
 
-def _within_image_limit(data: bytes, settings: Settings) -> bytes:
+def _within_image_limit(data: bytes, settings: Settings, field: str) -> bytes:
     if len(data) > settings.max_image_mb * 2**20:
-        raise _image_too_large(settings)
+        raise _image_too_large(settings, field)
     return data
 
 
-def _image_too_large(settings: Settings) -> ApiError:
-    return ApiError(400, "invalid_image", f"image: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
+def _image_too_large(settings: Settings, field: str) -> ApiError:
+    return ApiError(400, "invalid_image", f"{field}: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
 
 
 @contextlib.contextmanager
@@ -306,7 +318,11 @@ def completed(job: dict) -> dict:
 
 
 def blob_response(job: dict, key_name: str, mimetype: str):
-    key = completed(job)["result"][key_name]
+    return stored_response(completed(job)["result"][key_name], mimetype)
+
+
+def stored_response(key: str, mimetype: str):
+    """A stored file: streamed from local storage (Range requests included), or a redirect to S3."""
     blobs = svc().blobs
     path = blobs.local_path(key)
     if path is not None:
@@ -454,3 +470,48 @@ def _take_idempotency_key(reference_id: str) -> str | None:
             raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being "
                                                           "processed; try again shortly")
         time.sleep(0.05)
+
+def remove_job(job: dict) -> None:
+    """Remove a job for good: its video, poster, uploaded clip or image (T2V_KEEP_INPUTS or not) and the files
+    made from them later (a spritesheet), then its record. A queued or running job is canceled first. A
+    running job's worker finds its lease gone at its next heartbeat and stops at its next cancel check; its
+    later writes match no record, so none brings it back. The files go first: if that fails (503), the record
+    stays and the delete can be sent again. DELETE /jobs/<id> and DELETE /v1/videos/<id> both end here."""
+    service, reference_id = svc(), job["reference_id"]
+    if job["status"] not in TERMINAL:
+        service.jobs.request_cancel(reference_id)
+        job = service.jobs.get(reference_id) or job  # it may have completed meanwhile, with files to delete
+    try:
+        for key in ("video_key", "poster_key"):
+            if job["result"] and job["result"].get(key):
+                service.blobs.delete(job["result"][key])
+        for key in (input_key(reference_id), spritesheet_key(reference_id)):  # deleting what is absent is fine
+            service.blobs.delete(key)
+    except (OSError, StorageError) as exc:
+        log.error("job %s: its files could not be deleted: %s", reference_id, exc)
+        raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None
+    service.jobs.delete(reference_id)
+
+
+def spritesheet_key(reference_id: str) -> str:
+    return f"spritesheets/{reference_id}.jpg"
+
+
+def spritesheet_response(job: dict):
+    """A JPEG grid of frames of a completed job's video: made from the stored MP4 on first request, then kept
+    as a blob beside the video (remove_job deletes it), so each later request is a plain stored file."""
+    service, reference_id = svc(), completed(job)["reference_id"]
+    key = spritesheet_key(reference_id)
+    work, tag = Path(service.settings.data_dir) / "work", secrets.token_hex(4)  # two requests may race
+    with _staged_input(work / f"{reference_id}.{tag}.sprites.jpg", "the spritesheet") as sheet:
+        try:
+            service.blobs.get(key, sheet)  # made before (S3: a small download, as the blob store has no HEAD)
+        except BlobMissing:
+            with _staged_input(work / f"{reference_id}.{tag}.mp4", "the spritesheet") as video:
+                try:
+                    service.blobs.get(job["result"]["video_key"], video)
+                except BlobMissing:
+                    raise ApiError(404, "not_found", "the file is no longer stored") from None
+                write_spritesheet(video, sheet)
+            service.blobs.put(sheet, key)  # two racing requests put the same picture; the last one stays
+    return stored_response(key, "image/jpeg")

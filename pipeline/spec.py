@@ -78,7 +78,11 @@ class ParamError(ValueError):
 
     def __init__(self, field: str, message: str, model: str | None = None):
         super().__init__(f"{model}: {field} {message}" if model else f"{field}: {message}")
-        self.field, self.model = field, model
+        self.field, self.model, self.reason = field, model, message
+
+    def renamed(self, names: Mapping[str, str]) -> "ParamError":
+        """The same error under another face's names for the fields (/v1/videos says `size`, not `width`)."""
+        return ParamError(names.get(self.field, self.field), self.reason, self.model)
 
 
 @dataclass(frozen=True)

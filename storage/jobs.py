@@ -66,6 +66,12 @@ class JobStore(Protocol):
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
+    # /v1/videos and /metrics
+    def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
+                  oldest_first: bool = False) -> list[dict]: ...
+    def job_counts(self) -> list[tuple[str, str, str | None, int]]: ...
+    def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]: ...
+
     def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None: ...
     def worker_stopped(self, worker_id: str) -> None: ...
     def live_workers(self, within_s: float) -> list[dict]: ...
@@ -159,6 +165,22 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
                                     last_seen REAL NOT NULL);
 """
+# /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
+_SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
+
+
+def _model_of(kind: str, model: str | None) -> str | None:
+    """A grouped row's model by job_model's rule (an unnamed generation job runs UNNAMED_MODEL)."""
+    return job_model({"kind": kind, "params": {"model": model}})
+
+
+def _counts_by_model(rows) -> list[tuple[str, str, str | None, int]]:
+    """(status, kind, stored model, count) rows regrouped by the model each job runs."""
+    counts: dict[tuple[str, str, str | None], int] = {}
+    for status, kind, model, count in rows:
+        key = (status, kind, _model_of(kind, model))
+        counts[key] = counts.get(key, 0) + count
+    return [(*key, count) for key, count in counts.items()]
 
 
 class _Outcomes:
@@ -577,6 +599,43 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
         with self._tx(write=True) as db:
             db.execute("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),))
 
+    # ------------------------------------------------------------ /v1/videos and /metrics
+
+    def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
+                  oldest_first: bool = False) -> list[dict]:
+        """Up to `limit` of the owner's jobs (of one kind, if given), newest first (or oldest first), starting
+        after the job `after`. KeyError when `after` names no job of this owner."""
+        where, args = ["owner = ?"], [owner]
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        with self._tx() as db:
+            if after is not None:
+                row = db.execute("SELECT seq FROM jobs WHERE reference_id = ? AND owner = ?", (after, owner)).fetchone()
+                if row is None:
+                    raise KeyError(after)
+                where.append("seq > ?" if oldest_first else "seq < ?")
+                args.append(row[0])
+            rows = db.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} "
+                              f"ORDER BY seq {'ASC' if oldest_first else 'DESC'} LIMIT ?", [*args, limit]).fetchall()
+        return [self._row(r) for r in rows]
+
+    def job_counts(self) -> list[tuple[str, str, str | None, int]]:
+        """(status, kind, model, count) over every record: one grouped query, whatever the number of jobs."""
+        with self._tx() as db:
+            rows = db.execute("SELECT status, kind, json_extract(params, '$.model') AS model, COUNT(*) FROM jobs "
+                              "GROUP BY status, kind, model").fetchall()
+        return _counts_by_model(rows)
+
+    def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
+        """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""
+        with self._tx() as db:
+            rows = db.execute("SELECT kind, json_extract(params, '$.model'), json_extract(result, '$.timings_s'), "
+                              "json_extract(result, '$.gpu_peak_bytes') FROM jobs WHERE status = ?",
+                              (COMPLETED,)).fetchall()
+        return [(kind, _model_of(kind, model), json.loads(timings) if timings else {}, peak)
+                for kind, model, timings, peak in rows]
+
     # --- workers: what each takes, and when it was last seen
 
     def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None:
@@ -835,6 +894,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
                 self.jobs.create_index([("owner", 1), ("session_id", 1), ("created_at", -1)]),
                 self.jobs.create_index([("status", 1), ("created_at", 1)]),
                 self.jobs.create_index("slot", unique=True, partialFilterExpression={"slot": {"$exists": True}}),
+                self.jobs.create_index([("owner", 1), ("kind", 1), ("created_at", -1)]),  # /v1/videos lists
             ))
             self._indexed = True
 
@@ -993,6 +1053,42 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
 
     def close(self) -> None:
         self.client.close()
+
+    # ------------------------------------------------------------ /v1/videos and /metrics
+
+    def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
+                  oldest_first: bool = False) -> list[dict]:
+        """Same contract as SqliteJobStore.list_jobs; the order is (created_at, _id), as in `history`."""
+        query: dict = {"owner": owner}
+        if kind is not None:
+            query["kind"] = kind
+        if after is not None:
+            mark = self._guard(lambda: self.jobs.find_one({"reference_id": after, "owner": owner},
+                                                          {"created_at": 1}))
+            if mark is None:
+                raise KeyError(after)
+            beyond = "$gt" if oldest_first else "$lt"
+            query["$or"] = [{"created_at": {beyond: mark["created_at"]}},
+                            {"created_at": mark["created_at"], "_id": {beyond: mark["_id"]}}]
+        direction = 1 if oldest_first else -1
+        docs = self._guard(lambda: list(self.jobs.find(query).sort([("created_at", direction), ("_id", direction)])
+                                        .limit(limit)))
+        return [self._doc(d) for d in docs]
+
+    def job_counts(self) -> list[tuple[str, str, str | None, int]]:
+        """(status, kind, model, count) over every record, grouped by the server."""
+        groups = self._guard(lambda: list(self.jobs.aggregate([
+            {"$group": {"_id": {"status": "$status", "kind": "$kind", "model": "$params.model"}, "n": {"$sum": 1}}}])))
+        return _counts_by_model((g["_id"]["status"], g["_id"]["kind"], g["_id"].get("model"), g["n"]) for g in groups)
+
+    def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
+        """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""
+        docs = self._guard(lambda: list(self.jobs.find(
+            {"status": COMPLETED},
+            {"_id": 0, "kind": 1, "params.model": 1, "result.timings_s": 1, "result.gpu_peak_bytes": 1})))
+        return [(d["kind"], _model_of(d["kind"], d.get("params", {}).get("model")),
+                 (d.get("result") or {}).get("timings_s") or {}, (d.get("result") or {}).get("gpu_peak_bytes"))
+                for d in docs]
 
 
 def open_job_store(settings) -> JobStore:

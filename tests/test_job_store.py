@@ -569,3 +569,61 @@ def test_an_older_sqlite_file_gains_the_webhook_column(tmp_path):
     assert store.claim("w1", 30)["reference_id"] == "hook0001"
     assert events(store, "hook0001") == [("started", PROCESSING, 1)] and store.deliveries("old00001") == []
     SqliteJobStore(path)  # opening it again changes nothing
+
+# ---------------------------------------------------------------------------------------- /v1/videos and /metrics
+
+def test_list_jobs_pages_one_owners_jobs_of_one_kind_with_a_cursor(store):
+    for i in range(5):
+        add(store, f"ref0000{i}", owner="a")
+    add(store, "other001", owner="b")
+    store.create(new_job("ups00001", "s", "a", "upscale", {}))
+    tied = new_job("tied0001", "s", "a", "generate", {"prompt": "p"})
+    store.create(tied)
+    store.create({**new_job("tied0002", "s", "a", "generate", {"prompt": "p"}), "created_at": tied["created_at"]})
+
+    def ids(**kw):
+        return [j["reference_id"] for j in store.list_jobs("a", kind="generate", **kw)]
+
+    newest = ["tied0002", "tied0001", "ref00004", "ref00003", "ref00002", "ref00001", "ref00000"]
+    assert ids(limit=100) == newest  # jobs made in the same instant keep the order they were made in
+    assert ids(limit=3) == newest[:3]
+    assert ids(limit=3, after="tied0001") == newest[2:5]
+    assert ids(limit=3, after="ref00001") == ["ref00000"]
+    assert ids(limit=3, after="ref00000") == []
+    assert ids(limit=2, oldest_first=True) == ["ref00000", "ref00001"]
+    assert ids(limit=100, oldest_first=True, after="ref00004") == ["tied0001", "tied0002"]
+    assert [j["reference_id"] for j in store.list_jobs("a", limit=2)] == ["tied0002", "tied0001"]
+    assert "ups00001" in [j["reference_id"] for j in store.list_jobs("a", limit=100)]
+    assert store.list_jobs("a", limit=1)[0]["params"] == {"prompt": "p"}  # whole records, as `get` gives
+    assert store.list_jobs("nobody", limit=10) == []
+    for foreign in ("other001", "missing1"):  # another owner's job is no cursor for this one
+        with pytest.raises(KeyError):
+            store.list_jobs("a", after=foreign)
+
+
+def test_job_counts_group_every_record_by_status_kind_and_model(store):
+    add(store, "ref00001", model="hunyuanvideo")
+    add(store, "ref00002", model="hunyuanvideo")
+    add(store, "ref00003", model="wan2.2-ti2v-5b")
+    add(store, "ref00004")  # stored before jobs named a model: it runs UNNAMED_MODEL
+    store.create(new_job("ups00001", "s", "o", "upscale", {"outscale": 4}))
+    store.claim("w1", 30)
+    store.complete("ref00001", "w1", {"video_key": "k"})
+    assert sorted(store.job_counts()) == [("completed", "generate", "hunyuanvideo", 1),
+                                          ("queued", "generate", "hunyuanvideo", 2),
+                                          ("queued", "generate", "wan2.2-ti2v-5b", 1),
+                                          ("queued", "upscale", None, 1)]
+
+
+def test_completed_stats_give_each_completed_jobs_timings_and_gpu_peak(store):
+    add(store, "ref00001", model="hunyuanvideo")
+    add(store, "ref00002", model="hunyuanvideo")
+    add(store, "ref00003", model="hunyuanvideo")
+    for ref in ("ref00001", "ref00002", "ref00003"):
+        assert store.claim("w1", 30)["reference_id"] == ref
+    store.complete("ref00001", "w1", {"timings_s": {"generate": 1.5, "total": 2.0}, "gpu_peak_bytes": 3 * 2**30})
+    store.complete("ref00002", "w1", {"timings_s": {"generate": 0.5, "total": 1.0}})  # a CPU job: no peak
+    store.fail("ref00003", "w1", "generation_error", "boom")
+    assert sorted(store.completed_stats(), key=lambda row: row[2]["total"]) == [
+        ("generate", "hunyuanvideo", {"generate": 0.5, "total": 1.0}, None),
+        ("generate", "hunyuanvideo", {"generate": 1.5, "total": 2.0}, 3 * 2**30)]

@@ -17,6 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import requests
 import waitress
 from standardwebhooks import Webhook
@@ -155,6 +156,10 @@ def test_500_twice_then_200_is_one_accepted_delivery_with_retries_spaced_as_conf
     [row] = svc.jobs.deliveries(ref)
     assert (row["state"], row["attempts"], row["last_status"], row["last_error"]) == ("delivered", 3, 200, None)
     assert svc.jobs.webhook_counts() == {"delivered": 1, "given_up": 0, "pending": 0, "failed_attempts": 2}
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert {s.labels["state"]: s.value for s in families["t2v_webhook_deliveries"].samples} == {
+        "delivered": 1, "pending": 0, "given_up": 0}
+    assert families["t2v_webhook_failed_attempts"].samples[0].value == 2
 
 
 def test_the_default_schedule_tries_nine_times_over_two_hours():
@@ -532,3 +537,19 @@ def test_bad_webhook_settings_name_the_variable_and_never_echo_the_secret(env, n
     assert "dG9vLXNob3J0" not in str(err.value) and "not base64!" not in str(err.value)
     settings = Settings.from_env(env={"T2V_WEBHOOK_SECRET": SECRET, "T2V_WEBHOOK_ALLOW_PRIVATE": "1"})
     assert settings.webhook_allow_private is True and SECRET not in repr(settings)
+
+
+def test_v1_videos_takes_webhooks_and_idempotency_keys_like_every_create(hooked_app):
+    """/v1/videos goes through the same create path: its webhook fields are checked and kept, and an
+    Idempotency-Key replays the first video instead of making a second."""
+    app, svc = hooked_app(worker=False, webhook_allow_private=False)
+    client = app.test_client()
+    video = {"prompt": "a red fox", "size": "64x64", "seconds": "0.375"}
+    refused = client.post("/v1/videos", json={**video, "webhook_url": "http://127.0.0.1:9/hook"})
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "invalid_webhook_url"
+    first = client.post("/v1/videos", json=video, headers={"Idempotency-Key": "v1-once"})
+    again = client.post("/v1/videos", json=video, headers={"Idempotency-Key": "v1-once"})
+    assert first.status_code == again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["id"] == first.json["id"] and again.json["object"] == "video"
+    other = client.post("/v1/videos", json={**video, "prompt": "a grey wolf"}, headers={"Idempotency-Key": "v1-once"})
+    assert other.status_code == 409 and svc.jobs.count_queued() == 1
