@@ -1,6 +1,7 @@
 """The t2v REST API: `create_app(settings=None)` builds Flask over one blueprint per face of the API
-(api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page; api/events.py: live
-events and previews), all calling one service layer (api/service.py), behind the request guards of api/guards.py.
+(api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page; api/v1.py: OpenAI's
+/v1/videos; api/events.py: live events and previews; api/metrics.py: /metrics), all calling one service layer
+(api/service.py), behind the request guards of api/guards.py.
 
     python app.py                                   # waitress on 127.0.0.1:7866, SQLite, local files, thread worker
     gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
@@ -21,12 +22,13 @@ import waitress
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from api import classic, events, guards, jobs as job_routes
+from api import classic, events, guards, jobs as job_routes, metrics, v1
 from api.service import ApiError, Service, svc
 from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from pipeline.cli import ArgumentParser
 from storage.blobs import BlobStore, open_blob_store
 from storage.jobs import JobStore, StoreUnavailable, open_job_store
+from webhooks import Dispatcher
 from worker import Worker
 
 log = logging.getLogger("t2v.api")
@@ -47,11 +49,15 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     app.json.sort_keys = False
     url_secret = settings.url_secret.encode() if settings.url_secret else secrets.token_bytes(32)
     app.extensions["t2v"] = Service(settings, jobs, blobs, worker, url_secret)
+    if settings.webhook_secret:  # without it no job has a webhook (400), so there is nothing to send
+        app.extensions["t2v_webhooks"] = Dispatcher(settings, jobs).start()
     _register_errors(app)
     guards.install(app)
     app.register_blueprint(classic.bp)
     app.register_blueprint(job_routes.bp)
+    app.register_blueprint(v1.bp)
     app.register_blueprint(events.bp)
+    app.register_blueprint(metrics.bp)
     return app
 
 
@@ -70,6 +76,7 @@ def _register_errors(app: Flask) -> None:
             settings = svc().settings
             limit = {"classic.upscale_video": f"{settings.max_upload_mb} MB",
                      "classic.generate_video": f"{settings.max_body_kb} KB with an image of {settings.max_image_mb} MB",
+                     "v1.create_video": f"{settings.max_body_kb} KB with an image of {settings.max_image_mb} MB",
                      }.get(request.endpoint, f"{settings.max_body_kb} KB")
             return error(413, "too_large", f"the request body is over {limit}")
         response, status = error(exc.code or 500, code, exc.description or exc.name)
@@ -106,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # server.run() stops on SystemExit
     log.info("t2v on http://%s:%d (waitress, %d threads; model %s)",
              settings.host, settings.port, settings.threads, settings.model)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if "t2v_webhooks" in app.extensions:
+            app.extensions["t2v_webhooks"].stop(timeout=settings.webhook_timeout_s + 5)
     return 0
 
 

@@ -7,6 +7,8 @@ The variable names are a contract with scripts and deployments: `T2V_*`, plus th
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -103,6 +105,15 @@ class Settings:
     url_secret: str | None = _secret()  # signs the web page's video links; random per process if unset
     allowed_hosts: tuple[str, ...] = ()  # Host names answered; empty: loopback names on a loopback T2V_HOST, else any
     cors_origins: tuple[str, ...] = ()  # other sites whose pages may call the API from a browser
+    metrics_public: bool = False  # with keys on, GET /metrics answers without a key (a scraper on a private network)
+
+    # Webhooks and idempotent submits.
+    webhook_secret: str | None = _secret()  # whsec_<base64>: signs deliveries; unset, a job with a webhook is a 400
+    webhook_allow_private: bool = False  # let webhooks reach loopback and private addresses (tests, a LAN)
+    webhook_timeout_s: float = 10.0  # one delivery attempt: connect, send and read the status
+    webhook_retry_s: float = 30.0  # first retry after this; each later one waits twice as long
+    webhook_retry_window_s: float = 7200.0  # the last try is this long after the event; then it is given up
+    idempotency_ttl_s: int = 86400  # how long an Idempotency-Key answers with its job
 
     # Stores. Without MONGODB_URI jobs go to SQLite; without BUCKET_NAME videos stay local.
     mongodb_uri: str | None = _secret()
@@ -207,6 +218,24 @@ class Settings:
         for origin in self.cors_origins:
             if not ORIGIN.fullmatch(origin):
                 raise ConfigError(f"T2V_CORS_ORIGINS takes origins such as https://app.example.com, got {origin!r}")
+        for name, value in (("T2V_WEBHOOK_TIMEOUT_S", self.webhook_timeout_s),
+                            ("T2V_WEBHOOK_RETRY_S", self.webhook_retry_s),
+                            ("T2V_WEBHOOK_RETRY_WINDOW_S", self.webhook_retry_window_s),
+                            ("T2V_IDEMPOTENCY_TTL_S", self.idempotency_ttl_s)):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.webhook_secret is not None and not webhook_secret_ok(self.webhook_secret):
+            raise ConfigError("T2V_WEBHOOK_SECRET must be whsec_ and the base64 of at least 16 random bytes; make one "
+                              "with: python -c \"import base64, secrets; "
+                              "print('whsec_' + base64.b64encode(secrets.token_bytes(24)).decode())\"")
+
+
+def webhook_secret_ok(secret: str) -> bool:
+    """A Standard Webhooks secret: `whsec_` and base64 of at least 16 bytes (the prefix may be left out)."""
+    try:
+        return len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) >= 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def is_loopback(host: str) -> bool:

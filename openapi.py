@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from pipeline import models
-from pipeline.spec import Rules, job_fields, request_schema
+from pipeline.spec import PROMPT_PATTERN, Rules, job_fields, request_schema
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
 ERROR = {"$ref": "#/components/schemas/Error"}
 IMAGE_URI = {"type": "string", "pattern": r"^data:image/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/]*={0,2}$",
              "description": "the first frame: a PNG, JPEG or WebP as a data: URI (data:image/png;base64,...)"}
 STATUSES = ["queued", "processing", "completed", "failed", "canceled"]
+IDEMPOTENCY_PARAM = {"name": "Idempotency-Key", "in": "header", "required": False,
+                     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                     "description": "the same key and request within 24 h answer the job the first one made; "
+                                    "the key with another request is a 409"}
+WEBHOOK_FIELDS = {
+    "webhook_url": {"type": "string", "maxLength": 2048,
+                    "description": "http(s) URL to POST job events to, signed the Standard Webhooks way"},
+    "webhook_events": {"description": "events to send (default all): a list, or comma-separated in a form",
+                       "oneOf": [{"type": "array", "items": {"enum": ["started", "completed", "failed", "canceled"]}},
+                                 {"type": "string"}]}}
 
 
 def _errors(*codes: int) -> dict:
@@ -24,9 +34,10 @@ def _ok(schema: dict, *errors: int) -> dict:
     return {"200": {"description": "OK", **_json(schema)}, **_errors(*errors)}
 
 
-def _generate_schemas(rules: Rules) -> tuple[dict, dict]:
+def _generate_schemas(rules: Rules, webhooks: bool) -> tuple[dict, dict]:
     """The JSON body of /generate_video, generated from `pipeline.spec` (one object schema per model), plus the
-    component schemas it refers to. The API adds `session_id`, and `image` (a data: URI) for image models."""
+    component schemas it refers to. The API adds `session_id`, `image` (a data: URI) for image models, and
+    the webhook fields when this server sends webhooks."""
     schema = request_schema(rules, ref_template="#/components/schemas/{model}")  # a new dict on each call
     components = schema.pop("$defs", {})
     for job in (*components.values(), schema):
@@ -34,6 +45,8 @@ def _generate_schemas(rules: Rules) -> tuple[dict, dict]:
         if model_id is None:
             continue
         job["properties"]["session_id"] = ID
+        if webhooks:
+            job["properties"].update(WEBHOOK_FIELDS)
         inputs = models.MODELS[model_id].inputs
         if inputs != "text":
             job["properties"]["image"] = IMAGE_URI
@@ -50,7 +63,8 @@ def build_spec(settings, rules: Rules) -> dict:
                      {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
     last_event_id = {"name": "Last-Event-ID", "in": "header", "required": False,
                      "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}
-    generate_json, job_schemas = _generate_schemas(rules)
+    webhooks = WEBHOOK_FIELDS if settings.webhook_secret else {}
+    generate_json, job_schemas = _generate_schemas(rules, bool(webhooks))
     generate_form = {
         "type": "object", "required": ["image", "prompt"], "additionalProperties": False,
         "properties": {
@@ -59,7 +73,7 @@ def build_spec(settings, rules: Rules) -> dict:
                                      f"{settings.max_image_pixels} pixels"},
             **{name: {"type": "string", "description": "as in the JSON body, as text"}
                for name in job_fields()},
-            "session_id": ID}}
+            "session_id": ID, **webhooks}}
     accepted = {"type": "object", "required": ["session_id", "reference_id", "status", "queue_position"],
                 "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
                                "queue_position": {"type": "integer", "minimum": 0}}}
@@ -75,12 +89,14 @@ def build_spec(settings, rules: Rules) -> dict:
             "/generate_video": {"post": {
                 "summary": "Queue a video job: text to video, or image to video (the image as a data: URI in JSON, "
                            "or as the multipart file `image`)",
+                "parameters": [IDEMPOTENCY_PARAM],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": generate_json},
                     "multipart/form-data": {"schema": generate_form}}},
-                "responses": _ok(accepted, 400, 401, 413, 415, 429, 503)}},
+                "responses": _ok(accepted, 400, 401, 409, 413, 415, 429, 503)}},
             "/upscale_video": {"post": {
                 "summary": "Queue an upscale of an uploaded clip (same queue, status and history as generation)",
+                "parameters": [IDEMPOTENCY_PARAM],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["video"],
                     "properties": {
@@ -90,8 +106,9 @@ def build_spec(settings, rules: Rules) -> dict:
                                                  f"{settings.max_upload_frames} frames and {settings.max_upload_s:g} s"},
                         "session_id": ID,
                         "outscale": {"type": "string", "enum": ["2", "4"], "default": "4"},
-                        "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"}}}}}},
-                "responses": _ok(accepted, 400, 401, 413, 429, 503)}},
+                        "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"},
+                        **webhooks}}}}},
+                "responses": _ok(accepted, 400, 401, 409, 413, 429, 503)}},
             "/get_status": {"post": {
                 "summary": "Status of one job",
                 "requestBody": {"required": True, **_json({"type": "object", "required": ["session_id", "reference_id"],
@@ -187,6 +204,13 @@ def build_spec(settings, rules: Rules) -> dict:
             "/openapi.json": {"get": {
                 "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
+            **_v1_paths(settings, rules, ref_param),
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics, read from the job store at each scrape (with keys on, a key is "
+                           "needed unless T2V_METRICS_PUBLIC is set)",
+                "responses": {"200": {"description": "Prometheus text (OpenMetrics by Accept)",
+                                      "content": {"text/plain": {}, "application/openmetrics-text": {}}},
+                              **_errors(401, 503)}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
@@ -217,6 +241,7 @@ def build_spec(settings, rules: Rules) -> dict:
                                          "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
                                          "presets": {"type": "array"}, "limits": {"type": "object"},
                                          "defaults": {"type": "object"}}},
+                "Video": VIDEO,
                 "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
                            "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
                                           "worker": {"enum": ["alive", "dead", "off"]},
@@ -225,4 +250,85 @@ def build_spec(settings, rules: Rules) -> dict:
                                           "queue_length": {"type": ["integer", "null"]}}},
             },
         },
+    }
+
+
+# ---------------------------------------------------------------------------------------- /v1/videos
+
+VIDEO = {
+    "type": "object", "description": "a generate job in the shape of OpenAI's Videos API",
+    "required": ["id", "object", "status", "progress", "created_at", "completed_at", "model", "seconds", "size",
+                 "error"],
+    "properties": {
+        "id": ID, "object": {"const": "video"}, "status": {"enum": ["queued", "in_progress", "completed", "failed"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100}, "created_at": {"type": "integer"},
+        "completed_at": {"type": ["integer", "null"]}, "model": {"type": "string"}, "prompt": {"type": "string"},
+        "seconds": {"type": "string", "description": "the clip's length: its frames over its fps"},
+        "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+        "error": {"type": ["object", "null"], "required": ["code", "message"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}}}}}
+V1_SIZE = {"type": "string", "pattern": "^[0-9]{1,5}x[0-9]{1,5}$",
+           "description": "WIDTHxHEIGHT of the MP4, within the model's size rules (GET /models); not upscaled"}
+V1_SECONDS = {"description": "becomes the nearest frame count the model's frame rule allows, at its fps",
+              "anyOf": [{"type": "string", "pattern": r"^[0-9]{1,6}(\.[0-9]{1,6})?$"},
+                        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1_000_000}]}
+
+
+def _v1_paths(settings, rules: Rules, ref_param: dict) -> dict:
+    """OpenAI's Videos API shape over the same jobs (api/v1.py)."""
+    video = _ok({"$ref": "#/components/schemas/Video"}, 400, 401, 404, 503)
+    prompt = {"type": "string", "minLength": 1, "maxLength": rules.limits.max_prompt_chars, "pattern": PROMPT_PATTERN}
+    model = {"enum": list(rules.models)} if rules.models else {"type": "string"}
+    create_json = {
+        "type": "object", "required": ["prompt"], "additionalProperties": False,
+        "properties": {"prompt": prompt, "model": {**model, "description": "a model id; the server's default if absent"},
+                       "seconds": V1_SECONDS, "size": V1_SIZE,
+                       "input_reference": {"anyOf": [IMAGE_URI, {
+                           "type": "object", "required": ["image_url"], "additionalProperties": False,
+                           "properties": {"image_url": IMAGE_URI}}]}}}
+    create_form = {
+        "type": "object", "required": ["prompt"], "additionalProperties": False,
+        "properties": {"prompt": prompt, "model": {"type": "string"}, "seconds": V1_SECONDS["anyOf"][0],
+                       "size": V1_SIZE,
+                       "input_reference": {"type": "string", "contentMediaType": "application/octet-stream",
+                                           "description": f"the first frame: a PNG, JPEG or WebP of at most "
+                                                          f"{settings.max_image_mb} MB"}}}
+    listing = {"type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Video"}},
+        "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+        "has_more": {"type": "boolean"}}}
+    return {
+        "/v1/videos": {
+            "post": {
+                "summary": "Create a video (OpenAI's Videos API): prompt, model, seconds, size, input_reference",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": create_json},
+                                                              "multipart/form-data": {"schema": create_form}}},
+                "responses": _ok({"$ref": "#/components/schemas/Video"}, 400, 401, 413, 415, 429, 503)},
+            "get": {
+                "summary": "The caller's videos, newest first (order=asc: oldest first)",
+                "parameters": [
+                    {"name": "after", "in": "query", "required": False, "schema": ID,
+                     "description": "the last id of the page before"},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {"name": "order", "in": "query", "required": False,
+                     "schema": {"enum": ["asc", "desc"], "default": "desc"}}],
+                "responses": _ok(listing, 400, 401, 404, 503)}},
+        "/v1/videos/{reference_id}": {
+            "get": {"summary": "One video", "parameters": [ref_param], "responses": video},
+            "delete": {
+                "summary": "Delete a video: its files and record (a queued or running one is canceled first)",
+                "parameters": [ref_param],
+                "responses": _ok({"type": "object", "required": ["id", "object", "deleted"], "properties": {
+                    "id": ID, "object": {"const": "video.deleted"}, "deleted": {"const": True}}},
+                    400, 401, 403, 404, 415, 503)}},
+        "/v1/videos/{reference_id}/content": {"get": {
+            "summary": "The MP4 (variant=video), the poster (thumbnail) or a JPEG grid of frames (spritesheet)",
+            "parameters": [ref_param, {"name": "variant", "in": "query", "required": False,
+                                       "schema": {"enum": ["video", "thumbnail", "spritesheet"], "default": "video"}}],
+            "responses": {"200": {"description": "the file",
+                                  "content": {"video/mp4": {}, "image/jpeg": {}}},
+                          "206": {"description": "a byte range", "content": {"video/mp4": {}}},
+                          "302": {"description": "redirect to a presigned URL"},
+                          **_errors(400, 401, 404, 409, 416, 503)}}},
     }

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
 from storage.blobs import BlobStore, StorageError, open_blob_store
-from storage.jobs import FAILED, PROCESSING, TERMINAL, JobStore, StoreUnavailable, open_job_store
+from storage.jobs import (FAILED, PROCESSING, TERMINAL, WORKER_REPORT_EVERY_S, JobStore, StoreUnavailable,
+                          open_job_store)
+from webhooks import Dispatcher
 
 log = logging.getLogger("t2v.worker")
 
@@ -86,6 +88,8 @@ class Worker:
         self._last_requeue = 0.0
         self._load_retry_s = 0.0
         self._next_load = 0.0
+        self.served = self.served_models()
+        self._loop_ended = threading.Event()  # run_forever has returned: the presence reporter stops
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,13 +117,23 @@ class Worker:
         return "; ".join(e for e in (self.load_error, self.upscaler_error) if e) or None
 
     def run_forever(self) -> None:
+        self._loop_ended.clear()
+        reporter = threading.Thread(target=self._report_presence, name="t2v-worker-report", daemon=True)
+        reporter.start()
+        try:
+            self._loop()
+        finally:
+            self._loop_ended.set()
+            reporter.join()
+
+    def _loop(self) -> None:
         try:
             self.sweep_work()
         except StoreUnavailable as exc:
             log.warning("job store unavailable (%s); the work folder was not swept", exc)
         self.check_upscaler()
         self.load_models()
-        log.info("worker %s: ready for jobs", self.worker_id)
+        log.info("worker %s: ready for jobs; models: %s", self.worker_id, ", ".join(self.served) or "none installed")
         while not self._stop.is_set():
             try:
                 ran = self.run_once()
@@ -152,6 +166,31 @@ class Worker:
             log.info("the model loaded; this worker takes generation jobs again")
         self.load_error, self._load_retry_s = None, 0.0
 
+    def served_models(self) -> tuple[str, ...]:
+        """The model ids whose generation jobs this worker claims: those installed on this node (all of them,
+        as tiny builds, under T2V_MODEL=tiny). Read again at each report, so a model downloaded meanwhile counts."""
+        from pipeline.models import served_models
+
+        return tuple(served_models(self.settings))
+
+    def _report_presence(self) -> None:
+        """Every few seconds while the worker runs, record in the job store what it takes, so the API can tell
+        why a queued job waits; the record is removed when the worker stops."""
+        while True:
+            try:
+                self.served = self.served_models()
+                self.jobs.worker_seen(self.worker_id, self.job_kinds, self.served)
+            except StoreUnavailable as exc:
+                log.debug("worker record not written: %s", exc)
+            except Exception:  # a bad model folder must not silence the worker's record for good
+                log.exception("worker record not written")
+            if self._loop_ended.wait(WORKER_REPORT_EVERY_S):
+                break
+        try:
+            self.jobs.worker_stopped(self.worker_id)
+        except StoreUnavailable as exc:
+            log.debug("worker record not removed: %s", exc)
+
     @property
     def job_kinds(self) -> tuple[str, ...]:
         """The kinds of job this worker can run now: generation needs the model, upscaling the upscaler."""
@@ -181,7 +220,7 @@ class Worker:
             self._last_requeue = now
         if self.load_error and now >= self._next_load:
             self.load_models()
-        job = self.jobs.claim(self.worker_id, self.settings.lease_s, kinds=self.job_kinds)
+        job = self.jobs.claim(self.worker_id, self.settings.lease_s, kinds=self.job_kinds, models=self.served)
         if job is None:
             return False
         log.info("job %s: claimed (attempt %d)", job["reference_id"], job["attempts"])
@@ -255,7 +294,8 @@ class Worker:
 
         ref = job["reference_id"]
         try:
-            result = self._produce(job, lease)
+            with GpuPeak(self.settings.device) as gpu:
+                result = self._produce(job, lease)
         except JobCanceled:
             if lease.lost:
                 log.warning("job %s: lease lost to another worker; dropped", ref)
@@ -268,6 +308,8 @@ class Worker:
             log.warning("job %s: failed (%s: %s)", ref, code, message)
             self.jobs.fail(ref, self.worker_id, code, message)
             return
+        if gpu.peak_bytes is not None:
+            result["gpu_peak_bytes"] = gpu.peak_bytes
         if self.jobs.complete(ref, self.worker_id, result):
             log.info("job %s: completed in %.1fs", ref, result["timings_s"].get("total", 0))
         else:
@@ -299,9 +341,6 @@ class Worker:
                 source.unlink(missing_ok=True)
         else:
             spec = JobParams(**params)
-            if spec.loras:
-                raise ModelUnavailable("this version of t2v validates LoRAs but does not apply them yet; "
-                                       "send the job without `loras`")
             progress = _ProgressReporter(self.jobs, ref, self.worker_id,
                                          STAGE_SPANS["generate+upscale" if spec.upscale else "generate"])
             image = self._fetch_image(spec.image_key, ref) if spec.image_key else None
@@ -343,6 +382,28 @@ class Worker:
             path.unlink(missing_ok=True)
 
 
+class GpuPeak:
+    """torch.cuda.max_memory_allocated over one job on a CUDA device, for GET /metrics; None on the CPU.
+    One worker runs one job at a time on its GPU, so the peak is that job's."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_bytes = device, None
+
+    def __enter__(self) -> "GpuPeak":
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.device.startswith("cuda") and exc_type is None:
+            import torch
+
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        return False
+
+
 class ModelUnavailable(RuntimeError):
     pass
 
@@ -355,7 +416,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     """(code, message) for a failed job. Messages are short and hold no paths beyond the data folder."""
     import torch
 
-    from pipeline.generate import MissingWeightsError
+    from pipeline.generate import LoraError, MissingWeightsError
     from pipeline.upscale import UpscalerLoadError
     from pipeline.video import VideoInputError
 
@@ -365,7 +426,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         return "storage_error", str(exc)
     if isinstance(exc, StorageError):
         return "storage_error", f"{exc}; the video was kept on the worker's disk"
-    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError)):
+    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError, LoraError)):
         return "model_error", str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return "out_of_memory", "the GPU ran out of memory; try a smaller size, fewer frames or another T2V_MEMORY preset"
@@ -696,7 +757,12 @@ def run_worker(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("worker %s on %s, model %s", worker.worker_id, settings.device, settings.model)
-    worker.run_forever()
+    dispatcher = Dispatcher(settings, worker.jobs).start() if settings.webhook_secret else None
+    try:
+        worker.run_forever()
+    finally:
+        if dispatcher is not None:
+            dispatcher.stop(timeout=settings.webhook_timeout_s + 5)
     return 0
 
 

@@ -7,8 +7,9 @@ import contextlib
 
 from flask import Blueprint, g, jsonify, request
 
-from api.service import (ApiError, accepted, check_id, completed, create_generate_job, enqueue, input_key,
-                         job_request, job_view, json_body, media_url, new_id, owned_job, status_view, store_input, svc)
+from api.service import (ApiError, accepted, check_id, completed, create_generate_job, enqueue, form_webhook,
+                         idempotent, input_key, job_request, job_view, json_body, media_url, new_id, owned_job,
+                         status_view, store_input, svc)
 from config import Settings
 from pipeline.spec import OUTSCALES
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
@@ -19,6 +20,7 @@ bp = Blueprint("classic", __name__)
 
 
 @bp.post("/generate_video")
+@idempotent(accepted)
 def generate_video():
     body, image = job_request(svc().settings)
     session_id = check_id(body.pop("session_id"), "session_id") if "session_id" in body else new_id()
@@ -26,6 +28,7 @@ def generate_video():
 
 
 @bp.post("/upscale_video")
+@idempotent(accepted)
 def upscale_video():
     settings = svc().settings
     upload = request.files.get("video")
@@ -34,12 +37,13 @@ def upscale_video():
     session_id = check_id(request.form["session_id"], "session_id") if "session_id" in request.form else new_id()
     params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
               "filename": (upload.filename or "")[:200]}
+    webhook = form_webhook()
     reference_id = new_id()
     info = store_input(upload, reference_id)
     params.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps,
                   duration_s=round(info.duration_s, 3), audio_codec=info.audio_codec)
     try:
-        return accepted(enqueue(new_job(reference_id, session_id, g.owner, "upscale", params)))
+        return accepted(enqueue(new_job(reference_id, session_id, g.owner, "upscale", params, webhook)))
     except BaseException:
         with contextlib.suppress(StorageError):
             svc().blobs.delete(input_key(reference_id))  # no job will read it

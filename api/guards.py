@@ -34,10 +34,11 @@ HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data")}
+BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data"),
+              "v1.create_video": ("application/json", "multipart/form-data")}
 
 
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-API-Key"
 
 
 def _check_host():
@@ -105,10 +106,13 @@ def _cors_headers(response):
 
 def _authenticate():
     """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video, poster,
-    event stream or preview, a signed link: <video>, <img> and EventSource cannot send a header). The owner
-    of a job is a hash of the key that made it. A CORS preflight (OPTIONS) never carries a key and changes nothing."""
-    keys = svc().settings.api_keys
-    if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS" or not keys:
+    event stream or preview, a signed link: <video>, <img> and EventSource cannot send a header); /metrics
+    too, unless T2V_METRICS_PUBLIC is on. The owner of a job is a hash of the key that made it. A CORS
+    preflight (OPTIONS) never carries a key and changes nothing."""
+    settings = svc().settings
+    keys = settings.api_keys
+    public = request.endpoint in PUBLIC_ENDPOINTS or (request.endpoint == "metrics.metrics" and settings.metrics_public)
+    if public or request.method == "OPTIONS" or not keys:
         g.owner = "local"
         return None
     if request.endpoint in SIGNED_ENDPOINTS and "sig" in request.args:
@@ -138,7 +142,7 @@ def _upload_limit():
     room for an image on /generate_video."""
     if request.endpoint == "classic.upscale_video":
         request.max_content_length = svc().settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
-    elif request.endpoint == "classic.generate_video":
+    elif request.endpoint in ("classic.generate_video", "v1.create_video"):
         request.max_content_length = generate_body_limit(svc().settings)
 
 

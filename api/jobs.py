@@ -7,13 +7,12 @@ import logging
 
 from flask import Blueprint, current_app, jsonify
 
-from api.service import (ApiError, blob_response, input_key, job_rules, job_view, owned_job, svc)
+from api.service import ApiError, blob_response, job_rules, job_view, owned_job, remove_job, svc
 from openapi import build_spec
 from pipeline import models
 from pipeline.spec import OUTSCALES, describe
-from storage.blobs import StorageError
 from storage.jobs import CANCELED, TERMINAL, StoreUnavailable
-from worker import discard_input, preview_key
+from worker import discard_input
 
 log = logging.getLogger("t2v.api")
 bp = Blueprint("jobs", __name__)
@@ -37,26 +36,8 @@ def cancel_job(reference_id):
 
 @bp.delete("/jobs/<reference_id>")
 def delete_job(reference_id):
-    """Remove a job for good: its video, poster, preview and uploaded clip (T2V_KEEP_INPUTS or not), then its
-    record and its events.
-    A queued or running job is canceled first. A running job's worker finds its lease gone at its next
-    heartbeat and stops at its next cancel check; its later writes match no record, so none brings it back.
-    The files go first: if that fails (503), the record stays and the DELETE can be sent again."""
-    service = svc()
-    job = owned_job(reference_id)
-    if job["status"] not in TERMINAL:
-        service.jobs.request_cancel(reference_id)
-        job = service.jobs.get(reference_id) or job  # it may have completed meanwhile, with files to delete
-    try:
-        for key in ("video_key", "poster_key"):
-            if job["result"] and job["result"].get(key):
-                service.blobs.delete(job["result"][key])
-        service.blobs.delete(input_key(reference_id))  # an uploaded clip or image, if the job had one
-        service.blobs.delete(preview_key(reference_id))  # its latest preview, if it made one
-    except (OSError, StorageError) as exc:
-        log.error("job %s: its files could not be deleted: %s", reference_id, exc)
-        raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None
-    service.jobs.delete(reference_id)
+    """Remove a job for good, its files first (api/service.py's remove_job); a running job is canceled."""
+    remove_job(owned_job(reference_id))
     return jsonify(reference_id=reference_id, deleted=True)
 
 

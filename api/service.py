@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -17,17 +18,22 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
-from flask import current_app, g, jsonify, redirect, request, send_file, url_for
+from flask import current_app, g, jsonify, make_response, redirect, request, send_file, url_for
+from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings
 from pipeline import models
 from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
-from storage.blobs import BlobStore, StorageError
-from storage.jobs import COMPLETED, JobStore, QueueFull, new_job
-from pipeline.video import VideoInputError, inspect_video
-from worker import input_key, upload_path
+from storage.blobs import BlobMissing, BlobStore, StorageError
+from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, waiting_reason
+from pipeline.video import VideoInputError, inspect_video, write_spritesheet
+from webhooks import EVENTS, WebhookRefused, check_url
+from webhooks import job_view as plain_job_view
+from worker import input_key, preview_key, upload_path
 
 log = logging.getLogger("t2v.api")
 
@@ -140,31 +146,41 @@ def owned_job(reference_id: str, session_id: str | None = None) -> dict:
 
 
 def enqueue(job: dict) -> dict:
-    """Store the job unless the queue is full (429): one atomic step in the store, even under concurrency."""
+    """Store the job unless the queue is full (429): one atomic step in the store, even under concurrency.
+    Under an Idempotency-Key, the key is taken for this job first (`_take_idempotency_key`)."""
+    key = _take_idempotency_key(job["reference_id"])
     try:
         return svc().jobs.create(job, max_queued=svc().settings.max_queue)
-    except QueueFull:
-        raise ApiError(429, "queue_full", "the queue is full; try again later") from None
+    except BaseException as exc:
+        if key is not None:
+            with contextlib.suppress(StoreUnavailable):
+                svc().jobs.release_idempotency_key(g.owner, key, job["reference_id"])  # a later retry may use it
+        if isinstance(exc, QueueFull):
+            raise ApiError(429, "queue_full", "the queue is full; try again later") from None
+        raise
 
 
-def create_generate_job(body: dict, image: bytes | None, session_id: str) -> dict:
+def create_generate_job(body: dict, image: bytes | None, session_id: str,
+                        field_names: Mapping[str, str] = MappingProxyType({})) -> dict:
     """Validate a generate job's fields and image, store the image, and queue the job: the one way every
-    face of the API makes a generate job. Nothing is left behind when it is refused."""
+    face of the API makes a generate job. Nothing is left behind when it is refused. `field_names`: the
+    face's own names for JobParams fields, used in its error messages."""
     settings = svc().settings
     reference_id = new_id()
     image_key = None if image is None else input_key(reference_id)
+    webhook = read_webhook(body)
     try:
         params = JobParams.from_dict(body, job_rules(), image_key=image_key)
     except ParamError as exc:
-        raise ApiError(400, "invalid_parameter", str(exc)) from None
+        raise ApiError(400, "invalid_parameter", str(exc.renamed(field_names))) from None
     if image is not None:
         try:
             check_image(image, settings.max_image_pixels)
         except ParamError as exc:
-            raise ApiError(400, "invalid_image", str(exc)) from None
+            raise ApiError(400, "invalid_image", str(exc.renamed(field_names))) from None
         store_image(image, reference_id)
     try:
-        return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict()))
+        return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict(), webhook))
     except BaseException:
         if image_key:
             with contextlib.suppress(StorageError):
@@ -185,7 +201,7 @@ def job_request(settings: Settings) -> tuple[dict, bytes | None]:
     or a multipart form with the image as the file `image` and the other fields as text."""
     if request.mimetype != "multipart/form-data":
         body = json_body()
-        return body, (_data_uri_bytes(body.pop("image"), settings) if "image" in body else None)
+        return body, (image_bytes(body.pop("image"), settings) if "image" in body else None)
     form = request.form.to_dict(flat=False)
     repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
     if repeated:
@@ -201,31 +217,38 @@ def job_request(settings: Settings) -> tuple[dict, bytes | None]:
     body = form_values(fields)
     if session_id is not None:
         body["session_id"] = session_id
-    return body, _within_image_limit(request.files["image"].stream.read(settings.max_image_mb * 2**20 + 1), settings)
+    return body, image_bytes(request.files["image"], settings)
 
 
-def _data_uri_bytes(value, settings: Settings) -> bytes:
+def image_bytes(value, settings: Settings, field: str = "image") -> bytes:
+    """An image as a request carries it: an uploaded file (multipart), or a data: URI in JSON or a form field."""
+    if isinstance(value, FileStorage):
+        return _within_image_limit(value.stream.read(settings.max_image_mb * 2**20 + 1), settings, field)
+    return _data_uri_bytes(value, settings, field)
+
+
+def _data_uri_bytes(value, settings: Settings, field: str) -> bytes:
     """The bytes of an image sent as `data:image/...;base64,...`; the server never fetches a URL."""
     match = DATA_URI.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ApiError(400, "invalid_image", "image: must be a data: URI (data:image/png;base64,...); "
+        raise ApiError(400, "invalid_image", f"{field}: must be a data: URI (data:image/png;base64,...); "
                                              "this server fetches no URL")
     if len(match["data"]) // 4 * 3 > settings.max_image_mb * 2**20:  # refused before it is decoded
-        raise _image_too_large(settings)
+        raise _image_too_large(settings, field)
     try:
-        return _within_image_limit(base64.b64decode(match["data"], validate=True), settings)
+        return _within_image_limit(base64.b64decode(match["data"], validate=True), settings, field)
     except binascii.Error:  # the alphabet is checked above; this is the length or the padding
-        raise ApiError(400, "invalid_image", "image: the data: URI is not valid base64") from None
+        raise ApiError(400, "invalid_image", f"{field}: the data: URI is not valid base64") from None
 
 
-def _within_image_limit(data: bytes, settings: Settings) -> bytes:
+def _within_image_limit(data: bytes, settings: Settings, field: str) -> bytes:
     if len(data) > settings.max_image_mb * 2**20:
-        raise _image_too_large(settings)
+        raise _image_too_large(settings, field)
     return data
 
 
-def _image_too_large(settings: Settings) -> ApiError:
-    return ApiError(400, "invalid_image", f"image: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
+def _image_too_large(settings: Settings, field: str) -> ApiError:
+    return ApiError(400, "invalid_image", f"{field}: is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
 
 
 @contextlib.contextmanager
@@ -269,20 +292,20 @@ def accepted(job: dict):
 
 
 def status_view(job: dict) -> dict:
+    """A queued job that no live worker would take says why in `stage`."""
     return {
-        "reference_id": job["reference_id"], "status": job["status"], "stage": job["stage"],
+        "reference_id": job["reference_id"], "status": job["status"],
+        "stage": waiting_reason(svc().jobs, job) or job["stage"],
         "progress": job["progress"], "queue_position": svc().jobs.queue_position(job), "eta_s": job["eta_s"],
         "error": job["error"],
     }
 
 
 def job_view(job: dict) -> dict:
-    view = {"session_id": job["session_id"], "kind": job["kind"], **status_view(job),
-            "params": job["params"], "created_at": job["created_at"], "started_at": job["started_at"],
-            "finished_at": job["finished_at"], "result": None, "video_url": None, "poster_url": None,
-            "events_url": media_url("events.job_events", job["reference_id"])}
-    if job["status"] == COMPLETED and job["result"]:
-        view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
+    """The job view webhooks carry too (webhooks.job_view), with the status as get_status shows it and this
+    server's links: signed when keys are on. `events_url` is its live event stream (api/events.py)."""
+    view = {**plain_job_view(job), **status_view(job), "events_url": media_url("events.job_events", job["reference_id"])}
+    if view["video_url"]:
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
         view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
     return view
@@ -295,7 +318,11 @@ def completed(job: dict) -> dict:
 
 
 def blob_response(job: dict, key_name: str, mimetype: str):
-    key = completed(job)["result"][key_name]
+    return stored_response(completed(job)["result"][key_name], mimetype)
+
+
+def stored_response(key: str, mimetype: str):
+    """A stored file: streamed from local storage (Range requests included), or a redirect to S3."""
     blobs = svc().blobs
     path = blobs.local_path(key)
     if path is not None:
@@ -309,3 +336,182 @@ def blob_response(job: dict, key_name: str, mimetype: str):
 def generate_body_limit(settings: Settings) -> int:
     """A job's JSON body, plus room for an image: T2V_MAX_IMAGE_MB, grown by a third as base64 in a data: URI."""
     return settings.max_body_kb * 1024 + settings.max_image_mb * 2**20 * 4 // 3 + 64 * 1024
+
+
+# ------------------------------------------------------------------------------ webhooks and idempotent submits
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII without spaces, as Stripe and IETF's draft
+IDEMPOTENCY_WAIT_S = 10.0  # how long a twin waits for the job its key names to be stored
+
+
+def read_webhook(fields: dict) -> dict | None:
+    """Take `webhook_url` and `webhook_events` out of a create's fields and check them: the job's
+    {"url", "events"}, or None without a URL. Events: a list or comma-separated text; all four when left out."""
+    url, events = fields.pop("webhook_url", None), fields.pop("webhook_events", None)
+    if url is None:
+        if events is not None:
+            raise ApiError(400, "invalid_parameter", "webhook_events: needs a webhook_url")
+        return None
+    settings = svc().settings
+    if not settings.webhook_secret:
+        raise ApiError(400, "webhooks_not_configured", "webhooks are not configured on this server "
+                                                       "(T2V_WEBHOOK_SECRET is unset)")
+    try:
+        check_url(url, settings.webhook_allow_private)
+    except WebhookRefused as exc:
+        raise ApiError(400, "invalid_webhook_url", str(exc)) from None
+    return {"url": url, "events": _webhook_events(events)}
+
+
+def _webhook_events(events) -> list[str]:
+    if events is None:
+        return list(EVENTS)
+    names = events.split(",") if isinstance(events, str) else events
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ApiError(400, "invalid_parameter", "webhook_events: must be a list of event names")
+    chosen = {n.strip() for n in names if n.strip()}
+    unknown = sorted(chosen - set(EVENTS))
+    if unknown or not chosen:
+        raise ApiError(400, "invalid_parameter", f"webhook_events: name one or more of {', '.join(EVENTS)}"
+                                                 + (f" (not {printable(unknown[0])})" if unknown else ""))
+    return [e for e in EVENTS if e in chosen]
+
+
+def form_webhook() -> dict | None:
+    """read_webhook for a multipart form; an empty field is left out, as an HTML form sends one."""
+    return read_webhook({name: text for name, text in request.form.items() if text.strip()})
+
+
+class _Replay(Exception):
+    """The job an Idempotency-Key already made: answered again instead of a new one."""
+
+    def __init__(self, job: dict):
+        super().__init__(job["reference_id"])
+        self.job = job
+
+
+def idempotent(answer):
+    """Decorate a create route. With an `Idempotency-Key` header, the same key and the same request within
+    T2V_IDEMPOTENCY_TTL_S answer the job it made (200, `answer(job)`, `Idempotent-Replayed: true`) instead of
+    making another; the key with another request is a 409. Keys belong to the caller (its API key)."""
+    def decorate(route):
+        @functools.wraps(route)
+        def create(*args, **kwargs):
+            key = request.headers.get("Idempotency-Key")
+            if key is None:
+                return route(*args, **kwargs)
+            if not IDEMPOTENCY_KEY.fullmatch(key):
+                raise ApiError(400, "invalid_idempotency_key",
+                               "Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+            g.idempotency = (key, request_digest())
+            try:
+                _replay_if_known(key)  # a retry of a create that went through does no work
+                return route(*args, **kwargs)
+            except _Replay as replay:
+                response = make_response(answer(replay.job))
+                response.headers["Idempotent-Replayed"] = "true"
+                return response
+        return create
+    return decorate
+
+
+def request_digest() -> str:
+    """What makes two creates the same request: the route and the body. A JSON body counts byte for byte; a
+    multipart body by its fields and files, as its boundary differs on every send."""
+    digest = hashlib.sha256(request.endpoint.encode() + b"\n")
+    if request.mimetype != "multipart/form-data":
+        digest.update(request.get_data(cache=True))
+        return digest.hexdigest()
+    digest.update(json.dumps(sorted(request.form.items(multi=True))).encode())
+    for name, upload in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+        digest.update(json.dumps([name, upload.filename]).encode())
+        for chunk in iter(lambda: upload.stream.read(2**20), b""):
+            digest.update(chunk)
+        upload.stream.seek(0)  # the route reads it next
+    return digest.hexdigest()
+
+
+def _known_job(record: dict) -> dict | None:
+    """The job a key's record names, after checking the request is the same one (else 409)."""
+    if not hmac.compare_digest(record["digest"], g.idempotency[1]):
+        raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request; "
+                                                      "send a new key for a new job")
+    return svc().jobs.get(record["reference_id"])
+
+
+def _replay_if_known(key: str) -> None:
+    record = svc().jobs.idempotency_key(g.owner, key, svc().settings.idempotency_ttl_s)
+    job = _known_job(record) if record else None
+    if job is not None:
+        raise _Replay(job)
+
+
+def _take_idempotency_key(reference_id: str) -> str | None:
+    """Reserve the request's key for `reference_id` before its job is stored: one unique (owner, key) row, so of
+    concurrent twins exactly one goes on. A twin answers the winner's job once it is stored (_Replay); a key whose
+    job never appeared (its create died) passes to this job after IDEMPOTENCY_WAIT_S."""
+    if g.get("idempotency") is None:
+        return None
+    key, digest = g.idempotency
+    jobs, ttl_s = svc().jobs, svc().settings.idempotency_ttl_s
+    give_up = time.monotonic() + IDEMPOTENCY_WAIT_S
+    while True:
+        record = jobs.reserve_idempotency_key(g.owner, key, digest, reference_id, ttl_s)
+        if record is None:
+            return key
+        job = _known_job(record)
+        if job is not None:
+            raise _Replay(job)
+        if time.time() - record["created_at"] > IDEMPOTENCY_WAIT_S:
+            if jobs.replace_idempotency_key(g.owner, key, record["reference_id"], reference_id):
+                return key
+            continue
+        if time.monotonic() > give_up:
+            raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being "
+                                                          "processed; try again shortly")
+        time.sleep(0.05)
+
+def remove_job(job: dict) -> None:
+    """Remove a job for good: its video, poster, uploaded clip or image (T2V_KEEP_INPUTS or not) and the files
+    made from them later (a spritesheet, the latest preview), then its record and its events. A queued or running job is canceled first. A
+    running job's worker finds its lease gone at its next heartbeat and stops at its next cancel check; its
+    later writes match no record, so none brings it back. The files go first: if that fails (503), the record
+    stays and the delete can be sent again. DELETE /jobs/<id> and DELETE /v1/videos/<id> both end here."""
+    service, reference_id = svc(), job["reference_id"]
+    if job["status"] not in TERMINAL:
+        service.jobs.request_cancel(reference_id)
+        job = service.jobs.get(reference_id) or job  # it may have completed meanwhile, with files to delete
+    try:
+        for key in ("video_key", "poster_key"):
+            if job["result"] and job["result"].get(key):
+                service.blobs.delete(job["result"][key])
+        for key in (input_key(reference_id), spritesheet_key(reference_id), preview_key(reference_id)):
+            service.blobs.delete(key)  # deleting what is absent is fine
+    except (OSError, StorageError) as exc:
+        log.error("job %s: its files could not be deleted: %s", reference_id, exc)
+        raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None
+    service.jobs.delete(reference_id)
+
+
+def spritesheet_key(reference_id: str) -> str:
+    return f"spritesheets/{reference_id}.jpg"
+
+
+def spritesheet_response(job: dict):
+    """A JPEG grid of frames of a completed job's video: made from the stored MP4 on first request, then kept
+    as a blob beside the video (remove_job deletes it), so each later request is a plain stored file."""
+    service, reference_id = svc(), completed(job)["reference_id"]
+    key = spritesheet_key(reference_id)
+    work, tag = Path(service.settings.data_dir) / "work", secrets.token_hex(4)  # two requests may race
+    with _staged_input(work / f"{reference_id}.{tag}.sprites.jpg", "the spritesheet") as sheet:
+        try:
+            service.blobs.get(key, sheet)  # made before (S3: a small download, as the blob store has no HEAD)
+        except BlobMissing:
+            with _staged_input(work / f"{reference_id}.{tag}.mp4", "the spritesheet") as video:
+                try:
+                    service.blobs.get(job["result"]["video_key"], video)
+                except BlobMissing:
+                    raise ApiError(404, "not_found", "the file is no longer stored") from None
+                write_spritesheet(video, sheet)
+            service.blobs.put(sheet, key)  # two racing requests put the same picture; the last one stays
+    return stored_response(key, "image/jpeg")

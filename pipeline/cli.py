@@ -8,6 +8,7 @@ with exit code 2 and a one-line reason, in the words of the command line.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import re
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
-from pipeline.spec import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError, Rules
+from pipeline.models import LORA_NAME
+from pipeline.spec import (DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError, Rules,
+                           check_image, load_image)
 
 EXIT_USAGE = 2
 
@@ -25,6 +28,8 @@ PARAM_FLAGS = {
     "num_frames": "--num-frames", "fps": "--fps", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
     "seed": "--seed", "outscale": "--outscale",
 }
+# Every field an error may name, as its flag: the job parameters, the image and the LoRAs ("loras[0].scale").
+FIELD_FLAGS = {**PARAM_FLAGS, "image": "--image", "loras": "--lora"}
 _TYPES = {"Path": Path, "int": int, "int | None": int, "float": float}
 
 
@@ -38,8 +43,9 @@ class ArgumentParser(argparse.ArgumentParser):
         """An error in the words of the command line: a job field as its flag (`--steps`, not
         `num_inference_steps`), and a setting given as a flag as that flag rather than its environment variable."""
         message = " ".join(str(exc).split())
-        if isinstance(exc, ParamError) and exc.field in PARAM_FLAGS:
-            message = re.sub(rf"\b{re.escape(exc.field)}\b", PARAM_FLAGS[exc.field], message, count=1)
+        top = re.match(r"\w+", exc.field) if isinstance(exc, ParamError) else None
+        if top and top[0] in FIELD_FLAGS:
+            message = re.sub(rf"\b{re.escape(exc.field)}(?![\w.\[])", FIELD_FLAGS[top[0]], message, count=1)
         flags = {action.dest: action.option_strings[0] for action in self._actions if action.option_strings}
         for name in overrides:
             message = re.sub(rf"\b{ENV_NAMES[name]}\b", flags[name], message)
@@ -94,11 +100,17 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
     param("seed", "random seed (default: picked at random and printed)", type=int)
     if upscale:
         param("outscale", "output size over generated size (default: 4)", type=int, choices=(2, 4))
+    job.add_argument("--image", type=Path, metavar="FILE",
+                     help="a PNG, JPEG or WebP to start the video from, for a model that takes an image "
+                          "(at most $T2V_MAX_IMAGE_MB MB and $T2V_MAX_IMAGE_PIXELS pixels)")
+    job.add_argument("--lora", dest="loras", action="append", type=lora_flag, metavar="NAME[:SCALE]",
+                     help="a LoRA installed as models/loras/NAME.safetensors, at SCALE (default 1.0); repeatable")
     job.add_argument("--output", type=Path, metavar="FILE",
                      help="the MP4 to write (default: ./outputs/t2v_<seed>.mp4, in $T2V_OUTPUT_DIR)")
 
     setup = p.add_argument_group("models and settings (each overrides its environment variable)")
-    setting_flag(setup, "model", "a diffusers model folder, or 'tiny' for a random-weight test model")
+    setting_flag(setup, "model", "a model id (python download.py --list), a diffusers model folder, or 'tiny' / "
+                                 "'tiny:<id>' for a random-weight test model")
     setting_flag(setup, "memory", "GPU memory preset; 'auto' picks from free VRAM", choices=MEMORY_PRESETS)
     if upscale:
         setting_flag(setup, "upscaler", "Real-ESRGAN weights: a .pth/.safetensors file, a release name "
@@ -112,7 +124,7 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
     setting_flag(setup, "attention_backend", "diffusers attention backend, e.g. native, flash_varlen, sage_varlen")
     setting_flag(setup, "compile", "regional torch.compile of the transformer blocks")
     setting_flag(setup, "data_dir", "where tiny test models are built")
-    setting_flag(setup, "models_dir", "where upscaler release names are looked up")
+    setting_flag(setup, "models_dir", "where model ids and upscaler release names are looked up")
     return p
 
 
@@ -123,8 +135,12 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
     try:
         settings = Settings.from_env(**overrides)
         given = {name: value for name in PARAM_FLAGS if (value := getattr(args, name, None)) is not None}
+        if args.loras:
+            given["loras"] = args.loras
+        image = read_image(args.image, settings) if args.image is not None else None
         params = JobParams.from_dict({**given, "upscale": upscale and settings.upscaler != "none"},
-                                     Rules.from_settings(settings))  # a tiny model gets tiny defaults
+                                     Rules.from_settings(settings),  # a tiny model gets tiny defaults
+                                     with_image=image is not None)
         output = args.output or Path(settings.output_dir) / f"t2v_{params.seed}.mp4"
         check_writable(output)
         check_weights(settings, params)
@@ -133,6 +149,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         return EXIT_USAGE
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.generate import LoraError
     from pipeline.run import Models, run_job
     from pipeline.upscale import UpscalerLoadError
 
@@ -147,11 +164,47 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
     print(f"seed {params.seed}; device {settings.device}" + (f" (CUDA_DEVICE_ID={cuda})" if cuda else ""))
     if models.generator.is_tiny:
         print("note: this is the tiny random-weight model; its video is noise, by design")
-    result = run_job(params, settings, models=models, output=output, progress_bar=True)
+    try:
+        result = run_job(params, settings, models=models, output=output, progress_bar=True, image=image)
+    except LoraError as exc:  # a file that does not load into this model, or a setting LoRAs cannot go with
+        print(f"{prog}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames at {result.fps} fps, "
           f"{result.size_bytes / 1e6:.2f} MB)")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items()))
     return 0
+
+
+def lora_flag(text: str) -> dict:
+    """An argparse type: `NAME` or `NAME:SCALE` as a job's `loras` entry; JobParams checks the rest."""
+    name, _, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    if not LORA_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:SCALE, with a LoRA's file name, got {text!r}")
+    if not scale:
+        return {"name": name}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scale in {text!r} is not a number") from None
+
+
+def read_image(path: Path, settings: Settings):
+    """The --image file, checked as the API checks an uploaded image (its size, format and pixel cap) before any
+    model loads, and turned upright by its EXIF orientation."""
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        raise ParamError("image", f"{path} is not a file")
+    if size > settings.max_image_mb * 2**20:
+        raise ParamError("image", f"{path} is over {settings.max_image_mb} MB (T2V_MAX_IMAGE_MB)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ParamError("image", f"{path} cannot be read ({exc.strerror})") from None
+    check_image(data, settings.max_image_pixels)
+    return load_image(io.BytesIO(data))
 
 
 def check_writable(output: Path) -> None:
@@ -171,6 +224,6 @@ def check_weights(settings: Settings, params: JobParams) -> None:
     from pipeline.generate import resolve_model_dir
     from pipeline.upscale import resolve_upscaler
 
-    resolve_model_dir(settings.model, settings.data_dir)
+    resolve_model_dir(settings.model, settings.data_dir, settings.models_dir)
     if params.upscale:
         resolve_upscaler(settings.upscaler, settings.models_dir, settings.data_dir)

@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,10 @@ class JobCanceled(Exception):
     """Raised at the next transformer block once the job is canceled; nothing is decoded after it."""
 
 
+class LoraError(ValueError):
+    """A job's LoRAs cannot be applied by this loaded model; the message says why."""
+
+
 def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) -> tuple[models.ModelEntry, Path]:
     """The registry entry and folder a model name loads from.
 
@@ -51,8 +56,10 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
     name>`; anything else -> a diffusers folder, whose entry is read from its pipeline class.
     """
     model_id, is_tiny = models.split_tiny(model)
+    if is_tiny and model_id not in models.MODELS:
+        raise ConfigError(f"{model}: no such tiny build; tiny:<id> takes a registry id ({', '.join(models.MODELS)})")
     if is_tiny:
-        return models.get(model_id), tiny.tiny_model_dir(data_dir, model_id)
+        return models.MODELS[model_id], tiny.tiny_model_dir(data_dir, model_id)
     entry = models.MODELS.get(model)
     folder = Path(models_dir or "models") / entry.folder_name if entry else Path(model)
     if folder.is_dir() and not (folder / "model_index.json").is_file():
@@ -65,7 +72,7 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
             f"run `{fetch}` to fetch it, or use --model tiny"
         )
     try:
-        return entry or models.entry_for_folder(folder), folder
+        return entry or models.MODELS[models.model_id_for_folder(folder)], folder
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -480,6 +487,48 @@ class VideoGenerator:
             # `pipe` holds the hooks of every mode's pipeline (they share its modules).
             self._blocks.should_cancel, self._blocks.drop_mask = None, False
             self.pipe.maybe_free_model_hooks()
+
+    def lora_problem(self) -> str | None:
+        """Why this loaded model cannot take LoRAs per job, or None. diffusers adds fp8 layerwise casting to LoRA
+        layers only when they are loaded before it (a LoRA loaded after it is cast to fp8 itself and fails), and
+        a compiled block recompiles for every new set of LoRAs until Dynamo's recompile limit fails the job."""
+        if not hasattr(self.pipe, "load_lora_weights"):
+            return f"diffusers has no LoRA loader for {self.family}"
+        if self.speed.fp8:
+            return "LoRAs cannot be added to fp8-stored weights; run this worker with T2V_FP8=0 to use them"
+        if self.speed.compile:
+            return "LoRAs cannot be swapped per job in a compiled model; run this worker with T2V_COMPILE=0 to use them"
+        return None
+
+    @contextlib.contextmanager
+    def loras_applied(self, loras: list[tuple[str, Path, float]]):
+        """Load each LoRA (name, .safetensors file, scale) with the pipeline's own diffusers loader for one job,
+        and always unload them after, on a failure or cancel too, so no job's LoRA reaches the next job.
+        The files are read from disk for every job; the time it takes is logged."""
+        if not loras:
+            yield
+            return
+        problem = self.lora_problem()
+        if problem:
+            raise LoraError(f"{self.entry.id}: {problem}")
+        started = time.perf_counter()
+        adapters = [f"lora{i}" for i in range(len(loras))]  # a LoRA's name may hold a dot; adapter names may not
+        try:
+            for adapter, (name, path, _) in zip(adapters, loras):
+                try:
+                    self.pipe.load_lora_weights(str(path), adapter_name=adapter)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # a damaged file, or one made for another model
+                    detail = str(exc).replace(str(path), Path(path).name)[:300]  # no operator's path in a job record
+                    raise LoraError(f"LoRA {name!r} cannot be loaded into {self.entry.id}: "
+                                    f"{type(exc).__name__}: {detail}") from None
+            self.pipe.set_adapters(adapters, [scale for _, _, scale in loras])
+            log.info("LoRAs %s loaded in %.2f s", ", ".join(f"{n}@{s:g}" for n, _, s in loras),
+                     time.perf_counter() - started)
+            yield
+        finally:
+            self.pipe.unload_lora_weights()
 
     def warm_up(self, params: JobParams) -> None:
         """Run one short job (one step) at `params`' size, so a compiled model compiles now and not in

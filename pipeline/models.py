@@ -347,17 +347,18 @@ def is_model_folder(folder: Path) -> bool:
 
 def model_id_for_folder(folder: Path) -> str:
     """The registry id of a diffusers folder, from its pipeline class; where several ids share the class
-    (Wan, HunyuanVideo-1.5), from the folder's name, which must then be the Hub folder's own."""
+    (Wan, HunyuanVideo-1.5), from the folder's name, which must then be the Hub folder's own (or the id)."""
     folder = Path(folder)
     class_name = pipeline_class_of(folder)
     candidates = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
     if len(candidates) == 1:
         return candidates[0].id
-    named = [e for e in candidates if e.folder_name.lower() == folder.name.lower()]
+    named = [e for e in candidates if folder.name.lower() in (e.id, e.folder_name.lower())]
     if named:
         return named[0].id
     if not candidates:
-        raise ValueError(f"{folder} holds a {class_name}, which no registry model uses")
+        raise ValueError(f"{folder} holds a {class_name}, which t2v does not serve; "
+                         f"it serves {', '.join(sorted({e.pipelines[e.modes[0]] for e in ENTRIES}))}")
     raise ValueError(f"{folder} holds a {class_name}, which is one of {', '.join(e.id for e in candidates)}; "
                      f"name the folder as its Hub folder ({', '.join(e.folder_name for e in candidates)})")
 
@@ -375,19 +376,6 @@ def lora_file(models_dir: Path, name: str) -> Path:
     if name not in installed_loras(models_dir):
         raise KeyError(f"no LoRA {name!r} in {Path(models_dir) / LORA_DIR}")
     return Path(models_dir) / LORA_DIR / f"{name}.safetensors"
-
-
-def entry_for_folder(folder: Path) -> ModelEntry:
-    """The entry a diffusers folder loads as: among the entries whose pipeline class is the folder's, the one
-    the folder is named after (its Hub name, or its id for a tiny build), else the first (the ids that share a
-    class differ only in defaults; the weights' own configs rule the call)."""
-    class_name = pipeline_class_of(Path(folder))
-    matches = [e for e in ENTRIES if e.pipelines[e.modes[0]] == class_name]
-    if not matches:
-        raise ValueError(f"{folder} holds a {class_name}, which t2v does not serve; "
-                         f"it serves {', '.join(sorted({e.pipelines[e.modes[0]] for e in ENTRIES}))}")
-    named = [e for e in matches if Path(folder).name in (e.id, e.folder_name)]
-    return (named or matches)[0]
 
 
 def pipeline_for(pipe, entry: ModelEntry, mode: str):

@@ -26,7 +26,8 @@ import numpy as np
 from config import Settings
 from pipeline import models as registry
 from pipeline import preview
-from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator, resolve_model, use_device
+from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, resolve_model,
+                               use_device)
 from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
@@ -136,6 +137,8 @@ class Models:
                                    models_dir=s.models_dir)
         if generator.speed.compile:
             generator.warm_up(warm_up_params(s, generator.entry))
+        if registry.installed_loras(s.models_dir) and (problem := generator.lora_problem()):
+            log.warning("jobs with LoRAs will fail on %s: %s", name, problem)
         return generator
 
     def unload(self) -> None:
@@ -199,12 +202,14 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
 
     started = time.perf_counter()
     latents = output.with_suffix(".latents.pt") if settings.keep_latents else None
+    loras = lora_files(params, settings.models_dir)
     with models.lock:
         generator = models.generator_for(model)
         previews = (preview.every_n_steps(settings.preview_every, generator.entry.family, on_preview)
                     if on_preview and settings.preview_every else None)
-        frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
-                                    image=image, on_latents=previews)
+        with generator.loras_applied(loras):
+            frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
+                                        image=image, on_latents=previews)
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None
@@ -228,6 +233,19 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def lora_files(params: JobParams, models_dir: Path) -> list[tuple[str, Path, float]]:
+    """(name, file, scale) of each LoRA the job names. The API checked the names against its own node's
+    models/loras; one missing on this node fails the job (MissingWeightsError) before any model work."""
+    files = []
+    for lora in params.loras:
+        try:
+            files.append((lora.name, registry.lora_file(models_dir, lora.name), lora.scale))
+        except KeyError:
+            raise MissingWeightsError(f"LoRA {lora.name!r} is not installed on this worker's node (no "
+                                      f"{lora.name}.safetensors in T2V_MODELS_DIR/loras)") from None
+    return files
 
 
 def upscale_file(source: Path, output: Path, upscaler: Upscaler, outscale: int, crf: int,

@@ -18,7 +18,8 @@ Contract with the callers (the API, the CLI, the worker):
   a tiny build's defaults and caps are small (64x64, 9 frames, 4 steps), so a CPU finishes in seconds.
   Passing a bare `Limits` as `rules` means: every registry id, full size, `hunyuanvideo` by default.
 - `image_key` is set by the server only (the blob key of a checked image, `inputs/<reference_id>`); a
-  request that carries `image_key` is refused. `check_image` is the check an image passes first.
+  request that carries `image_key` is refused. `check_image` is the check an image passes first. The CLI,
+  whose image is a local file, passes `with_image=True` instead, for the same rules of what a model takes.
 - JSON null means "not given" for the fields in NULLABLE, and is a type error anywhere else.
 - `to_dict()` is what the job record stores; `JobParams(**record)` rebuilds it in the worker.
 """
@@ -77,7 +78,11 @@ class ParamError(ValueError):
 
     def __init__(self, field: str, message: str, model: str | None = None):
         super().__init__(f"{model}: {field} {message}" if model else f"{field}: {message}")
-        self.field, self.model = field, model
+        self.field, self.model, self.reason = field, model, message
+
+    def renamed(self, names: Mapping[str, str]) -> "ParamError":
+        """The same error under another face's names for the fields (/v1/videos says `size`, not `width`)."""
+        return ParamError(names.get(self.field, self.field), self.reason, self.model)
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,10 @@ class JobParams(BaseModel):
         return loras
 
     @classmethod
-    def from_dict(cls, data: Any, rules: Rules | Limits = Rules(), *, image_key: str | None = None) -> "JobParams":
-        """Validate untrusted input (a JSON body, form fields or CLI flags) and fill the model's defaults."""
+    def from_dict(cls, data: Any, rules: Rules | Limits = Rules(), *, image_key: str | None = None,
+                  with_image: bool = False) -> "JobParams":
+        """Validate untrusted input (a JSON body, form fields or CLI flags) and fill the model's defaults.
+        `with_image`: the job has an image that is not in the blob store (the CLI's --image file)."""
         if isinstance(rules, Limits):
             rules = Rules(limits=rules)
         if not isinstance(data, dict):
@@ -185,7 +192,7 @@ class JobParams(BaseModel):
         values = {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}  # null there = absent
         named = values.get("model")
         entry = _served_entry(rules, values.get("model", rules.default_model))
-        _check_inputs(entry, image_key is not None, values.get("loras"))
+        _check_inputs(entry, with_image or image_key is not None, values.get("loras"))
         if "seed" not in values:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         job = job_class(rules, entry.id)

@@ -216,3 +216,32 @@ def _encoded(frames, stream):
 
 def _packet_time(packet) -> float:
     return float((packet.dts if packet.dts is not None else packet.pts or 0) * packet.time_base)
+
+
+# ---------------------------------------------------------------------------------------- spritesheet
+
+def write_spritesheet(video: Path, path: Path, max_tiles: int = 25, tile_side: int = 160) -> tuple[int, int]:
+    """Save a JPEG grid of up to `max_tiles` frames picked evenly through the clip (first and last included),
+    in reading order, each scaled so its long side is at most `tile_side`: a picture to scrub through.
+    The clip is decoded once and only the picked frames are kept. Returns (columns, rows)."""
+    from PIL import Image
+
+    count = probe(video)["frames"]
+    tiles = max(1, min(max_tiles, count))
+    picked = {round(i * (count - 1) / (tiles - 1)) for i in range(tiles)} if tiles > 1 else {0}
+    images = []
+    for index, frame in enumerate(read_frames(video)):
+        if index in picked:
+            image = Image.fromarray(frame)
+            image.thumbnail((tile_side, tile_side))
+            images.append(image)
+    if not images:
+        raise ValueError(f"{Path(video).name} has no frame to show")
+    columns = int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * width, (i // columns) * height))
+    sheet.save(path, format="JPEG", quality=85)
+    return columns, rows

@@ -8,11 +8,18 @@ const REFRESH_MS = 3000; // the queue, and the history while any job of this ses
 const TERMINAL = new Set(["completed", "failed", "canceled"]);
 const FORM_KEY = "t2v.form"; // the form's values, kept across reloads
 const CURRENT_KEY = "t2v.current"; // the job being watched, followed again after a reload
-const SAVED_FIELDS = ["prompt", "negative", "size", "frames", "fps", "steps", "guidance", "seed", "upscale", "outscale"];
+const SAVED_FIELDS = ["model", "prompt", "negative", "size", "frames", "fps", "steps", "guidance", "seed", "upscale",
+                      "outscale"];
 // What a generation job's params hold that /generate_video takes back, for a re-run.
-const RERUN_FIELDS = ["prompt", "negative_prompt", "width", "height", "num_frames", "fps", "num_inference_steps",
-                      "guidance_scale", "seed", "upscale", "outscale"];
-let limits = null;
+const RERUN_FIELDS = ["model", "prompt", "negative_prompt", "width", "height", "num_frames", "fps",
+                      "num_inference_steps", "guidance_scale", "seed", "upscale", "outscale"];
+const INPUT_WORDS = { text: "text to video", image: "image to video", both: "text or image to video" };
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"]; // what the server decodes (pipeline/spec.py)
+let limits = null; // GET /limits: the server's caps (prompt, upscaling, uploads, images)
+let catalog = null; // GET /models: {default, loras, models}
+let model = null; // the chosen model's entry in the catalog: its presets, limits and defaults shape the form
+let image = null; // the chosen image (a File), for a model that takes one
+let imageUrl = null; // its preview's object URL
 let tracking = null; // {id, timer, shown, job, stream, streamAfter}
 let sessionJobs = []; // the session's jobs, newest first, as /history last answered
 let queueLength = null; // jobs queued on the whole server, from /health
@@ -91,12 +98,6 @@ $("#key-form").addEventListener("submit", async (event) => {
 function applyLimits() {
   $("#prompt").maxLength = limits.max_prompt_chars;
   $("#negative").maxLength = limits.max_prompt_chars;
-  $("#size").replaceChildren(...limits.sizes.map((s, i) =>
-    new Option(`${s.label} (${s.width}x${s.height})`, String(i))));
-  $("#frames").max = limits.max_frames;
-  $("#frames").value = limits.max_frames;
-  $("#steps").max = limits.max_steps;
-  $("#steps").value = limits.default_steps;
   for (const select of [$("#outscale"), $("#clip-outscale")]) {
     select.replaceChildren(...limits.outscales.map((n) => new Option(`${n}x`, String(n))));
     select.value = String(Math.max(...limits.outscales));
@@ -105,30 +106,68 @@ function applyLimits() {
   $("#upscale").checked = limits.upscale;
   for (const id of ["#clip", "#clip-outscale", "#upload"]) $(id).disabled = !limits.upscale;
   $("#clip-hint").textContent = limits.upscale ? `(at most ${limits.max_upload_mb} MB)` : "(this server has no upscaler)";
+  applyModels();
   restoreForm();
   $("#outscale").disabled = !$("#upscale").checked;
   updateCount();
 }
 
+/** The models offered: those installed on this server, or, when none is (its workers run elsewhere), every model
+ * it accepts jobs for. The default model is always offered, and chosen unless the saved form names another. */
+function applyModels() {
+  const anyHere = catalog.models.some((m) => m.installed);
+  const offered = catalog.models.filter((m) => m.installed || m.id === catalog.default || !anyHere);
+  $("#model").replaceChildren(...offered.map((m) =>
+    new Option(`${m.id}${m.tiny ? " (tiny build)" : ""}: ${INPUT_WORDS[m.inputs]}`, m.id)));
+  const saved = savedForm().model;
+  $("#model").value = offered.some((m) => m.id === saved) ? saved : catalog.default;
+  if (!$("#model").value && offered.length) $("#model").value = offered[0].id;
+  applyModel();
+}
+
+/** Shape the form to the chosen model: its sizes, frame rule, step cap and defaults, and an image where it takes one. */
+function applyModel() {
+  model = catalog.models.find((m) => m.id === $("#model").value);
+  const { limits: caps, defaults } = model;
+  $("#size").replaceChildren(...model.presets.map((s, i) =>
+    new Option(`${s.label} (${s.width}x${s.height})`, String(i))));
+  $("#size").disabled = model.size_from_image;
+  $("#size-hint").textContent = model.size_from_image ? "(the image's shape sets it)" : "";
+  $("#frames-rule").textContent = `(${caps.frame_multiple}k+1)`;
+  $("#frames").max = caps.max_frames;
+  $("#frames").step = caps.frame_multiple;
+  $("#frames").value = defaults.num_frames;
+  $("#steps").max = caps.max_steps;
+  $("#steps").value = defaults.num_inference_steps;
+  $("#fps").value = defaults.fps;
+  $("#guidance").value = defaults.guidance_scale;
+  $("#image-field").hidden = model.inputs === "text";
+  $("#image-hint").textContent = model.inputs === "image" ? "(required)" : `(optional; without one, ${INPUT_WORDS.text})`;
+  if (model.inputs === "text") chooseImage(null);
+}
 function saveForm() {
   const values = {};
   for (const id of SAVED_FIELDS) {
     const field = $(`#${id}`);
     values[id] = field.type === "checkbox" ? field.checked : field.value;
   }
-  const size = limits && limits.sizes[Number($("#size").value)];
+  const size = model && model.presets[Number($("#size").value)];
   if (size) values.size = `${size.width}x${size.height}`; // a size, not a place in a list that may change
   localStorage.setItem(FORM_KEY, JSON.stringify(values));
 }
 
+function savedForm() {
+  try { return JSON.parse(localStorage.getItem(FORM_KEY)) || {}; } catch { return {}; }
+}
+
+/** The saved values, over the chosen model's defaults (applyModels has chosen the saved model already). */
 function restoreForm() {
-  let values;
-  try { values = JSON.parse(localStorage.getItem(FORM_KEY)) || {}; } catch { values = {}; }
+  const values = savedForm();
   for (const id of SAVED_FIELDS) {
-    if (values[id] === undefined) continue;
+    if (values[id] === undefined || id === "model") continue;
     const field = $(`#${id}`);
     if (id === "size") {
-      const index = limits.sizes.findIndex((s) => `${s.width}x${s.height}` === values.size);
+      const index = model.presets.findIndex((s) => `${s.width}x${s.height}` === values.size);
       if (index >= 0) field.value = String(index);
     } else if (field.type === "checkbox") {
       if (!field.disabled) field.checked = Boolean(values[id]);
@@ -144,6 +183,7 @@ function updateCount() {
 }
 
 $("#prompt").addEventListener("input", updateCount);
+$("#model").addEventListener("change", () => { applyModel(); $("#form-error").textContent = ""; });
 $("#upscale").addEventListener("change", () => { $("#outscale").disabled = !$("#upscale").checked; });
 $("#job-form").addEventListener("input", saveForm);
 $("#job-form").addEventListener("change", saveForm);
@@ -157,36 +197,93 @@ for (const chip of document.querySelectorAll(".examples .chip")) {
 }
 
 function formBody() {
-  const size = limits.sizes[Number($("#size").value)];
+  const { limits: caps } = model;
+  const size = model.presets[Number($("#size").value)];
   const frames = Number($("#frames").value);
   const steps = Number($("#steps").value);
   const fps = Number($("#fps").value);
   const guidance = Number($("#guidance").value);
   const prompt = $("#prompt").value;
+  const k = caps.frame_multiple;
   if (!prompt.trim()) throw new Error("Write a prompt first.");
-  if (!Number.isInteger(frames) || frames < 1 || frames > limits.max_frames || frames % 4 !== 1) {
-    throw new Error(`Frames must be 1, 5, 9, ... up to ${limits.max_frames}.`);
+  if (model.inputs === "image" && !image) {
+    throw new Error(`${model.id} makes video from an image: choose or drop one first.`);
   }
-  if (!Number.isInteger(steps) || steps < 1 || steps > limits.max_steps) {
-    throw new Error(`Steps must be between 1 and ${limits.max_steps}.`);
+  if (!Number.isInteger(frames) || frames < 1 || frames > caps.max_frames || (frames - 1) % k !== 0) {
+    throw new Error(`Frames must be 1, ${1 + k}, ${1 + 2 * k}, ... up to ${caps.max_frames} for ${model.id}.`);
+  }
+  if (!Number.isInteger(steps) || steps < 1 || steps > caps.max_steps) {
+    throw new Error(`Steps must be between 1 and ${caps.max_steps}.`);
   }
   if (!Number.isInteger(fps) || fps < 1 || fps > 60) throw new Error("FPS must be between 1 and 60.");
   if ($("#guidance").value === "" || !(guidance >= 1 && guidance <= 30)) {
     throw new Error("Guidance must be between 1 and 30.");
   }
-  const body = { session_id: sessionId(), prompt, width: size.width, height: size.height, num_frames: frames, fps,
-                 num_inference_steps: steps, guidance_scale: guidance, upscale: $("#upscale").checked,
-                 outscale: Number($("#outscale").value) };
+  const body = { session_id: sessionId(), model: model.id, prompt, num_frames: frames, fps, num_inference_steps: steps,
+                 guidance_scale: guidance, upscale: $("#upscale").checked, outscale: Number($("#outscale").value) };
+  if (!model.size_from_image) Object.assign(body, { width: size.width, height: size.height });
   if ($("#negative").value.trim()) body.negative_prompt = $("#negative").value;
   if ($("#seed").value !== "") body.seed = Number($("#seed").value);
   return body;
 }
 
-async function generate(body) {
-  const accepted = await api("/generate_video", { method: "POST", json: body });
+/** Send a job: as JSON, or with an image as multipart, its other fields as text under their JSON names. */
+async function generate(body, file = null) {
+  let accepted;
+  if (file) {
+    const form = new FormData();
+    for (const [name, value] of Object.entries(body)) form.append(name, String(value));
+    form.append("image", file);
+    const shown = (fraction) => { $("#submit-progress").textContent = `Sending the image: ${Math.round(fraction * 100)}%`; };
+    try { accepted = await upload("/generate_video", form, shown); } finally { $("#submit-progress").textContent = ""; }
+  } else {
+    accepted = await api("/generate_video", { method: "POST", json: body });
+  }
   track(accepted.reference_id);
   loadHistory();
 }
+
+// ------------------------------------------------------------------ the image, for a model that takes one
+
+/** Take `file` as the job's image (null clears it); a file the server would refuse is named at once. */
+function chooseImage(file) {
+  if (imageUrl) URL.revokeObjectURL(imageUrl);
+  image = imageUrl = null;
+  $("#image-preview").hidden = $("#image-clear").hidden = true;
+  $("#image-preview").removeAttribute("src");
+  if (!file) { $("#image").value = ""; return; }
+  if (!IMAGE_TYPES.includes(file.type)) {
+    $("#image").value = "";
+    $("#form-error").textContent = `${file.name} is not a PNG, JPEG or WebP image.`;
+    return;
+  }
+  if (file.size > limits.max_image_mb * 2 ** 20) {
+    $("#image").value = "";
+    $("#form-error").textContent = `That image is over ${limits.max_image_mb} MB.`;
+    return;
+  }
+  $("#form-error").textContent = "";
+  image = file;
+  imageUrl = URL.createObjectURL(file);
+  $("#image-preview").src = imageUrl;
+  $("#image-preview").hidden = $("#image-clear").hidden = false;
+}
+
+$("#image").addEventListener("change", () => chooseImage($("#image").files[0] || null));
+$("#image-clear").addEventListener("click", () => { chooseImage(null); $("#image").focus(); });
+const drop = $("#image-drop");
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+}
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  const file = event.dataTransfer.files[0];
+  if (!file) return;
+  chooseImage(file);
+  if (image) $("#image").files = event.dataTransfer.files; // the file field names what was dropped
+});
 
 $("#job-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -195,7 +292,7 @@ $("#job-form").addEventListener("submit", async (event) => {
   try { body = formBody(); } catch (error) { $("#form-error").textContent = error.message; return; }
   $("#submit").disabled = true;
   try {
-    await generate(body);
+    await generate(body, model.inputs === "text" ? null : image);
   } catch (error) {
     $("#form-error").textContent = error.message;
   } finally {
@@ -330,7 +427,7 @@ function openStream(id, url) {
 
 /** The latest preview of the latents while the job denoises (an animated WebP), or none. */
 function showPreview(url) {
-  const image = $("#preview");
+  const image = $("#live-preview");
   if (url) image.src = url; else image.removeAttribute("src");
   image.hidden = !url;
 }
@@ -458,7 +555,8 @@ function paramsText(job) {
     return `clip ${p.width}x${p.height}, ${p.frames} frames at ${p.fps} fps, upscaled ${p.outscale}x`;
   }
   const upscaled = p.upscale ? `, upscaled ${p.outscale}x` : "";
-  return `${p.width}x${p.height}, ${p.num_frames} frames at ${p.fps} fps, ${p.num_inference_steps} steps, `
+  const source = p.model ? `${p.model}${p.image_key ? " from an image" : ""}, ` : "";
+  return `${source}${p.width}x${p.height}, ${p.num_frames} frames at ${p.fps} fps, ${p.num_inference_steps} steps, `
     + `guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}`;
 }
 
@@ -494,8 +592,10 @@ function historyItem(job) {
 
   const actions = document.createElement("span");
   actions.className = "actions";
-  if (job.kind === "generate") actions.append(actionButton("Re-run", "rerun", `Re-run with seed ${job.params.seed}`,
-                                                            () => rerun(job)));
+  // An image job's image is not kept after it ends, so only a text job can be run again.
+  if (job.kind === "generate" && !job.params.image_key) {
+    actions.append(actionButton("Re-run", "rerun", `Re-run with seed ${job.params.seed}`, () => rerun(job)));
+  }
   actions.append(actionButton("Delete", "delete", "Delete this job and its video", () => remove(job)));
   item.append(open, actions);
   return item;
@@ -537,7 +637,7 @@ async function remove(job) {
 async function start() {
   $("#session").textContent = sessionId();
   try {
-    limits = await api("/limits");
+    [limits, catalog] = await Promise.all([api("/limits"), api("/models")]);
   } catch (error) {
     if (error.status !== 401) $("#form-error").textContent = `The server did not answer: ${error.message}`;
     return false;

@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^((videos|posters)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)|inputs/[A-Za-z0-9_-]{8,128}"
+_KEY = re.compile(r"^((videos|posters|spritesheets)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)|inputs/[A-Za-z0-9_-]{8,128}"
                   r"|previews/[A-Za-z0-9_-]{8,128}\.webp)$")
 CONTENT_TYPES = {"mp4": "video/mp4", "jpg": "image/jpeg", "webp": "image/webp"}
 

@@ -71,6 +71,59 @@ def test_a_worker_claims_only_the_kinds_it_can_run(store):
     assert store.claim("healthy", 30, kinds=("generate", "upscale"))["reference_id"] == "gen00003"
 
 
+def test_a_worker_claims_only_generation_jobs_for_the_models_it_serves(store):
+    """A job stored without a model (queued before jobs named one) runs the default model, hunyuanvideo;
+    upscale jobs are not model-bound; a worker that serves no model takes upscale jobs only."""
+    from pipeline.models import DEFAULT_MODEL
+    from pipeline.spec import JobParams
+    from storage.jobs import UNNAMED_MODEL
+
+    assert UNNAMED_MODEL == DEFAULT_MODEL == JobParams(prompt="p").model == "hunyuanvideo"
+    for ref, kind, params in (("wan00001", "generate", {"model": "wan2.2-ti2v-5b"}), ("old00002", "generate", {}),
+                              ("hun00003", "generate", {"model": "hunyuanvideo"}), ("ups00004", "upscale", {}),
+                              ("wan00005", "generate", {"model": "wan2.2-ti2v-5b"})):
+        store.create(new_job(ref, "s", "o", kind, params))
+        time.sleep(0.002)
+    assert store.claim("nothing", 30, kinds=("generate",), models=()) is None
+    assert store.claim("other", 30, models=["wan2.1-t2v-1.3b"])["reference_id"] == "ups00004"
+    assert store.claim("other", 30, models=["wan2.1-t2v-1.3b"]) is None
+    hunyuan = ("hunyuanvideo", "hunyuanvideo-1.5-480p")
+    assert [store.claim("hun", 30, models=hunyuan)["reference_id"] for _ in range(2)] == ["old00002", "hun00003"]
+    assert store.claim("hun", 30, models=hunyuan) is None, "the Wan jobs are left for a Wan worker"
+    assert store.get("wan00001")["status"] == QUEUED
+    assert store.claim("wan", 30, models=("wan2.2-ti2v-5b",))["reference_id"] == "wan00001"
+    assert store.claim("any", 30)["reference_id"] == "wan00005"  # no models given: any model
+    assert {r: store.get(r)["worker_id"] for r in ("wan00001", "old00002", "hun00003", "ups00004", "wan00005")} == \
+        {"wan00001": "wan", "old00002": "hun", "hun00003": "hun", "ups00004": "other", "wan00005": "any"}
+
+
+def test_workers_record_what_they_take_and_a_queued_job_says_why_it_waits(store):
+    from storage.jobs import waiting_reason
+
+    wan = store.create(new_job("wan00001", "s", "o", "generate", {"model": "wan2.2-ti2v-5b"}))
+    old = store.create(new_job("old00002", "s", "o", "generate", {"prompt": "p"}))
+    upscale = store.create(new_job("ups00003", "s", "o", "upscale", {}))
+    assert store.live_workers(30) == []
+    assert waiting_reason(store, wan) == "waiting for a worker: none has reported in the last 30 s"
+    store.worker_seen("gpu-a", ("generate", "upscale"), ["hunyuanvideo"])
+    store.worker_seen("gpu-b", ("upscale",), ["wan2.2-ti2v-5b"])  # its model does not load: no generation
+    seen = store.live_workers(30)
+    assert [(w["worker_id"], w["kinds"], w["models"]) for w in seen] == [
+        ("gpu-a", ["generate", "upscale"], ["hunyuanvideo"]), ("gpu-b", ["upscale"], ["wan2.2-ti2v-5b"])]
+    assert all(time.time() - w["last_seen"] < 30 for w in seen)
+    assert waiting_reason(store, wan) == "waiting for a worker that serves wan2.2-ti2v-5b"
+    assert waiting_reason(store, old) is None and waiting_reason(store, upscale) is None
+    store.worker_seen("gpu-b", ("generate", "upscale"), ["wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"])  # loaded now
+    assert waiting_reason(store, wan) is None
+    assert len(store.live_workers(30)) == 2, "a worker's record is replaced, not added to"
+    store.worker_stopped("gpu-a")
+    assert waiting_reason(store, old) == "waiting for a worker that serves hunyuanvideo"
+    assert waiting_reason(store, store.claim("gpu-b", 30)) is None, "only a queued job waits"
+    time.sleep(0.05)
+    assert store.live_workers(0.01) == [], "a worker not seen within the window is not live"
+    assert waiting_reason(store, upscale, within_s=0.01).startswith("waiting for a worker: none has reported")
+
+
 @pytest.fixture
 def serial_mongomock(monkeypatch):
     """A mongomock client whose every collection call is atomic, as each single-document write is on a
@@ -329,6 +382,251 @@ def test_unreachable_mongodb_is_store_unavailable(caplog):
             call()
         assert "hunter2" not in str(err.value)
     assert "unreachable" in caplog.text and "hunter2" not in caplog.text
+
+
+# ------------------------------------------------------------------------------ webhook outbox, idempotency keys
+
+ALL_EVENTS = {"url": "http://receiver.example/hook", "events": ["started", "completed", "failed", "canceled"]}
+
+
+def add_hooked(store, ref, webhook=ALL_EVENTS):
+    job = store.create(new_job(ref, "s", "o", "generate", {"prompt": "p"}, webhook=webhook))
+    time.sleep(0.002)
+    return job
+
+
+def events(store, ref):
+    return [(d["event"], d["job"]["status"], d["job"]["attempts"]) for d in store.deliveries(ref)]
+
+
+def test_each_status_change_writes_the_deliveries_its_webhook_asked_for(store):
+    add_hooked(store, "hook0001")
+    add_hooked(store, "hook0002", webhook={"url": "http://r.example/", "events": ["failed"]})
+    add(store, "plain001")
+    add_hooked(store, "hook0003", webhook={"url": "http://r.example/", "events": ["canceled"]})
+    assert store.claim("w1", 30)["reference_id"] == "hook0001"
+    assert events(store, "hook0001") == [("started", PROCESSING, 1)]
+    assert store.complete("hook0001", "w1", {"video_key": "k", "width": 64}) is True
+    started, done = store.deliveries("hook0001")
+    assert done["id"] == "msg_hook0001.completed.1" and done["url"] == ALL_EVENTS["url"]
+    assert done["state"] == "pending" and done["attempts"] == 0 and done["next_at"] <= time.time()
+    assert done["job"]["result"] == {"video_key": "k", "width": 64} and done["job"]["params"] == {"prompt": "p"}
+    assert done["job"]["finished_at"] is not None and started["job"]["finished_at"] is None, "a copy as it was then"
+    record = store.get("hook0001")
+    assert {name: done["job"][name] for name in ("created_at", "started_at", "finished_at", "progress")} == {
+        name: record[name] for name in ("created_at", "started_at", "finished_at", "progress")}, "to the last digit"
+    assert store.complete("hook0001", "w1", {"video_key": "again"}) is False
+    assert len(store.deliveries("hook0001")) == 2, "a refused change writes nothing"
+
+    assert store.claim("w1", 30)["reference_id"] == "hook0002"
+    assert store.fail("hook0002", "w1", "generation_error", "boom") is True
+    assert events(store, "hook0002") == [("failed", FAILED, 1)], "only the events asked for"
+    assert store.deliveries("hook0002")[0]["job"]["error"] == {"code": "generation_error", "message": "boom"}
+    store.claim("w1", 30)
+    store.complete("plain001", "w1", {})
+    assert store.deliveries("plain001") == [], "no webhook, no delivery"
+    assert store.request_cancel("hook0003") == CANCELED
+    assert events(store, "hook0003") == [("canceled", CANCELED, 0)]
+    assert "webhook_outbox" not in store.get("hook0001") and store.get("hook0001")["webhook"] == ALL_EVENTS
+    assert store.get("plain001")["webhook"] is None
+
+
+def test_a_running_cancel_and_a_lost_worker_write_their_deliveries(store):
+    add_hooked(store, "hook0001")
+    add_hooked(store, "hook0002")
+    add_hooked(store, "hook0003")
+    store.claim("w1", 30)
+    store.request_cancel("hook0001")
+    assert store.mark_canceled("hook0001", "w1") is True
+    assert events(store, "hook0001") == [("started", PROCESSING, 1), ("canceled", CANCELED, 1)]
+
+    store.claim("dead", -1)  # hook0002: its worker dies twice
+    assert store.requeue_expired(max_attempts=2) == (1, 0)
+    assert events(store, "hook0002") == [("started", PROCESSING, 1)], "a job back in the queue is no event"
+    store.claim("dead", -1)
+    store.claim("dead", -1)  # hook0003: a cancel asked, then its worker dies
+    store.request_cancel("hook0003")
+    assert store.requeue_expired(max_attempts=2) == (0, 2)
+    assert events(store, "hook0002") == [("started", PROCESSING, 1), ("started", PROCESSING, 2), ("failed", FAILED, 2)]
+    assert store.deliveries("hook0002")[-1]["job"]["error"]["code"] == "worker_lost"
+    assert events(store, "hook0003") == [("started", PROCESSING, 1), ("canceled", CANCELED, 1)]
+
+
+def test_deliveries_outlive_their_job_and_are_leased_to_one_dispatcher(store):
+    add_hooked(store, "hook0001")
+    store.request_cancel("hook0001")
+    assert store.delete("hook0001") is True and store.get("hook0001") is None
+    first = store.claim_delivery("d1", lease_s=30)
+    assert first["id"] == "msg_hook0001.canceled.0" and first["job"]["status"] == CANCELED
+    assert store.claim_delivery("d2", lease_s=30) is None, "leased to d1"
+    assert store.record_attempt(first["id"], "d2", "delivered", 200, None) is False, "only the lease holder records"
+    retry_at = time.time() + 0.3
+    assert store.record_attempt(first["id"], "d1", "pending", 500, "HTTP 500", next_at=retry_at) is True
+    assert store.claim_delivery("d2", lease_s=30) is None, "not due yet"
+    time.sleep(0.35)
+    again = store.claim_delivery("d2", lease_s=-1)  # d2 then dies: its lease runs out at once
+    assert again["id"] == first["id"] and again["attempts"] == 1 and again["last_status"] == 500
+    assert again["last_error"] == "HTTP 500"
+    third = store.claim_delivery("d3", lease_s=30)
+    assert third["id"] == first["id"]
+    assert store.record_attempt(first["id"], "d2", "pending", 500, "late", next_at=time.time()) is False
+    assert store.record_attempt(first["id"], "d3", "delivered", 204, None) is True
+    assert store.claim_delivery("d1", lease_s=30) is None, "a delivered message is never sent again"
+    done = store.deliveries("hook0001")[0]
+    assert done["state"] == "delivered" and done["attempts"] == 2 and done["finished_at"] >= done["last_attempt_at"]
+    assert store.webhook_counts() == {"delivered": 1, "given_up": 0, "pending": 0, "failed_attempts": 1}
+
+
+def test_a_delivery_given_up_is_counted_and_left_alone(store):
+    add_hooked(store, "hook0001", webhook={"url": "http://r.example/", "events": ["canceled"]})
+    add_hooked(store, "hook0002", webhook={"url": "http://r.example/", "events": ["canceled"]})
+    store.request_cancel("hook0001")
+    store.request_cancel("hook0002")
+    one = store.claim_delivery("d1", 30)
+    assert store.record_attempt(one["id"], "d1", "given_up", None, "connection refused") is True
+    assert store.webhook_counts() == {"delivered": 0, "given_up": 1, "pending": 1, "failed_attempts": 1}
+    other = store.claim_delivery("d1", 30)
+    assert other["id"] != one["id"] and store.claim_delivery("d1", 30) is None
+
+
+def test_concurrent_dispatchers_never_take_one_delivery_twice(atomic_store):
+    store = atomic_store
+    for i in range(6):
+        add_hooked(store, f"hook{i:04d}", webhook={"url": "http://r.example/", "events": ["canceled"]})
+        store.request_cancel(f"hook{i:04d}")
+    taken, lock = [], threading.Lock()
+
+    def dispatcher(name):
+        while (delivery := store.claim_delivery(name, 30)) is not None:
+            with lock:
+                taken.append(delivery["id"])
+
+    threads = [threading.Thread(target=dispatcher, args=(f"d{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(taken) == [f"msg_hook{i:04d}.canceled.0" for i in range(6)]
+
+
+def test_idempotency_keys_are_per_owner_and_expire(store):
+    assert store.reserve_idempotency_key("a", "k1", "d1", "ref00001", ttl_s=60) is None
+    held = store.reserve_idempotency_key("a", "k1", "d2", "ref00002", ttl_s=60)
+    assert (held["digest"], held["reference_id"]) == ("d1", "ref00001")
+    assert store.reserve_idempotency_key("b", "k1", "d1", "ref00003", ttl_s=60) is None, "another owner's key"
+    assert store.idempotency_key("a", "k1", ttl_s=60)["reference_id"] == "ref00001"
+    assert store.idempotency_key("a", "k2", ttl_s=60) is None
+
+    assert store.replace_idempotency_key("a", "k1", "ref00009", "ref00004") is False, "only from the job it names"
+    assert store.replace_idempotency_key("a", "k1", "ref00001", "ref00004") is True
+    store.release_idempotency_key("a", "k1", "ref00001")  # a stale release leaves the new owner alone
+    assert store.idempotency_key("a", "k1", ttl_s=60)["reference_id"] == "ref00004"
+    store.release_idempotency_key("a", "k1", "ref00004")
+    assert store.idempotency_key("a", "k1", ttl_s=60) is None
+    assert store.reserve_idempotency_key("a", "k1", "d5", "ref00005", ttl_s=60) is None
+
+    time.sleep(0.05)
+    assert store.idempotency_key("a", "k1", ttl_s=0.01) is None, "expired"
+    assert store.reserve_idempotency_key("a", "k1", "d6", "ref00006", ttl_s=0.01) is None, "an expired key is free"
+
+
+def test_concurrent_reservations_of_one_key_have_one_winner(atomic_store):
+    store, gate = atomic_store, threading.Barrier(20)
+    outcomes, lock = [], threading.Lock()
+
+    def reserve(i):
+        gate.wait(60)
+        held = store.reserve_idempotency_key("o", "same-key", "digest", f"ref{i:05d}", ttl_s=60)
+        with lock:
+            outcomes.append(held["reference_id"] if held else f"ref{i:05d}")
+
+    threads = [threading.Thread(target=reserve, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(outcomes) == 20 and len(set(outcomes)) == 1
+    assert store.idempotency_key("o", "same-key", 60)["reference_id"] == outcomes[0]
+
+
+def test_an_older_sqlite_file_gains_the_webhook_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:  # the jobs table as the previous release made it
+        db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, reference_id TEXT NOT NULL UNIQUE, "
+                   "session_id TEXT NOT NULL, owner TEXT NOT NULL, kind TEXT NOT NULL, params TEXT NOT NULL, "
+                   "status TEXT NOT NULL, stage TEXT, progress REAL NOT NULL DEFAULT 0, eta_s REAL, error TEXT, "
+                   "result TEXT, attempts INTEGER NOT NULL DEFAULT 0, worker_id TEXT, lease_until REAL, "
+                   "cancel_requested INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, started_at REAL, "
+                   "finished_at REAL)")
+        db.execute("INSERT INTO jobs (reference_id, session_id, owner, kind, params, status, created_at) "
+                   "VALUES ('old00001', 's', 'o', 'generate', '{}', 'queued', 1.0)")
+    store = SqliteJobStore(path)
+    assert store.get("old00001")["webhook"] is None
+    add_hooked(store, "hook0001")
+    assert store.claim("w1", 30)["reference_id"] == "old00001"
+    assert store.claim("w1", 30)["reference_id"] == "hook0001"
+    assert events(store, "hook0001") == [("started", PROCESSING, 1)] and store.deliveries("old00001") == []
+    SqliteJobStore(path)  # opening it again changes nothing
+
+# ---------------------------------------------------------------------------------------- /v1/videos and /metrics
+
+def test_list_jobs_pages_one_owners_jobs_of_one_kind_with_a_cursor(store):
+    for i in range(5):
+        add(store, f"ref0000{i}", owner="a")
+    add(store, "other001", owner="b")
+    store.create(new_job("ups00001", "s", "a", "upscale", {}))
+    tied = new_job("tied0001", "s", "a", "generate", {"prompt": "p"})
+    store.create(tied)
+    store.create({**new_job("tied0002", "s", "a", "generate", {"prompt": "p"}), "created_at": tied["created_at"]})
+
+    def ids(**kw):
+        return [j["reference_id"] for j in store.list_jobs("a", kind="generate", **kw)]
+
+    newest = ["tied0002", "tied0001", "ref00004", "ref00003", "ref00002", "ref00001", "ref00000"]
+    assert ids(limit=100) == newest  # jobs made in the same instant keep the order they were made in
+    assert ids(limit=3) == newest[:3]
+    assert ids(limit=3, after="tied0001") == newest[2:5]
+    assert ids(limit=3, after="ref00001") == ["ref00000"]
+    assert ids(limit=3, after="ref00000") == []
+    assert ids(limit=2, oldest_first=True) == ["ref00000", "ref00001"]
+    assert ids(limit=100, oldest_first=True, after="ref00004") == ["tied0001", "tied0002"]
+    assert [j["reference_id"] for j in store.list_jobs("a", limit=2)] == ["tied0002", "tied0001"]
+    assert "ups00001" in [j["reference_id"] for j in store.list_jobs("a", limit=100)]
+    assert store.list_jobs("a", limit=1)[0]["params"] == {"prompt": "p"}  # whole records, as `get` gives
+    assert store.list_jobs("nobody", limit=10) == []
+    for foreign in ("other001", "missing1"):  # another owner's job is no cursor for this one
+        with pytest.raises(KeyError):
+            store.list_jobs("a", after=foreign)
+
+
+def test_job_counts_group_every_record_by_status_kind_and_model(store):
+    add(store, "ref00001", model="hunyuanvideo")
+    add(store, "ref00002", model="hunyuanvideo")
+    add(store, "ref00003", model="wan2.2-ti2v-5b")
+    add(store, "ref00004")  # stored before jobs named a model: it runs UNNAMED_MODEL
+    store.create(new_job("ups00001", "s", "o", "upscale", {"outscale": 4}))
+    store.claim("w1", 30)
+    store.complete("ref00001", "w1", {"video_key": "k"})
+    assert sorted(store.job_counts()) == [("completed", "generate", "hunyuanvideo", 1),
+                                          ("queued", "generate", "hunyuanvideo", 2),
+                                          ("queued", "generate", "wan2.2-ti2v-5b", 1),
+                                          ("queued", "upscale", None, 1)]
+
+
+def test_completed_stats_give_each_completed_jobs_timings_and_gpu_peak(store):
+    add(store, "ref00001", model="hunyuanvideo")
+    add(store, "ref00002", model="hunyuanvideo")
+    add(store, "ref00003", model="hunyuanvideo")
+    for ref in ("ref00001", "ref00002", "ref00003"):
+        assert store.claim("w1", 30)["reference_id"] == ref
+    store.complete("ref00001", "w1", {"timings_s": {"generate": 1.5, "total": 2.0}, "gpu_peak_bytes": 3 * 2**30})
+    store.complete("ref00002", "w1", {"timings_s": {"generate": 0.5, "total": 1.0}})  # a CPU job: no peak
+    store.fail("ref00003", "w1", "generation_error", "boom")
+    assert sorted(store.completed_stats(), key=lambda row: row[2]["total"]) == [
+        ("generate", "hunyuanvideo", {"generate": 0.5, "total": 1.0}, None),
+        ("generate", "hunyuanvideo", {"generate": 1.5, "total": 2.0}, 3 * 2**30)]
 
 
 # ---------------------------------------------------------------------------------------- live events

@@ -117,6 +117,12 @@ def test_a_folder_that_is_not_a_diffusers_folder_is_called_that(run, tmp_path):
     assert "my-checkpoints is not a diffusers model folder (no model_index.json)" in err and "missing" not in err
 
 
+
+def test_a_tiny_name_that_is_no_registry_id_is_refused_in_one_line(run):
+    code, err = run("--prompt", "fox", "--model", "tiny:nope", "--upscaler", "none")
+    assert code == 2 and err.count("\n") == 0 and "tiny:nope: no such tiny build" in err
+    assert "wan2.2-ti2v-5b" in err and "Traceback" not in err
+
 # ---------------------------------------------------------------------------------------- presets
 
 @pytest.mark.parametrize("max_side", [128, 256, 1280])  # 128: the old labels called 128x64 "16:9"

@@ -284,3 +284,20 @@ def test_image_mode_shares_modules_and_keeps_their_dtypes(load):
         assert models.pipeline_for(pipe, entry, "t2v") is pipe
     finally:
         pipe.transformer.to(torch.float32)
+
+
+def test_a_folder_is_served_and_loaded_as_one_id(tmp_path):
+    """The registry id of a folder is decided by one rule, for /models and for loading alike: a Wan folder
+    (three ids share WanPipeline) is known by its Hub name or its id, and any other name is refused
+    with the names to use, never loaded as whichever id came first."""
+    import shutil
+
+    from pipeline.generate import ConfigError, resolve_model
+
+    built = tiny.tiny_model_dir(tmp_path, "tiny:wan2.1-t2v-1.3b")
+    hub_named = shutil.copytree(built, tmp_path / MODELS["wan2.1-t2v-1.3b"].folder_name)
+    assert models.model_id_for_folder(hub_named) == "wan2.1-t2v-1.3b"
+    assert resolve_model(str(hub_named), tmp_path)[0].id == "wan2.1-t2v-1.3b"
+    odd = shutil.copytree(built, tmp_path / "my-wan")
+    with pytest.raises(ConfigError, match="name the folder as its Hub folder"):
+        resolve_model(str(odd), tmp_path)

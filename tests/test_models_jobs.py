@@ -1,5 +1,6 @@
 """Jobs for other registry models through the API and the worker (tiny builds): the worker runs the job's own
-model, fetches its input image from the blob store and deletes it afterwards, and refuses LoRAs it cannot apply."""
+model, fetches its input image from the blob store and deletes it afterwards, and fails a job whose LoRA file is
+damaged, naming it (LoRAs that apply: test_lora.py)."""
 
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def test_an_image_to_video_job_runs_on_its_own_model_and_its_image_is_deleted(ma
     wait_for(lambda: not list((Path(svc.settings.data_dir) / "blobs" / "inputs").glob("*")))
 
 
-def test_a_job_with_loras_fails_with_a_clear_message_instead_of_running_without_them(make_app, tmp_path):
+def test_a_job_whose_lora_cannot_be_loaded_fails_with_a_clear_message_instead_of_running_without_it(make_app,
+                                                                                                   tmp_path):
     loras = tmp_path / "models" / "loras"
     loras.mkdir(parents=True)
     (loras / "style.safetensors").write_bytes(b"\0" * 8)
@@ -40,4 +42,4 @@ def test_a_job_with_loras_fails_with_a_clear_message_instead_of_running_without_
     job = run(app.test_client(), {"prompt": "a red fox", "width": 64, "height": 64, "num_frames": 5,
                                   "num_inference_steps": 2, "upscale": False, "loras": [{"name": "style"}]})
     assert job["status"] == "failed" and job["error"]["code"] == "model_error"
-    assert "does not apply them yet" in job["error"]["message"]
+    assert job["error"]["message"].startswith("LoRA 'style' cannot be loaded into hunyuanvideo: ")

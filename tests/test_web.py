@@ -4,6 +4,7 @@ Skipped when no Chromium is installed, unless T2V_REQUIRE_BROWSER=1 (set by .ci/
 Jobs are tiny and every wait is generous: the machine may be loaded, and nothing here is timed.
 """
 
+import base64
 import io
 import os
 import shutil
@@ -16,6 +17,7 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, make_clip, wait_for
+from pipeline.video import read_frames
 from test_serving import free_port
 
 KEY = "web-test-key"
@@ -300,6 +302,88 @@ def test_rerun_with_the_same_seed_gives_the_same_video_and_delete_removes_it(pag
     assert page.evaluate("localStorage.getItem('t2v.current')") is None and page.is_hidden("#current")
 
 
+def drop_file(page, selector, name, data: bytes, mime):
+    """Drop a file on an element, as one dragged from the desktop arrives: dragenter, dragover, then drop."""
+    page.evaluate("""([selector, name, b64, mime]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: mime}));
+        const zone = document.querySelector(selector);
+        for (const type of ['dragenter', 'dragover', 'drop'])
+            zone.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""", [selector, name, base64.b64encode(data).decode(), mime])
+
+
+def test_pick_an_image_model_and_drop_an_image(page, served, tmp_path):
+    server, _ = served
+    sign_in(page, server)
+    catalog = requests.get(f"{server}/models", headers=AUTH, timeout=30).json()
+    by_id = {m["id"]: m for m in catalog["models"]}
+    # The picker offers the installed models (a tiny server: every registry id), the default model chosen.
+    offered = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
+    assert offered == [m["id"] for m in catalog["models"] if m["installed"]] and len(offered) == 10
+    assert page.input_value("#model") == catalog["default"] == "hunyuanvideo"
+    assert page.is_hidden("#image-field")  # a text-only model takes no image
+
+    # An image-only model: the image field appears, and the form sends nothing without an image.
+    page.select_option("#model", "hunyuanvideo-1.5-480p-i2v-distilled")
+    assert page.is_visible("#image-field") and page.text_content("#image-hint") == "(required)"
+    assert page.is_disabled("#size")  # its image's shape sets the size
+    page.fill("#prompt", "a red fox")
+    page.click("#submit")
+    assert page.text_content("#form-error") == ("hunyuanvideo-1.5-480p-i2v-distilled makes video from an image: "
+                                                "choose or drop one first.")
+    assert page.evaluate("localStorage.getItem('t2v.current')") is None  # no job was sent
+
+    # Wan TI2V (text or image): the form takes that model's own limits and defaults from /models.
+    wan = by_id["wan2.2-ti2v-5b"]
+    page.select_option("#model", wan["id"])
+    assert page.text_content("#image-hint").startswith("(optional")
+    assert page.eval_on_selector_all("#size option", "els => els.map(e => e.textContent)") == ["tiny 1:1 (64x64)"]
+    values = page.evaluate("['#frames', '#steps', '#fps', '#guidance'].map(s => document.querySelector(s).value)")
+    defaults = wan["defaults"]
+    assert values == [str(defaults[k]) for k in ("num_frames", "num_inference_steps", "fps")] + ["5"]
+    assert values == ["9", "4", "24", "5"]  # a tiny build's frames and steps; Wan TI2V's fps and guidance
+    assert page.get_attribute("#frames", "max") == str(wan["limits"]["max_frames"])
+
+    # A file that is not an image is named at once; a dropped PNG is taken and shown.
+    page.set_input_files("#image", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}])
+    assert page.text_content("#form-error") == "notes.txt is not a PNG, JPEG or WebP image."
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 60, 20)).save(buf, "PNG")
+    drop_file(page, "#image-drop", "fox.png", buf.getvalue(), "image/png")
+    page.wait_for_selector("#image-preview:not([hidden])")
+    assert page.evaluate("document.querySelector('#image').files[0].name") == "fox.png"
+    assert page.text_content("#form-error") == ""
+    page.fill("#seed", "7")
+    page.set_checked("#upscale", False)
+    page.click("#submit")
+    current_status_is(page, "completed")
+
+    ref = page.evaluate("localStorage.getItem('t2v.current')")
+    job = api_job(server, ref)
+    assert job["params"]["model"] == "wan2.2-ti2v-5b" and job["params"]["image_key"] == f"inputs/{ref}"
+    assert (job["params"]["seed"], job["params"]["guidance_scale"]) == (7, 5.0)
+    path = tmp_path / "i2v.mp4"
+    path.write_bytes(requests.get(server + job["video_url"], timeout=30).content)
+    frames = np.stack(list(read_frames(path)))
+    assert frames.shape == (9, 64, 64, 3) and frames.std() > 1  # the tiny defaults: 9 frames of 64x64
+
+    # History names the model and the image; an image job has no Re-run (its image is not kept).
+    item = f"#history li[data-id='{ref}']"
+    page.wait_for_selector(f"{item}[data-status='completed']")
+    assert "wan2.2-ti2v-5b from an image, 64x64, 9 frames at 24 fps, 4 steps, guidance 5, seed 7" in \
+        page.text_content(item)
+    assert page.query_selector(f"{item} .rerun") is None
+
+    # A reload keeps the chosen model; a text-only model hides the image field again.
+    page.reload()
+    page.wait_for_function("document.querySelector('#model').value === 'wan2.2-ti2v-5b'")
+    assert page.is_visible("#image-field")
+    page.select_option("#model", "hunyuanvideo-1.5-480p")
+    assert page.is_hidden("#image-field")
+
+
 def test_reload_keeps_the_form_and_follows_the_job_and_the_queue(open_page, tmp_path, data_dir, tiny_model,
                                                                  tiny_upscalers):
     # No worker at first, so the jobs wait in the queue for as long as the test needs.
@@ -394,7 +478,7 @@ def test_the_page_follows_a_job_on_its_event_stream_and_shows_each_preview(page,
     # Every preview the page shows: its pixels (drawn to a canvas) and the job's status at that moment.
     page.evaluate("""() => {
         window.previewsSeen = [];
-        const img = document.querySelector('#preview');
+        const img = document.querySelector('#live-preview');
         img.addEventListener('load', () => {
             const canvas = document.createElement('canvas');
             [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
@@ -414,7 +498,7 @@ def test_the_page_follows_a_job_on_its_event_stream_and_shows_each_preview(page,
     seen = page.evaluate("window.previewsSeen")
     assert all(p["status"] == "processing" and p["shown"] and p["size"] == [8, 8] for p in seen), seen
     assert len({p["pixels"] for p in seen}) >= 3, "the preview changes as the job denoises"
-    assert page.is_hidden("#preview") and page.evaluate("document.querySelector('#player').videoWidth") == 64
+    assert page.is_hidden("#live-preview") and page.evaluate("document.querySelector('#player').videoWidth") == 64
     progress = page.evaluate("window.progressSeen")
     assert any(0 < v < 100 for v in progress) and progress == sorted(progress) and progress[-1] == 100
 
