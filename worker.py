@@ -251,7 +251,7 @@ class Worker:
         return removed
 
     def sweep_previews(self) -> int:
-        """Delete stored previews whose job is gone (deleted while its worker was still storing one). Returns how many."""
+        """Delete stored previews whose job is gone (deleted while its worker was storing one). Returns how many."""
         removed = 0
         try:
             for key, _ in list(self.blobs.list_keys("previews/")):

@@ -304,7 +304,8 @@ def status_view(job: dict) -> dict:
 def job_view(job: dict) -> dict:
     """The job view webhooks carry too (webhooks.job_view), with the status as get_status shows it and this
     server's links: signed when keys are on. `events_url` is its live event stream (api/events.py)."""
-    view = {**plain_job_view(job), **status_view(job), "events_url": media_url("events.job_events", job["reference_id"])}
+    view = {**plain_job_view(job), **status_view(job),
+            "events_url": media_url("events.job_events", job["reference_id"])}
     if view["video_url"]:
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
         view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
@@ -473,10 +474,11 @@ def _take_idempotency_key(reference_id: str) -> str | None:
 
 def remove_job(job: dict) -> None:
     """Remove a job for good: its video, poster, uploaded clip or image (T2V_KEEP_INPUTS or not) and the files
-    made from them later (a spritesheet, the latest preview), then its record and its events. A queued or running job is canceled first. A
-    running job's worker finds its lease gone at its next heartbeat and stops at its next cancel check; its
-    later writes match no record, so none brings it back. The files go first: if that fails (503), the record
-    stays and the delete can be sent again. DELETE /jobs/<id> and DELETE /v1/videos/<id> both end here."""
+    made from them later (a spritesheet, the latest preview), then its record and its events. A queued or
+    running job is canceled first. A running job's worker finds its lease gone at its next heartbeat and stops
+    at its next cancel check; its later writes match no record, so none brings it back. The files go first: if
+    that fails (503), the record stays and the delete can be sent again. DELETE /jobs/<id> and
+    DELETE /v1/videos/<id> both end here."""
     service, reference_id = svc(), job["reference_id"]
     if job["status"] not in TERMINAL:
         service.jobs.request_cancel(reference_id)

@@ -61,7 +61,8 @@ def full_size(repeats: int) -> list[dict]:
         latents = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
         project_s, frames = timed(lambda: preview_frames(latents, family), repeats)
         encode_s, webp = timed(lambda: encode_webp(frames, 1000 / 6), repeats)
-        rows.append({"shape": label, "latents": "x".join(map(str, shape)), "preview": "x".join(map(str, frames.shape[:3])),
+        rows.append({"shape": label, "latents": "x".join(map(str, shape)),
+                     "preview": "x".join(map(str, frames.shape[:3])),
                      "project_ms": round(project_s * 1000, 1), "encode_ms": round(encode_s * 1000, 1),
                      "webp_kb": round(len(webp) / 1024, 1)})
     return rows
