@@ -304,8 +304,8 @@ def status_view(job: dict) -> dict:
 def job_view(job: dict) -> dict:
     """The job view webhooks carry too (webhooks.job_view), with the status as get_status shows it and this
     server's links: signed when keys are on. `events_url` is its live event stream (api/events.py)."""
-    view = {**plain_job_view(job), **status_view(job),
-            "events_url": media_url("events.job_events", job["reference_id"])}
+    view = {**plain_job_view(job), **status_view(job)}
+    view["events_url"] = media_url("events.job_events", job["reference_id"])
     if view["video_url"]:
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
         view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
