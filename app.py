@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # server.run() stops on SystemExit
+    signal.signal(signal.SIGTERM, _stop)
     log.info("t2v on http://%s:%d (waitress, %d threads; model %s)",
              settings.host, settings.port, settings.threads, settings.model)
     try:
@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         if "t2v_webhooks" in app.extensions:
             app.extensions["t2v_webhooks"].stop(timeout=settings.webhook_timeout_s + 5)
     return 0
+
+
+def _stop(signum, frame):
+    """SIGTERM: open event streams end now (their clients resume with Last-Event-ID, here after a restart or on
+    another node), so waitress's shutdown does not wait on them; server.run() stops on SystemExit."""
+    events.closing.set()
+    sys.exit(0)
 
 
 def _command_line() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ HEARTBEAT_S = 5.0  # a comment line after this long with nothing sent
 RETRY_MS = 1000  # how long EventSource waits before it reconnects
 LAST_EVENT_ID = re.compile(r"[0-9]{1,12}")
 _SLOTS = "t2v.event_streams"
+closing = threading.Event()  # set when the server stops (app.py, on SIGTERM): every open stream ends at once
 
 
 class StreamSlots:
@@ -134,7 +135,7 @@ def _events(reference_id: str, after: int):
     yield f"retry: {RETRY_MS}\n\n"
     now = time.monotonic()
     ends, quiet_since, position = now + stream_max_s, now, None
-    while time.monotonic() < ends:
+    while time.monotonic() < ends and not closing.is_set():
         try:
             job = jobs.get(reference_id)  # read first: an ended job has logged its last event by then
             if job is None:
@@ -158,7 +159,7 @@ def _events(reference_id: str, after: int):
         if time.monotonic() - quiet_since >= HEARTBEAT_S:
             yield ": heartbeat\n\n"
             quiet_since = time.monotonic()
-        time.sleep(POLL_S)
+        closing.wait(POLL_S)
 
 
 def _shown(event: dict, reference_id: str) -> dict:

@@ -238,3 +238,19 @@ def test_the_worker_keeps_no_preview_of_a_deleted_job(tmp_path, settings):
     blobs.put(orphan, preview_key("ref00002"))
     worker = Worker(settings, jobs, blobs, models=object())
     assert worker.sweep_previews() == 1 and blobs.local_path(preview_key("ref00002")) is None
+
+
+def test_sigterm_ends_open_streams_so_the_server_stops_without_waiting_on_them(tmp_path_factory, data_dir):
+    folder = own_data_dir(tmp_path_factory.mktemp("sigterm"), data_dir)
+    proc, base = serve([sys.executable, str(ROOT / "app.py")], folder, folder, T2V_WORKER="off")
+    try:
+        wait_for(lambda: answer(lambda: requests.get(f"{base}/health", timeout=10).ok), timeout=240, every=0.2)
+        watched = stream(base, submit(base, headers={}), headers={})
+        assert read_events(watched, stop_after=("queued",), close=False)[-1]["data"] == {"queue_position": 1}
+        proc.terminate()
+        assert not any(e["event"] in TERMINAL for e in read_events(watched))  # ended; a client resumes elsewhere
+        assert proc.wait(60) == 0
+    finally:
+        stop(proc)
+    log = next(folder.glob("server-*.log")).read_text()
+    assert "still running" not in log and "Traceback" not in log, log  # waitress waited on no stream
