@@ -8,12 +8,18 @@
    the latents are: here the CPU) then `encode_webp` (always on the CPU).
 2. The tiny HunyuanVideo (64x64, 9 frames): one denoising step against one preview of its latents, measured
    inside the same generation (the step callback times both).
+3. The worker's path on that tiny model: the denoising of a 20-step job with a preview after every step
+   (projected in the step callback, then encoded, stored as previews/<id>.webp and logged as an event by the
+   worker's preview thread, with SQLite and a local blob store) against the same job without previews,
+   interleaved --repeats times.
 
-Medians of --repeats runs after one warm-up. On a GPU the projection runs there (an einsum and a resize of
-a few MB); the encode stays on the CPU and runs in the worker's preview thread, beside the next step.
+Medians of --repeats runs after one warm-up, with --threads torch threads (1 by default: on a shared
+machine, torch's thread pool waits on busy cores for ops this small, and the figure shows that, not the
+work). On a GPU the projection runs there (an einsum and a resize of a few MB); the encode (libwebp, one
+thread) stays on the CPU and runs in the worker's preview thread, beside the next step.
 
     python bench/preview.py
-    python bench/preview.py --repeats 5 --json preview.json
+    python bench/preview.py --repeats 5 --threads 2 --json preview.json
 """
 
 from __future__ import annotations
@@ -99,15 +105,57 @@ def tiny_step(repeats: int) -> dict:
             "preview_over_step": round(preview_s / step_s, 3)}
 
 
+def worker_path(repeats: int) -> dict:
+    """Denoising time of one tiny job with the worker's previews (every step) and without, interleaved."""
+    import torch
+
+    from pipeline.generate import VideoGenerator
+    from pipeline.preview import every_n_steps
+    from pipeline.spec import JobParams
+    from pipeline.tiny import tiny_model_dir
+    from storage.blobs import LocalBlobStore
+    from storage.jobs import SqliteJobStore, new_job
+    from worker import _PreviewWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generator = VideoGenerator(str(tiny_model_dir(tmp)), tmp)
+        jobs, blobs = SqliteJobStore(tmp / "jobs.sqlite3"), LocalBlobStore(tmp / "blobs")
+        params = JobParams(prompt="a red fox", width=64, height=64, num_frames=9, num_inference_steps=20, seed=0,
+                           upscale=False)
+        times = {"without": [], "with": []}
+        for i in range(repeats + 1):
+            for kind in times:
+                ref = f"bench{i:04d}{kind}"
+                jobs.create(new_job(ref, "s", "o", "generate", {}))
+                jobs.claim("bench", 600)
+                writer = _PreviewWriter(jobs, blobs, ref, "bench", tmp, duration_s=9 / 24) if kind == "with" else None
+                on_latents = every_n_steps(1, generator.entry.family, writer) if writer else None
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    generator.generate(params, on_latents=on_latents)
+                if writer:
+                    writer.close()  # the job's end waits for the last preview, as in the worker
+                if i:  # the first round warms up
+                    times[kind].append(time.perf_counter() - started)
+        previews = len(jobs.events_after(ref, 0))
+    without, with_ = statistics.median(times["without"]), statistics.median(times["with"])
+    return {"job_s_without": round(without, 3), "job_s_with": round(with_, 3),
+            "per_step_ms": round((with_ - without) / 20 * 1000, 2), "previews_logged_last_job": previews}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     import torch
 
-    rows, tiny = full_size(args.repeats), tiny_step(args.repeats * 4)
+    torch.set_num_threads(args.threads)
+
+    rows, tiny, worker = full_size(args.repeats), tiny_step(args.repeats * 4), worker_path(args.repeats)
     print(f"torch threads: {torch.get_num_threads()}")
     print("| latents | shape (C x F x H x W) | preview (F x H x W) | projection ms | WebP encode ms | WebP KB |")
     print("|---|---|---|---|---|---|")
@@ -116,8 +164,11 @@ def main(argv=None) -> int:
               f"{r['webp_kb']} |")
     print(f"\ntiny HunyuanVideo 64x64, 9 frames: a step {tiny['step_ms']} ms, a preview {tiny['preview_ms']} ms "
           f"({tiny['preview_over_step']:.1%} of a step)")
+    print(f"worker path, tiny 20-step job: {worker['job_s_without']} s without previews, {worker['job_s_with']} s "
+          f"with one after every step ({worker['per_step_ms']} ms a step; "
+          f"{worker['previews_logged_last_job']} previews stored and logged in the last job)")
     if args.json:
-        args.json.write_text(json.dumps({"full_size": rows, "tiny": tiny}, indent=2))
+        args.json.write_text(json.dumps({"full_size": rows, "tiny": tiny, "worker": worker}, indent=2))
     return 0
 
 
