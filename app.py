@@ -1,7 +1,7 @@
 """The t2v REST API: `create_app(settings=None)` builds Flask over one blueprint per face of the API
 (api/classic.py: the original routes; api/jobs.py: /jobs, /models, /health, the page; api/v1.py: OpenAI's
-/v1/videos; api/metrics.py: /metrics), all calling one service layer (api/service.py), behind the request
-guards of api/guards.py.
+/v1/videos; api/events.py: live events and previews; api/metrics.py: /metrics), all calling one service layer
+(api/service.py), behind the request guards of api/guards.py.
 
     python app.py                                   # waitress on 127.0.0.1:7866, SQLite, local files, thread worker
     gunicorn -c gunicorn.conf.py 'app:create_app()' # the same app under gunicorn (one process, threads)
@@ -22,7 +22,7 @@ import waitress
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from api import classic, guards, jobs as job_routes, metrics, v1
+from api import classic, events, guards, jobs as job_routes, metrics, v1
 from api.service import ApiError, Service, svc
 from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
 from pipeline.cli import ArgumentParser
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     app.register_blueprint(classic.bp)
     app.register_blueprint(job_routes.bp)
     app.register_blueprint(v1.bp)
+    app.register_blueprint(events.bp)
     app.register_blueprint(metrics.bp)
     return app
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # server.run() stops on SystemExit
+    signal.signal(signal.SIGTERM, _stop)
     log.info("t2v on http://%s:%d (waitress, %d threads; model %s)",
              settings.host, settings.port, settings.threads, settings.model)
     try:
@@ -118,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         if "t2v_webhooks" in app.extensions:
             app.extensions["t2v_webhooks"].stop(timeout=settings.webhook_timeout_s + 5)
     return 0
+
+
+def _stop(signum, frame):
+    """SIGTERM: open event streams end now (their clients resume with Last-Event-ID, here after a restart or on
+    another node), so waitress's shutdown does not wait on them; server.run() stops on SystemExit."""
+    events.closing.set()
+    sys.exit(0)
 
 
 def _command_line() -> argparse.ArgumentParser:

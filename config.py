@@ -99,6 +99,9 @@ class Settings:
     max_queue: int = 100
     max_body_kb: int = 64
     url_ttl_s: int = 3600
+    preview_every: int = 1  # a preview of the latents after every this many denoising steps; 0: none
+    max_streams: int | None = None  # open event streams (GET /jobs/<id>/events); unset: half of T2V_THREADS
+    stream_max_s: int = 300  # an event stream ends after this long; the client resumes it with Last-Event-ID
     url_secret: str | None = _secret()  # signs the web page's video links; random per process if unset
     allowed_hosts: tuple[str, ...] = ()  # Host names answered; empty: loopback names on a loopback T2V_HOST, else any
     cors_origins: tuple[str, ...] = ()  # other sites whose pages may call the API from a browser
@@ -128,6 +131,11 @@ class Settings:
         if not torch.cuda.is_available():
             return "cpu"
         return f"cuda:{self.cuda_device_id or 0}"
+
+    @property
+    def stream_limit(self) -> int:
+        """How many event streams may be open at once: each holds a request thread while it lasts."""
+        return self.max_streams if self.max_streams is not None else self.threads // 2
 
     @property
     def trusted_hosts(self) -> tuple[str, ...] | None:
@@ -197,6 +205,13 @@ class Settings:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:
             raise ConfigError(f"T2V_LEASE_S must be positive, got {self.lease_s}")
+        if self.preview_every < 0:
+            raise ConfigError(f"T2V_PREVIEW_EVERY must be 0 (no previews) or more, got {self.preview_every}")
+        if self.stream_max_s < 1:
+            raise ConfigError(f"T2V_STREAM_MAX_S must be at least 1, got {self.stream_max_s}")
+        if self.max_streams is not None and not 0 <= self.max_streams < self.threads:
+            raise ConfigError(f"T2V_MAX_STREAMS must be from 0 (no event streams) to below T2V_THREADS "
+                              f"({self.threads}), so other requests always find a thread; got {self.max_streams}")
         for host in self.allowed_hosts:
             if host != "*" and not HOST_NAME.fullmatch(host):
                 raise ConfigError(f"T2V_ALLOWED_HOSTS takes host names without scheme or port (or *), got {host!r}")

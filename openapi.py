@@ -61,6 +61,8 @@ def build_spec(settings, rules: Rules) -> dict:
     # A signed link from a job view, for tags that cannot send a key (<video>, <img>).
     signed_params = [{"name": "expires", "in": "query", "required": False, "schema": {"type": "string"}},
                      {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
+    last_event_id = {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}
     webhooks = WEBHOOK_FIELDS if settings.webhook_secret else {}
     generate_json, job_schemas = _generate_schemas(rules, bool(webhooks))
     generate_form = {
@@ -151,6 +153,24 @@ def build_spec(settings, rules: Rules) -> dict:
                 "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
                               "302": {"description": "redirect to a presigned URL"},
                               **_errors(400, 401, 404, 409, 503)}}},
+            "/jobs/{reference_id}/events": {"get": {
+                "summary": "Live progress as server-sent events: progress, stage, preview (each with id: <seq>), "
+                           "queued (a queued job's place), then completed, failed or canceled (the job view); "
+                           "resume with the Last-Event-ID header",
+                "parameters": [ref_param, *signed_params, last_event_id],
+                "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {}}},
+                              **_errors(400, 401, 404, 429, 503)}}},
+            "/v1/videos/{reference_id}/events": {"get": {
+                "summary": "The same event stream as /jobs/{reference_id}/events, for a video of /v1/videos",
+                "parameters": [ref_param, last_event_id],
+                "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {}}},
+                              **_errors(400, 401, 404, 429, 503)}}},
+            "/jobs/{reference_id}/preview": {"get": {
+                "summary": "The latest preview of a job's latents while it denoises: an animated WebP, at most "
+                           "256 px on the long side", "parameters": [ref_param, *signed_params],
+                "responses": {"200": {"description": "WebP", "content": {"image/webp": {}}},
+                              "302": {"description": "redirect to a presigned URL"},
+                              **_errors(400, 401, 404, 503)}}},
             "/": {"get": {
                 "summary": "The web page", "security": [],
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
@@ -212,7 +232,8 @@ def build_spec(settings, rules: Rules) -> dict:
                     "session_id": ID, "kind": {"enum": ["generate", "upscale"]}, "params": {"type": "object"},
                     "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]},
                     "finished_at": {"type": ["number", "null"]}, "result": {"type": ["object", "null"]},
-                    "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]}}}]},
+                    "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]},
+                    "events_url": {"type": "string"}}}]},
                 **job_schemas,
                 "Model": {"type": "object", "required": ["id", "inputs", "installed", "presets", "limits", "defaults"],
                           "properties": {"id": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},

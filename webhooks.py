@@ -112,7 +112,7 @@ def job_view(job: dict, queue_position: int = 0) -> dict:
             "stage": job["stage"], "progress": job["progress"], "queue_position": queue_position,
             "eta_s": job["eta_s"], "error": job["error"], "params": job["params"], "created_at": job["created_at"],
             "started_at": job["started_at"], "finished_at": job["finished_at"], "result": None, "video_url": None,
-            "poster_url": None}
+            "poster_url": None, "events_url": f"/jobs/{ref}/events"}
     if job["status"] == COMPLETED and job["result"]:
         view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
         view["video_url"], view["poster_url"] = f"/jobs/{ref}/video", f"/jobs/{ref}/poster"

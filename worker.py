@@ -53,6 +53,11 @@ def input_key(reference_id: str) -> str:
     return f"inputs/{reference_id}"
 
 
+def preview_key(reference_id: str) -> str:
+    """The blob key of a job's latest preview (an animated WebP), overwritten as denoising goes on."""
+    return f"previews/{reference_id}.webp"
+
+
 def discard_input(settings: Settings, blobs: BlobStore, job: dict) -> None:
     """Delete a job's input (clip or image) once the job has ended, unless T2V_KEEP_INPUTS is on.
     A storage fault is only logged: the worker's sweep deletes the input later."""
@@ -211,6 +216,7 @@ class Worker:
             if requeued or ended:
                 log.info("lost workers: %d job(s) re-queued, %d ended", requeued, ended)
             self.sweep_inputs()
+            self.sweep_previews()
             self._last_requeue = now
         if self.load_error and now >= self._next_load:
             self.load_models()
@@ -242,6 +248,18 @@ class Worker:
             log.warning("could not sweep stored inputs: %s", exc)
         if removed:
             log.info("removed %d stored input(s) whose job had ended", removed)
+        return removed
+
+    def sweep_previews(self) -> int:
+        """Delete stored previews whose job is gone (deleted while its worker was storing one). Returns how many."""
+        removed = 0
+        try:
+            for key, _ in list(self.blobs.list_keys("previews/")):
+                if self.jobs.get(key.split("/", 1)[1].removesuffix(".webp")) is None:
+                    self.blobs.delete(key)
+                    removed += 1
+        except StorageError as exc:
+            log.warning("could not sweep stored previews: %s", exc)
         return removed
 
     def sweep_work(self) -> int:
@@ -326,8 +344,14 @@ class Worker:
             progress = _ProgressReporter(self.jobs, ref, self.worker_id,
                                          STAGE_SPANS["generate+upscale" if spec.upscale else "generate"])
             image = self._fetch_image(spec.image_key, ref) if spec.image_key else None
-            result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models, output=output,
-                             model=spec.model, image=image)
+            previews = _PreviewWriter(self.jobs, self.blobs, ref, self.worker_id, self.work_dir,
+                                      spec.num_frames / spec.fps) if self.settings.preview_every else None
+            try:
+                result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models,
+                                 output=output, model=spec.model, image=image, on_preview=previews)
+            finally:
+                if previews:
+                    previews.close()
         progress("uploading", 0, 1)
         started = time.perf_counter()
         video_key, poster_key = f"videos/{ref}.mp4", f"posters/{ref}.jpg"
@@ -459,14 +483,73 @@ class _ProgressReporter:
         now = time.monotonic()
         if stage == self.stage and now - self.last_write < PROGRESS_EVERY_S and done != total:
             return
+        new_stage = stage != self.stage
         self.stage, self.last_write = stage, now
         elapsed = now - self.started
         eta = round(elapsed / progress * (1 - progress), 1) if progress > 0.02 else None
         label = f"{stage} {done}/{total}" if stage in ("denoising", "upscaling", "encoding") else stage
+        fields = {"stage": label, "progress": round(progress, 4), "eta_s": eta}
         try:
-            self.jobs.update_progress(self.ref, self.worker_id, stage=label, progress=round(progress, 4), eta_s=eta)
+            self.jobs.update_progress(self.ref, self.worker_id, **fields)
+            if new_stage:  # the live event log (GET /jobs/<id>/events) gets the same, as it happens
+                self.jobs.append_event(self.ref, self.worker_id, "stage", {"stage": stage})
+            self.jobs.append_event(self.ref, self.worker_id, "progress", fields)
         except StoreUnavailable:
             pass  # progress is best effort; the outcome is recorded at the end
+
+
+class _PreviewWriter:
+    """Stores a job's latest preview as `previews/<id>.webp` and logs a `preview` event, in a thread of its own:
+    denoising never waits on the encoder or the blob store. A preview that comes while another is being stored
+    replaces any that waits; `close()` stores the last one and stops."""
+
+    def __init__(self, jobs: JobStore, blobs: BlobStore, reference_id: str, worker_id: str, work_dir: Path,
+                 duration_s: float):
+        self.jobs, self.blobs, self.ref, self.worker_id = jobs, blobs, reference_id, worker_id
+        self.path = work_dir / f"{reference_id}.preview.webp"
+        self.duration_s = duration_s
+        self._waiting: tuple | None = None
+        self._closed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="t2v-preview", daemon=True)
+        self._thread.start()
+
+    def __call__(self, step: int, total: int, frames) -> None:
+        with self._wake:
+            self._waiting = (step, total, frames)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._waiting is not None or self._closed)
+                if self._waiting is None:
+                    return
+                waiting, self._waiting = self._waiting, None
+            self._store(*waiting)
+
+    def _store(self, step: int, total: int, frames) -> None:
+        from pipeline.preview import encode_webp
+
+        key = preview_key(self.ref)
+        try:
+            self.path.write_bytes(encode_webp(frames, 1000 * self.duration_s / len(frames)))
+            self.blobs.put(self.path, key)
+            height, width = frames.shape[1:3]
+            event = {"step": step, "total": total, "width": width, "height": height, "frames": len(frames)}
+            if self.jobs.append_event(self.ref, self.worker_id, "preview", event) is None \
+                    and self.jobs.get(self.ref) is None:
+                self.blobs.delete(key)  # the job was deleted meanwhile; nothing may bring its files back
+        except (OSError, StorageError, StoreUnavailable) as exc:
+            log.warning("job %s: preview at step %d not stored: %s", self.ref, step, exc)  # the job goes on
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- python worker.py

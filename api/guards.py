@@ -19,7 +19,7 @@ from api.service import ApiError, generate_body_limit, signature, svc
 PUBLIC_ENDPOINTS = {"jobs.health", "static", "jobs.index"}  # everything else needs a key when keys are on
 
 
-SIGNED_ENDPOINTS = {"jobs.job_video", "jobs.job_poster"}
+SIGNED_ENDPOINTS = {"jobs.job_video", "jobs.job_poster", "events.job_events", "events.job_preview"}
 
 
 EXPIRES_PATTERN = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True, and int() refuses it
@@ -105,9 +105,10 @@ def _cors_headers(response):
 
 
 def _authenticate():
-    """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video or
-    poster, a signed link); /metrics too, unless T2V_METRICS_PUBLIC is on. The owner of a job is a hash of the key that made it. A CORS preflight
-    (OPTIONS) never carries a key and changes nothing."""
+    """With T2V_API_KEYS set, every route but /health and the page needs a key (or, for a video, poster,
+    event stream or preview, a signed link: <video>, <img> and EventSource cannot send a header); /metrics
+    too, unless T2V_METRICS_PUBLIC is on. The owner of a job is a hash of the key that made it. A CORS
+    preflight (OPTIONS) never carries a key and changes nothing."""
     settings = svc().settings
     keys = settings.api_keys
     public = request.endpoint in PUBLIC_ENDPOINTS or (request.endpoint == "metrics.metrics" and settings.metrics_public)

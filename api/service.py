@@ -33,7 +33,7 @@ from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavaila
 from pipeline.video import VideoInputError, inspect_video, write_spritesheet
 from webhooks import EVENTS, WebhookRefused, check_url
 from webhooks import job_view as plain_job_view
-from worker import input_key, upload_path
+from worker import input_key, preview_key, upload_path
 
 log = logging.getLogger("t2v.api")
 
@@ -303,8 +303,9 @@ def status_view(job: dict) -> dict:
 
 def job_view(job: dict) -> dict:
     """The job view webhooks carry too (webhooks.job_view), with the status as get_status shows it and this
-    server's links: signed when keys are on."""
+    server's links: signed when keys are on. `events_url` is its live event stream (api/events.py)."""
     view = {**plain_job_view(job), **status_view(job)}
+    view["events_url"] = media_url("events.job_events", job["reference_id"])
     if view["video_url"]:
         view["video_url"] = media_url("jobs.job_video", job["reference_id"])
         view["poster_url"] = media_url("jobs.job_poster", job["reference_id"])
@@ -473,10 +474,11 @@ def _take_idempotency_key(reference_id: str) -> str | None:
 
 def remove_job(job: dict) -> None:
     """Remove a job for good: its video, poster, uploaded clip or image (T2V_KEEP_INPUTS or not) and the files
-    made from them later (a spritesheet), then its record. A queued or running job is canceled first. A
-    running job's worker finds its lease gone at its next heartbeat and stops at its next cancel check; its
-    later writes match no record, so none brings it back. The files go first: if that fails (503), the record
-    stays and the delete can be sent again. DELETE /jobs/<id> and DELETE /v1/videos/<id> both end here."""
+    made from them later (a spritesheet, the latest preview), then its record and its events. A queued or
+    running job is canceled first. A running job's worker finds its lease gone at its next heartbeat and stops
+    at its next cancel check; its later writes match no record, so none brings it back. The files go first: if
+    that fails (503), the record stays and the delete can be sent again. DELETE /jobs/<id> and
+    DELETE /v1/videos/<id> both end here."""
     service, reference_id = svc(), job["reference_id"]
     if job["status"] not in TERMINAL:
         service.jobs.request_cancel(reference_id)
@@ -485,8 +487,8 @@ def remove_job(job: dict) -> None:
         for key in ("video_key", "poster_key"):
             if job["result"] and job["result"].get(key):
                 service.blobs.delete(job["result"][key])
-        for key in (input_key(reference_id), spritesheet_key(reference_id)):  # deleting what is absent is fine
-            service.blobs.delete(key)
+        for key in (input_key(reference_id), spritesheet_key(reference_id), preview_key(reference_id)):
+            service.blobs.delete(key)  # deleting what is absent is fine
     except (OSError, StorageError) as exc:
         log.error("job %s: its files could not be deleted: %s", reference_id, exc)
         raise ApiError(503, "storage_unavailable", "the job's files could not be deleted; try again shortly") from None

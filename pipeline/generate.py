@@ -357,20 +357,24 @@ class _BlockHook:
 
 
 @contextlib.contextmanager
-def _steps_reported(pipe, call_kwargs: dict, total: int, on_step, should_cancel):
+def _steps_reported(pipe, call_kwargs: dict, total: int, on_step, should_cancel, on_latents=None):
     """Report each finished step, and stop at a cancel between steps, during one pipeline call: through
     the pipeline's step callback, or for a pipeline without one (HunyuanVideo-1.5) by counting its
-    scheduler's `step` calls. Raising there stops the pipeline before the next step and before the decode."""
+    scheduler's `step` calls. Raising there stops the pipeline before the next step and before the decode.
+    `on_latents(step, total, latents)` gets the latents after each step: the callback's `latents`, or what
+    the scheduler's `step` returned (its `prev_sample`, the latents the pipeline carries on with)."""
 
-    def finished(step: int):
+    def finished(step: int, latents):
         if on_step:
             on_step(step, total)
         if should_cancel and should_cancel():
             raise JobCanceled()
+        if on_latents:
+            on_latents(step, total, latents)
 
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
         def step_end(pipe, step, timestep, tensors):
-            finished(step + 1)
+            finished(step + 1, tensors["latents"])
             return tensors
 
         call_kwargs["callback_on_step_end"] = step_end
@@ -382,7 +386,7 @@ def _steps_reported(pipe, call_kwargs: dict, total: int, on_step, should_cancel)
     def counted(*args, **kwargs):
         result = step(*args, **kwargs)
         done[0] += 1
-        finished(done[0])
+        finished(done[0], result[0] if isinstance(result, tuple) else result.prev_sample)
         return result
 
     scheduler.step = counted
@@ -448,14 +452,15 @@ class VideoGenerator:
 
     def generate(self, params: JobParams, on_step: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None, latents_path: Path | None = None,
-                 image=None) -> np.ndarray:
+                 image=None, on_latents: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
         """Denoise and decode; return uint8 frames (F, H, W, 3). With `image` (a PIL image), image-to-video.
 
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
         tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
         text-to-video decodes here (`LATENT_DECODERS`); the other pipelines decode inside their own call
-        (output_type="pt"), so for them `latents_path` is not written.
+        (output_type="pt"), so for them `latents_path` is not written. `on_latents(step, total, latents)` sees
+        the latents after every step (for previews).
         """
         mode = "i2v" if image is not None else "t2v"
         pipe = self.pipes.get(mode)
@@ -468,7 +473,8 @@ class VideoGenerator:
             with torch.inference_mode():
                 self._blocks.should_cancel = should_cancel
                 image = image.convert("RGB") if image is not None else None
-                output = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None)
+                output = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None,
+                                       on_latents=on_latents)
                 self._blocks.should_cancel = None
                 if decode is None:
                     return to_uint8_frames(output[0])  # (F, C, H, W) floats in [0, 1]
@@ -540,7 +546,7 @@ class VideoGenerator:
         self.pipes.clear()
         self.pipe = None
 
-    def _denoise(self, pipe, params: JobParams, image, on_step, should_cancel, latent: bool):
+    def _denoise(self, pipe, params: JobParams, image, on_step, should_cancel, latent: bool, on_latents=None):
         kwargs = models.prepare_call(
             pipe, self.entry, prompt=params.prompt, num_frames=params.num_frames, steps=params.num_inference_steps,
             generator=torch.Generator("cpu").manual_seed(params.seed), width=params.width, height=params.height,
@@ -554,7 +560,7 @@ class VideoGenerator:
             kwargs.update(trim(pipe, params.prompt, params.negative_prompt, kwargs))
             self._blocks.drop_mask = True
         fit_cache_to_job(self.cache, params)
-        with _steps_reported(pipe, kwargs, params.num_inference_steps, on_step, should_cancel):
+        with _steps_reported(pipe, kwargs, params.num_inference_steps, on_step, should_cancel, on_latents):
             return pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
 
     def _decode(self, decode, latents: torch.Tensor) -> torch.Tensor:

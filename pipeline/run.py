@@ -25,6 +25,7 @@ import numpy as np
 
 from config import Settings
 from pipeline import models as registry
+from pipeline import preview
 from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, resolve_model,
                                use_device)
 from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # on_progress(stage, done, total): stages are "denoising" (steps), "upscaling" and "encoding" (frames).
 ProgressFn = Callable[[str, int, int], None]
+# on_preview(step, total, frames): uint8 preview frames (F, H, W, 3) of the latents after a denoising step.
+PreviewFn = Callable[[int, int, np.ndarray], None]
 
 
 @dataclass
@@ -184,10 +187,11 @@ def warm_up_params(settings: Settings, entry: registry.ModelEntry | None = None)
 def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None, *, models: Models | None = None,
             output: Path | None = None, progress_bar: bool = False, model: str | None = None,
-            image=None) -> VideoResult:
+            image=None, on_preview: PreviewFn | None = None) -> VideoResult:
     """Generate (and, if `params.upscale`, upscale) one video into `output`; return what was written.
 
     `model` is a registry id (None: the configured model); `image`, a PIL image, makes it image-to-video.
+    `on_preview` gets a preview of the latents every T2V_PREVIEW_EVERY denoising steps (`pipeline.preview`).
     """
     models = models or Models(settings, progress_bar=progress_bar)
     on_progress = on_progress or (lambda stage, done, total: None)
@@ -201,9 +205,11 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
     loras = lora_files(params, settings.models_dir)
     with models.lock:
         generator = models.generator_for(model)
+        previews = (preview.every_n_steps(settings.preview_every, generator.entry.family, on_preview)
+                    if on_preview and settings.preview_every else None)
         with generator.loras_applied(loras):
             frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
-                                        image=image)
+                                        image=image, on_latents=previews)
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None

@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const POLL_MS = 500; // the job being watched
+const POLL_MS = 500; // the job being watched, when its event stream cannot be had
+const STREAM_AGAIN_MS = 15000; // after a stream was refused or lost, poll this long before trying one again
 const REFRESH_MS = 3000; // the queue, and the history while any job of this session is waiting or running
 const TERMINAL = new Set(["completed", "failed", "canceled"]);
 const FORM_KEY = "t2v.form"; // the form's values, kept across reloads
@@ -19,7 +20,7 @@ let catalog = null; // GET /models: {default, loras, models}
 let model = null; // the chosen model's entry in the catalog: its presets, limits and defaults shape the form
 let image = null; // the chosen image (a File), for a model that takes one
 let imageUrl = null; // its preview's object URL
-let tracking = null; // {id, timer, shown}
+let tracking = null; // {id, timer, shown, job, stream, streamAfter}
 let sessionJobs = []; // the session's jobs, newest first, as /history last answered
 let queueLength = null; // jobs queued on the whole server, from /health
 let refreshTimer = null;
@@ -334,39 +335,101 @@ $("#upload-form").addEventListener("submit", async (event) => {
 // ------------------------------------------------------------------ one job: progress, cancel, result
 
 function track(id) {
-  if (tracking) clearTimeout(tracking.timer);
-  tracking = { id, timer: null, shown: null };
+  stopFollowing();
+  tracking = { id, timer: null, shown: null, job: null, stream: null, streamAfter: 0 };
   localStorage.setItem(CURRENT_KEY, id);
   $("#current").hidden = false;
   $("#result").hidden = true;
   $("#player").removeAttribute("src");
   $("#player").removeAttribute("poster");
+  showPreview(null);
   $("#job-error").textContent = "";
   poll(id);
 }
 
-function forget(id) {
-  if (!tracking || tracking.id !== id) return;
+function stopFollowing() {
+  if (!tracking) return;
   clearTimeout(tracking.timer);
+  if (tracking.stream) tracking.stream.close();
+  tracking.stream = null;
+}
+
+function forget(id) {
+  if (!following(id)) return;
+  stopFollowing();
   tracking = null;
   localStorage.removeItem(CURRENT_KEY);
   $("#player").removeAttribute("src");
+  showPreview(null);
   $("#current").hidden = true;
 }
 
+const following = (id) => tracking !== null && tracking.id === id;
+
+/** One GET for the whole job; then its event stream, or, where a stream cannot be had, a GET every POLL_MS. */
 async function poll(id) {
-  if (!tracking || tracking.id !== id) return;
+  if (!following(id)) return;
   try {
     const job = await api(path(id));
-    if (!tracking || tracking.id !== id) return;
+    if (!following(id)) return;
+    tracking.job = job;
     render(job);
-    if (TERMINAL.has(job.status)) { loadHistory(); return; }
+    if (TERMINAL.has(job.status)) { showPreview(null); loadHistory(); return; }
+    if (window.EventSource && job.events_url && Date.now() >= tracking.streamAfter) {
+      openStream(id, job.events_url);
+      return;
+    }
   } catch (error) {
     if (error.status === 404) { forget(id); return; } // deleted, or another key's
     if (error.status === 401) return; // start() follows it again once a key is given
     $("#job-error").textContent = error.message;
   }
   tracking.timer = setTimeout(() => poll(id), POLL_MS);
+}
+
+/** Follow the job on GET /jobs/<id>/events (a signed link: EventSource sends no header). The browser resumes a
+ * dropped stream by itself with Last-Event-ID; one that is refused (429 when the server has T2V_MAX_STREAMS
+ * open) or fails for good falls back to polling, and a stream is tried again after STREAM_AGAIN_MS. */
+function openStream(id, url) {
+  const source = new EventSource(url);
+  tracking.stream = source;
+  const update = (fields) => {
+    if (!following(id) || tracking.stream !== source) return;
+    Object.assign(tracking.job, fields);
+    render(tracking.job);
+  };
+  source.addEventListener("queued", (event) => update({ status: "queued", ...JSON.parse(event.data) }));
+  source.addEventListener("progress", (event) => {
+    const { progress, stage, eta_s } = JSON.parse(event.data);
+    update({ status: "processing", queue_position: 0, progress, stage, eta_s });
+  });
+  source.addEventListener("preview", (event) => {
+    if (following(id) && tracking.stream === source) showPreview(JSON.parse(event.data).url);
+  });
+  for (const name of TERMINAL) {
+    source.addEventListener(name, (event) => {
+      source.close();
+      if (!following(id) || tracking.stream !== source) return;
+      tracking.stream = null;
+      showPreview(null);
+      tracking.job = JSON.parse(event.data); // the job view, as GET /jobs/<id> gives it
+      render(tracking.job);
+      loadHistory();
+    });
+  }
+  source.onerror = () => {
+    if (source.readyState !== EventSource.CLOSED || !following(id) || tracking.stream !== source) return;
+    tracking.stream = null;
+    tracking.streamAfter = Date.now() + STREAM_AGAIN_MS;
+    tracking.timer = setTimeout(() => poll(id), POLL_MS);
+  };
+}
+
+/** The latest preview of the latents while the job denoises (an animated WebP), or none. */
+function showPreview(url) {
+  const image = $("#live-preview");
+  if (url) image.src = url; else image.removeAttribute("src");
+  image.hidden = !url;
 }
 
 /** How many jobs are ahead of a queued job, and how many of those are this session's. */

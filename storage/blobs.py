@@ -1,7 +1,7 @@
 """Finished videos and posters, and uploaded inputs: `LocalBlobStore` (default, a folder) or `S3BlobStore` (boto3).
 
-Keys are made by the server (`videos/<reference_id>.mp4`, `inputs/<reference_id>`, the id from
-`secrets`), never from user input, and are checked against a strict pattern before they touch a path
+Keys are made by the server (`videos/<reference_id>.mp4`, `inputs/<reference_id>`, `previews/<reference_id>.webp`,
+the id from `secrets`), never from user input, and are checked against a strict pattern before they touch a path
 or a bucket. An upload goes in under `inputs/`, so a worker on another machine can fetch it.
 """
 
@@ -17,8 +17,9 @@ from typing import Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^((videos|posters|spritesheets)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)|inputs/[A-Za-z0-9_-]{8,128})$")
-CONTENT_TYPES = {"mp4": "video/mp4", "jpg": "image/jpeg"}
+_KEY = re.compile(r"^((videos|posters|spritesheets)/[A-Za-z0-9_-]{8,128}\.(mp4|jpg)|inputs/[A-Za-z0-9_-]{8,128}"
+                  r"|previews/[A-Za-z0-9_-]{8,128}\.webp)$")
+CONTENT_TYPES = {"mp4": "video/mp4", "jpg": "image/jpeg", "webp": "image/webp"}
 
 
 class StorageError(RuntimeError):

@@ -10,7 +10,10 @@ Both keep the same contract, checked by one test suite:
 - `create(job, max_queued=n)` admits a job only while fewer than n are queued, in one atomic step,
   and raises `QueueFull` otherwise;
 - `delete()` removes a record for good; a worker still running it then finds its lease gone, and
-  every later write of that worker (progress, heartbeat, outcome) matches nothing, so none brings it back.
+  every later write of that worker (progress, heartbeat, outcome) matches nothing, so none brings it back;
+- `append_event()` adds to a job's append-only event log (progress, stage, preview; seq 1, 2, ... per job)
+  only while the calling worker holds the job, `events_after(reference_id, seq)` reads it in order, and
+  deleting a job deletes its events.
 Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
 Workers also record what they take (`worker_seen`), so a queued job no live worker takes says why
 (`waiting_reason`).
@@ -35,6 +38,7 @@ from typing import Any, Collection, Protocol
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
 TERMINAL = (COMPLETED, FAILED, CANCELED)
 JOB_KINDS = ("generate", "upscale")
+EVENTS_PER_READ = 500  # events_after reads at most this many at once; the caller reads on from the last seq
 
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,8 @@ class JobStore(Protocol):
               models: Collection[str] | None = None) -> dict | None: ...
     def heartbeat(self, reference_id: str, worker_id: str, lease_s: float) -> dict | None: ...
     def update_progress(self, reference_id: str, worker_id: str, **fields) -> None: ...
+    def append_event(self, reference_id: str, worker_id: str, event: str, data: dict) -> int | None: ...
+    def events_after(self, reference_id: str, seq: int, limit: int = EVENTS_PER_READ) -> list[dict]: ...
     def complete(self, reference_id: str, worker_id: str, result: dict) -> bool: ...
     def fail(self, reference_id: str, worker_id: str, code: str, message: str) -> bool: ...
     def mark_canceled(self, reference_id: str, worker_id: str) -> bool: ...
@@ -160,6 +166,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_owner_session ON jobs (owner, session_id, created_at);
+CREATE TABLE IF NOT EXISTS job_events (
+    reference_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (reference_id, seq)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS job_events_go_with_their_job AFTER DELETE ON jobs
+BEGIN DELETE FROM job_events WHERE reference_id = OLD.reference_id; END;
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
@@ -550,6 +566,28 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
             db.execute(f"UPDATE jobs SET {sets} WHERE reference_id = ? AND worker_id = ? AND status = ?",
                        [*allowed.values(), reference_id, worker_id, PROCESSING])
 
+    # Live events: an append-only log per job, written by the worker, read by the event stream (api/events.py).
+
+    def append_event(self, reference_id: str, worker_id: str, event: str, data: dict) -> int | None:
+        """Log an event of a job this worker holds, as the next seq of that job (1, 2, ...). None when the worker
+        no longer holds it (deleted, canceled, lost): as with update_progress, that write matches nothing."""
+        with self._tx(write=True) as db:
+            row = db.execute(
+                "INSERT INTO job_events (reference_id, seq, type, data, at) "
+                "SELECT ?, COALESCE((SELECT MAX(seq) FROM job_events WHERE reference_id = ?), 0) + 1, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM jobs WHERE reference_id = ? AND worker_id = ? AND status = ?) "
+                "RETURNING seq",
+                (reference_id, reference_id, event, json.dumps(data), time.time(), reference_id, worker_id,
+                 PROCESSING)).fetchone()
+        return row[0] if row else None
+
+    def events_after(self, reference_id: str, seq: int, limit: int = EVENTS_PER_READ) -> list[dict]:
+        """The job's events with a seq above `seq`, oldest first: [{seq, type, data, at}]."""
+        with self._tx() as db:
+            rows = db.execute("SELECT seq, type, data, at FROM job_events WHERE reference_id = ? AND seq > ? "
+                              "ORDER BY seq LIMIT ?", (reference_id, seq, limit)).fetchall()
+        return [{"seq": r["seq"], "type": r["type"], "data": json.loads(r["data"]), "at": r["at"]} for r in rows]
+
     def _finish(self, reference_id: str, worker_id: str, status: str, **fields) -> bool:
         values = {"status": status, "stage": status, "finished_at": time.time(), "lease_until": None,
                   "eta_s": None, **{k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in fields.items()}}
@@ -881,6 +919,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         self.client = client or pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
         self.jobs = self.client[database]["jobs"]
         self.workers = self.client[database]["workers"]  # one document per worker, keyed by its id
+        self.events = self.client[database]["job_events"]
         self._indexed = False
         try:
             self._ensure_indexes()
@@ -895,6 +934,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
                 self.jobs.create_index([("status", 1), ("created_at", 1)]),
                 self.jobs.create_index("slot", unique=True, partialFilterExpression={"slot": {"$exists": True}}),
                 self.jobs.create_index([("owner", 1), ("kind", 1), ("created_at", -1)]),  # /v1/videos lists
+                self.events.create_index([("reference_id", 1), ("seq", 1)], unique=True),
             ))
             self._indexed = True
 
@@ -913,6 +953,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         doc.pop("_id", None)
         doc.pop("slot", None)
         doc.pop("webhook_outbox", None)
+        doc.pop("event_seq", None)  # the job's last event seq (append_event), not part of the record
         return doc
 
     def create(self, job: dict, max_queued: int | None = None) -> dict:
@@ -985,6 +1026,29 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         self._guard(lambda: self.jobs.update_one(
             {"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING}, {"$set": allowed}))
 
+    # Live events: the same contract as SqliteJobStore's.
+
+    def append_event(self, reference_id: str, worker_id: str, event: str, data: dict) -> int | None:
+        """The seq comes from the job's own `event_seq`, taken in the same single-document update that checks
+        the worker still holds the job. A job deleted between that and the insert takes the event with it."""
+        held = self._guard(lambda: self.jobs.find_one_and_update(
+            {"reference_id": reference_id, "worker_id": worker_id, "status": PROCESSING}, {"$inc": {"event_seq": 1}},
+            projection={"event_seq": 1}, return_document=self._pymongo.ReturnDocument.AFTER))
+        if held is None:
+            return None
+        seq = held["event_seq"]
+        self._guard(lambda: self.events.insert_one(
+            {"reference_id": reference_id, "seq": seq, "type": event, "data": data, "at": time.time()}))
+        if self._guard(lambda: self.jobs.find_one({"reference_id": reference_id}, {"_id": 1})) is None:
+            self._guard(lambda: self.events.delete_many({"reference_id": reference_id}))
+            return None
+        return seq
+
+    def events_after(self, reference_id: str, seq: int, limit: int = EVENTS_PER_READ) -> list[dict]:
+        docs = self._guard(lambda: list(self.events.find({"reference_id": reference_id, "seq": {"$gt": seq}},
+                                                         {"_id": 0, "reference_id": 0}).sort("seq", 1).limit(limit)))
+        return [{"seq": d["seq"], "type": d["type"], "data": d["data"], "at": d["at"]} for d in docs]
+
     def _finish(self, reference_id: str, worker_id: str, status: str, **fields) -> bool:
         values = {"status": status, "stage": status, "finished_at": time.time(), "lease_until": None, "eta_s": None,
                   **fields}
@@ -1002,15 +1066,16 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         return job["status"] if job else None
 
     def delete(self, reference_id: str) -> bool:
-        """Remove the record (and with it any queue slot it held); False when there was none. Deliveries still in
-        its outbox move to the deliveries collection first; a record that gained one meanwhile is not deleted yet."""
+        """Remove the record (and with it any queue slot it held) and its events; False when there was none.
+        Deliveries still in its outbox move to the deliveries collection first; a record that gained one meanwhile
+        is not deleted yet."""
         while True:
             self._relay_outbox({"reference_id": reference_id})
-            if self._guard(lambda: self.jobs.delete_one(
-                    {"reference_id": reference_id, "webhook_outbox.id": {"$exists": False}})).deleted_count == 1:
-                return True
-            if self.get(reference_id) is None:
-                return False
+            deleted = self._guard(lambda: self.jobs.delete_one(
+                {"reference_id": reference_id, "webhook_outbox.id": {"$exists": False}})).deleted_count == 1
+            if deleted or self.get(reference_id) is None:
+                self._guard(lambda: self.events.delete_many({"reference_id": reference_id}))
+                return deleted
 
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
         """Same rules as SqliteJobStore.requeue_expired; returns (requeued, ended)."""

@@ -29,12 +29,12 @@ def test_delete_a_completed_job_removes_its_record_video_and_poster(make_app):
     client = app.test_client()
     ref, kept = submit(client, {"session_id": "sess-1"}), submit(client, {"session_id": "sess-1"})
     wait_for(lambda: all(job(client, r)["status"] == "completed" for r in (ref, kept)), timeout=WAIT_S)
-    assert stored_files(svc) == sorted(f"blobs/{kind}/{r}.{ext}" for r in (ref, kept)
-                                       for kind, ext in (("videos", "mp4"), ("posters", "jpg")))
+    kinds = (("videos", "mp4"), ("posters", "jpg"), ("previews", "webp"))  # the last preview made while denoising
+    assert stored_files(svc) == sorted(f"blobs/{kind}/{r}.{ext}" for r in (ref, kept) for kind, ext in kinds)
 
     r = client.delete(f"/jobs/{ref}")
     assert r.status_code == 200 and r.json == {"reference_id": ref, "deleted": True}
-    assert stored_files(svc) == [f"blobs/posters/{kept}.jpg", f"blobs/videos/{kept}.mp4"]  # the other job's stay
+    assert stored_files(svc) == sorted(f"blobs/{kind}/{kept}.{ext}" for kind, ext in kinds)  # the other job's stay
     assert client.get(f"/jobs/{ref}").status_code == 404
     assert client.get(f"/jobs/{ref}/video").status_code == 404
     assert [h["reference_id"] for h in client.post("/history", json={"session_id": "sess-1"}).json["history"]] == [kept]

@@ -627,3 +627,66 @@ def test_completed_stats_give_each_completed_jobs_timings_and_gpu_peak(store):
     assert sorted(store.completed_stats(), key=lambda row: row[2]["total"]) == [
         ("generate", "hunyuanvideo", {"generate": 0.5, "total": 1.0}, None),
         ("generate", "hunyuanvideo", {"generate": 1.5, "total": 2.0}, 3 * 2**30)]
+
+
+# ---------------------------------------------------------------------------------------- live events
+
+def test_events_are_logged_in_order_only_by_the_worker_holding_the_job(store):
+    add(store, "ref00001")
+    add(store, "ref00002")
+    assert store.append_event("ref00001", "w1", "progress", {"progress": 0.1}) is None  # queued: nobody holds it
+    assert store.claim("w1", 30)["reference_id"] == "ref00001"
+    assert store.append_event("ref00001", "w2", "progress", {"progress": 0.1}) is None  # not the holder
+    assert [store.append_event("ref00001", "w1", kind, data) for kind, data in (
+        ("stage", {"stage": "denoising"}), ("progress", {"progress": 0.25, "stage": "denoising 1/4", "eta_s": None}),
+        ("preview", {"step": 1, "total": 4, "width": 8, "height": 8}))] == [1, 2, 3]
+
+    events = store.events_after("ref00001", 0)
+    assert [(e["seq"], e["type"]) for e in events] == [(1, "stage"), (2, "progress"), (3, "preview")]
+    assert events[1]["data"] == {"progress": 0.25, "stage": "denoising 1/4", "eta_s": None}
+    assert all(isinstance(e["at"], float) for e in events)
+    assert [e["seq"] for e in store.events_after("ref00001", 2)] == [3]
+    assert [e["seq"] for e in store.events_after("ref00001", 0, limit=2)] == [1, 2]
+    assert store.events_after("ref00001", 3) == [] and store.events_after("ref00002", 0) == []
+
+    assert store.claim("w1", 30)["reference_id"] == "ref00002"
+    assert store.append_event("ref00002", "w1", "progress", {"progress": 0.5}) == 1  # each job counts from 1
+    assert store.complete("ref00001", "w1", {"video_key": "k"}) is True
+    assert store.append_event("ref00001", "w1", "progress", {"progress": 1.0}) is None  # ended: the log is closed
+    assert [e["seq"] for e in store.events_after("ref00001", 0)] == [1, 2, 3]
+    assert "event_seq" not in store.get("ref00001")  # the record keeps its shape
+
+
+def test_deleting_a_job_deletes_its_events_and_its_worker_logs_no_more(store):
+    for ref in ("ref00001", "ref00002"):
+        add(store, ref)
+        store.claim("w1", 30)
+        store.append_event(ref, "w1", "progress", {"progress": 0.5})
+    assert store.delete("ref00001") is True
+    assert store.events_after("ref00001", 0) == []
+    assert store.append_event("ref00001", "w1", "preview", {"step": 2}) is None
+    assert store.events_after("ref00001", 0) == []
+    assert [e["data"] for e in store.events_after("ref00002", 0)] == [{"progress": 0.5}]  # the other job's stay
+
+
+def test_concurrent_appends_by_the_holder_get_distinct_consecutive_seqs(atomic_store):
+    """The worker logs progress from its denoising thread and previews from the same job at once."""
+    store = atomic_store
+    add(store, "ref00001")
+    store.claim("w1", 30)
+    seqs, lock, gate = [], threading.Lock(), threading.Barrier(4)
+
+    def writer(n):
+        gate.wait()
+        for i in range(10):
+            seq = store.append_event("ref00001", "w1", "progress", {"writer": n, "i": i})
+            with lock:
+                seqs.append(seq)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seqs) == list(range(1, 41))
+    assert [e["seq"] for e in store.events_after("ref00001", 0, limit=100)] == list(range(1, 41))

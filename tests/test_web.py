@@ -432,3 +432,77 @@ def test_reload_keeps_the_form_and_follows_the_job_and_the_queue(open_page, tmp_
         if worker is not None:
             stop(worker)
         stop(proc)
+
+
+# ------------------------------------------------------------------ live progress and previews (issue 12)
+
+STEP_S = 0.4  # each denoising step of the tiny model takes at least this long, so previews come one by one
+
+
+@pytest.fixture
+def slow_server(tmp_path, tiny_models):
+    """The app under waitress in this process (keys on, sizes within 64 px, a preview after every step), its
+    worker's tiny model slowed to STEP_S a step by a hook on the transformer, as test_cancel slows blocks."""
+    import threading
+    import time
+
+    import waitress
+
+    from app import create_app
+    from config import Settings
+    from storage.blobs import LocalBlobStore
+    from storage.jobs import SqliteJobStore
+    from worker import Worker
+
+    settings = Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=tmp_path, worker="off",
+                                 api_keys=(KEY,), max_side=64, preview_every=1)
+    jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")
+    hook = tiny_models.generator.pipe.transformer.register_forward_hook(lambda *_: time.sleep(STEP_S))
+    worker = Worker(settings, jobs, blobs, models=tiny_models, poll_s=0.05).start()
+    server = waitress.create_server(create_app(settings, jobs=jobs, blobs=blobs, worker=worker), host="127.0.0.1",
+                                    port=0, threads=8)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+        worker.stop(timeout=120)
+        hook.remove()
+
+
+def test_the_page_follows_a_job_on_its_event_stream_and_shows_each_preview(page, slow_server):
+    sent = []
+    page.on("request", lambda r: sent.append((r.method, r.url.removeprefix(slow_server).split("?")[0])))
+    sign_in(page, slow_server)
+    # Every preview the page shows: its pixels (drawn to a canvas) and the job's status at that moment.
+    page.evaluate("""() => {
+        window.previewsSeen = [];
+        const img = document.querySelector('#live-preview');
+        img.addEventListener('load', () => {
+            const canvas = document.createElement('canvas');
+            [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+            const context = canvas.getContext('2d');
+            context.drawImage(img, 0, 0);
+            window.previewsSeen.push({status: document.querySelector('#current').dataset.status,
+                                      size: [img.naturalWidth, img.naturalHeight], shown: !img.hidden,
+                                      pixels: context.getImageData(0, 0, canvas.width, canvas.height).data.join()});
+        });
+    }""")
+    record_progress(page)
+    fill_tiny_job(page, "a red fox runs through fresh snow", steps=12)
+    page.click("#submit")
+    current_status_is(page, "completed")
+    ref = page.evaluate("localStorage.getItem('t2v.current')")
+
+    seen = page.evaluate("window.previewsSeen")
+    assert all(p["status"] == "processing" and p["shown"] and p["size"] == [8, 8] for p in seen), seen
+    assert len({p["pixels"] for p in seen}) >= 3, "the preview changes as the job denoises"
+    assert page.is_hidden("#live-preview") and page.evaluate("document.querySelector('#player').videoWidth") == 64
+    progress = page.evaluate("window.progressSeen")
+    assert any(0 < v < 100 for v in progress) and progress == sorted(progress) and progress[-1] == 100
+
+    # Progress came from the event stream: one GET of the job, one stream, and no polling.
+    assert sent.count(("GET", f"/jobs/{ref}/events")) == 1
+    assert sent.count(("GET", f"/jobs/{ref}")) == 1
+    assert not any(url == "/get_status" for _, url in sent)
