@@ -11,7 +11,8 @@ totals: scrape one, or combine API nodes with max(), never sum().
   result (generate, upscale or encode, encode_thread, upload, total, ...), as histograms;
 - `t2v_job_gpu_peak_bytes{model}`: torch.cuda.max_memory_allocated over each job run on a GPU (CPU jobs
   record none);
-- `t2v_webhook_deliveries{state}` and `t2v_webhook_failed_attempts_total`: the webhook outbox.
+- `t2v_webhook_deliveries{state}` and `t2v_webhook_failed_attempts_total`: the webhook outbox;
+- `t2v_sse_streams_open`: the one figure of this process alone, the event streams it holds open.
 The histograms are rebuilt from the completed records at each scrape, one small query each, so a scrape
 costs time in proportion to the completed jobs kept. Deleting a completed job takes it out of them, which
 Prometheus reads as a counter reset: rate() and increase() over that one scrape interval then over-count.
@@ -23,11 +24,12 @@ import bisect
 import re
 
 from flask import Blueprint, Response, request
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
+from api.events import open_streams
 from api.service import svc
 from storage.jobs import QUEUED, JobStore
 
@@ -42,6 +44,8 @@ STAGE_NAME = re.compile(r"[a-z0-9_]{1,40}")  # the worker's timing keys; anythin
 def metrics():
     registry = CollectorRegistry()
     registry.register(JobStoreCollector(svc().jobs))
+    streams = Gauge("t2v_sse_streams_open", "Event streams open in this API process", registry=registry)
+    streams.set(open_streams())
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     return Response(encode(registry), content_type=content_type)
 

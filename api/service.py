@@ -196,23 +196,29 @@ def job_rules() -> Rules:
     return Rules.from_settings(settings, models.served_models(settings) if service.worker is not None else None)
 
 
+def form_fields(file_field: str) -> dict:
+    """A multipart form's text fields, each given once, beside no file but `file_field`."""
+    form = request.form.to_dict(flat=False)
+    repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
+    if repeated:
+        raise ApiError(400, "invalid_parameter", f"{printable(repeated[0])}: is given more than once")
+    others = [name for name in request.files if name != file_field]
+    if others:
+        raise ApiError(400, "invalid_parameter",
+                       f"{printable(others[0])}: is not a known file field (send `{file_field}`)")
+    return {name: items[0] for name, items in form.items()}
+
+
 def job_request(settings: Settings) -> tuple[dict, bytes | None]:
     """A job's fields and its image, if it has one: a JSON body with the image as a data: URI in `image`,
     or a multipart form with the image as the file `image` and the other fields as text."""
     if request.mimetype != "multipart/form-data":
         body = json_body()
         return body, (image_bytes(body.pop("image"), settings) if "image" in body else None)
-    form = request.form.to_dict(flat=False)
-    repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
-    if repeated:
-        raise ApiError(400, "invalid_parameter", f"{printable(repeated[0])}: is given more than once")
-    others = [name for name in request.files if name != "image"]
-    if others:
-        raise ApiError(400, "invalid_parameter", f"{printable(others[0])}: is not a known file field (send `image`)")
+    fields = form_fields("image")
     if "image" not in request.files:
         raise ApiError(400, "missing_field", "a multipart job sends its image as the file field 'image' "
                                              "(send a job without an image as JSON)")
-    fields = {name: items[0] for name, items in form.items()}
     session_id = fields.pop("session_id", None)
     body = form_values(fields)
     if session_id is not None:

@@ -21,9 +21,9 @@ import re
 
 from flask import Blueprint, g, jsonify, request
 
-from api.service import (ApiError, blob_response, check_id, create_generate_job, idempotent, image_bytes, job_rules,
-                         json_body,
-                         new_id, owned_job, printable, remove_job, spritesheet_response, svc)
+from api.service import (ApiError, blob_response, check_id, create_generate_job, form_fields, idempotent,
+                         image_bytes, job_rules, json_body, new_id, owned_job, printable, remove_job,
+                         spritesheet_response, svc)
 from pipeline.spec import DEFAULT_FPS, model_rules
 from storage.jobs import CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, TERMINAL, job_model
 
@@ -150,15 +150,7 @@ def _create_request() -> tuple[dict, bytes | None]:
         fields = json_body()
         reference = fields.pop("input_reference", ABSENT)  # null is refused as an image, not read as absent
     else:
-        form = request.form.to_dict(flat=False)
-        repeated = [name for name, items in (*form.items(), *request.files.lists()) if len(items) > 1]
-        if repeated:
-            raise ApiError(400, "invalid_parameter", f"{printable(repeated[0])}: is given more than once")
-        others = [name for name in request.files if name != "input_reference"]
-        if others:
-            raise ApiError(400, "invalid_parameter",
-                           f"{printable(others[0])}: is not a known file field (send `input_reference`)")
-        fields = {name: items[0] for name, items in form.items()}
+        fields = form_fields("input_reference")
         reference = fields.pop("input_reference", ABSENT)  # a data: URI as text
         if "input_reference" in request.files:
             if reference is not ABSENT:

@@ -444,8 +444,11 @@ function stageText(job) {
   if (canceling.has(job.reference_id) && !TERMINAL.has(job.status)) return "Canceling...";
   if (job.status === "queued") {
     const { total, mine } = ahead(job);
-    if (total === 0) return "Queued: next";
-    return `Queued, position ${job.queue_position}: ${total} ahead${mine ? ` (${mine} of them yours)` : ""}`;
+    const place = total === 0 ? "Queued: next"
+      : `Queued, position ${job.queue_position}: ${total} ahead${mine ? ` (${mine} of them yours)` : ""}`;
+    // The server says so when no live worker would take the job (none running, or none with its model).
+    const waiting = (job.stage || "").startsWith("waiting for") ? job.stage : "";
+    return waiting ? `${place}. ${waiting[0].toUpperCase()}${waiting.slice(1)}` : place;
   }
   if (job.status === "completed") return "Done";
   if (job.status === "canceled") return "Canceled";

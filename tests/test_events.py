@@ -10,6 +10,7 @@ import sys
 import pytest
 import requests
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, TINY_JOB, wait_for
 from test_serving import answer, serve, stop, wait_healthy
@@ -201,6 +202,8 @@ def test_open_streams_counts_each_stream_until_it_closes(make_app):
     ref = client.post("/generate_video", json=TINY_JOB).json["reference_id"]
     responses = [client.get(f"/jobs/{ref}/events", buffered=False) for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 200] and open_streams(app) == 3
+    metrics = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert metrics["t2v_sse_streams_open"].samples[0].value == 3
     for r in reversed(responses):  # in one thread, Flask's stream contexts must end last-opened first
         r.close()
     assert open_streams(app) == 0

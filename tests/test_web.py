@@ -404,8 +404,9 @@ def test_reload_keeps_the_form_and_follows_the_job_and_the_queue(open_page, tmp_
         page.click("#submit")
         page.wait_for_function("id => localStorage.getItem('t2v.current') !== id", arg=first)
         second = page.evaluate("localStorage.getItem('t2v.current')")
-        page.wait_for_function("document.querySelector('#stage').textContent"
-                               " === 'Queued, position 2: 1 ahead (1 of them yours)'")
+        # No worker has reported yet, and the page passes on what the server says about that.
+        page.wait_for_function("document.querySelector('#stage').textContent === 'Queued, position 2: 1 ahead "
+                               "(1 of them yours). Waiting for a worker: none has reported in the last 30 s'")
         page.wait_for_function("document.querySelector('#queue-summary').textContent"
                                " === '2 jobs are waiting on this server. Yours: 0 running, 2 waiting.'")
 
@@ -416,8 +417,8 @@ def test_reload_keeps_the_form_and_follows_the_job_and_the_queue(open_page, tmp_
         assert values == [example, "0", "9", "2", "12", "4.5", "7"]
         assert page.is_checked("#upscale") is False
         assert page.evaluate("localStorage.getItem('t2v.current')") == second
-        page.wait_for_function("document.querySelector('#stage').textContent"
-                               " === 'Queued, position 2: 1 ahead (1 of them yours)'")
+        page.wait_for_function("document.querySelector('#stage').textContent.startsWith("
+                               "'Queued, position 2: 1 ahead (1 of them yours). Waiting for a worker')")
         assert [li.get_attribute("data-id") for li in page.query_selector_all("#queue li")] == [first, second]
 
         # A worker comes up (a standalone `python worker.py` on the same data folder); the page follows along.
