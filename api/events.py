@@ -3,9 +3,9 @@
 
 A stream replays the job's event log (`JobStore.events_after`) from the client's Last-Event-ID, then follows it
 by polling the store, so it is the same whether the worker runs in this process or on another node. Logged
-events (`progress`, `stage`, `preview`) go out with `id: <seq>`; a queued job's place goes out as `queued`
-(no id: it is not logged); the stream ends with one `completed`, `failed` or `canceled` event whose data is
-the job view, built from the job record.
+events (`progress`, `stage`, `preview`) go out with `id: <seq>`; a queued job's place (and why no worker
+takes it, if none would) goes out as `queued` (no id: it is not logged); the stream ends with one
+`completed`, `failed` or `canceled` event whose data is the job view, built from the job record.
 
 A stream holds one of the server's request threads for as long as it is open (waitress and gunicorn's
 gthread worker alike), so at most T2V_MAX_STREAMS are open at once: past that a 429, and the client polls
@@ -23,7 +23,7 @@ import time
 
 from flask import Blueprint, Flask, Response, current_app, redirect, request, send_file, stream_with_context
 
-from api.service import ApiError, job_view, media_url, owned_job, svc
+from api.service import ApiError, job_view, media_url, owned_job, status_view, svc
 from storage.jobs import QUEUED, TERMINAL, StoreUnavailable
 from worker import preview_key
 
@@ -149,10 +149,10 @@ def _events(reference_id: str, after: int):
                 yield _message(job["status"], job_view(job), after + 1)
                 return
             if job["status"] == QUEUED:
-                place = jobs.queue_position(job)
-                if place != position:
+                place = {key: value for key, value in status_view(job).items() if key in ("queue_position", "stage")}
+                if place != position:  # its place, or why no worker takes it (as get_status says)
                     position = place
-                    yield _message("queued", {"queue_position": place})
+                    yield _message("queued", place)
                     quiet_since = time.monotonic()
         except StoreUnavailable:
             pass  # the store is away for a moment; the next round reads again

@@ -112,3 +112,26 @@ def test_run_job_hands_a_preview_every_n_steps(family_settings, tmp_path):
     frames = seen[-1][2]
     assert frames.dtype == np.uint8 and frames.shape == (3, 8, 8, 3)  # 3 latent frames of 8x8 (64 px / 8)
     assert frames.std() > 0 and not np.array_equal(seen[0][2], frames)
+
+
+def test_the_preview_benchmark_runs_and_its_previews_fit(tmp_path):
+    """bench/preview.py, one repeat: every full-size shape gives a preview at the latents' size (at most 256 px),
+    and the worker's path stores and logs a preview for every step."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_preview", ROOT / "bench" / "preview.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--repeats", "1", "--json", str(tmp_path / "preview.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets one thread for itself
+    figures = json.loads((tmp_path / "preview.json").read_text())
+    previews = [row["preview"] for row in figures["full_size"]]
+    assert previews == ["33x90x160", "33x68x120", "21x60x104", "31x44x80", "31x45x80", "31x30x53"]
+    assert all(row["webp_kb"] > 0 and row["project_ms"] > 0 for row in figures["full_size"])
+    assert figures["worker"]["previews_logged_last_job"] == 20
