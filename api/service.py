@@ -478,6 +478,7 @@ def _take_idempotency_key(reference_id: str) -> str | None:
                                                           "processed; try again shortly")
         time.sleep(0.05)
 
+
 def remove_job(job: dict) -> None:
     """Remove a job for good: its video, poster, uploaded clip or image (T2V_KEEP_INPUTS or not) and the files
     made from them later (a spritesheet, the latest preview), then its record and its events. A queued or
