@@ -82,7 +82,7 @@ def tiny_step(repeats: int) -> dict:
     from pipeline.generate import VideoGenerator
     from pipeline.preview import encode_webp, preview_frames
     from pipeline.spec import JobParams
-    from pipeline.tiny import tiny_model_dir
+    from pipeline.models import tiny_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         generator = VideoGenerator(str(tiny_model_dir(Path(tmp))), Path(tmp))
@@ -112,7 +112,7 @@ def worker_path(repeats: int) -> dict:
     from pipeline.generate import VideoGenerator
     from pipeline.preview import every_n_steps
     from pipeline.spec import JobParams
-    from pipeline.tiny import tiny_model_dir
+    from pipeline.models import tiny_model_dir
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore, new_job
     from worker.progress import PreviewWriter

@@ -59,7 +59,7 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
     if is_tiny and model_id not in models.MODELS:
         raise ConfigError(f"{model}: no such tiny build; tiny:<id> takes a registry id ({', '.join(models.MODELS)})")
     if is_tiny:
-        return models.MODELS[model_id], tiny.tiny_model_dir(data_dir, model_id)
+        return models.MODELS[model_id], models.tiny_model_dir(data_dir, model_id)
     entry = models.MODELS.get(model)
     folder = Path(models_dir or "models") / entry.folder_name if entry else Path(model)
     if folder.is_dir() and not (folder / "model_index.json").is_file():

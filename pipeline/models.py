@@ -284,12 +284,25 @@ LORA_DIR = "loras"  # under T2V_MODELS_DIR: the operator's LoRA files, `<name>.s
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def tiny_model_dir(data_dir: Path, model_id: str = "hunyuanvideo") -> Path:
+    """The tiny folder of a registry id (or its `tiny:` name) under `data_dir/tiny`, built on first use by the
+    entry's own builder. The tiny HunyuanVideo keeps its first folder name, `HunyuanVideo`.
+    """
+    from pipeline.tiny import FOLDER_CONFIG  # imported when it runs, as `_tiny` does: no torch to validate a request
+
+    entry = get(model_id)
+    folder = Path(data_dir) / "tiny" / ("HunyuanVideo" if entry.id == "hunyuanvideo" else entry.id)
+    if not (folder / FOLDER_CONFIG).exists():
+        entry.tiny_builder(folder)
+    return folder
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """A registry id as this deployment serves it."""
 
     entry: ModelEntry
-    tiny: bool  # the tiny random-weight build: `tiny.tiny_model_dir(data_dir, id)` makes it on first load
+    tiny: bool  # the tiny random-weight build: `tiny_model_dir(data_dir, id)` makes it on first load
     folder: Path | None  # the diffusers folder of real weights; None for a tiny build
 
 

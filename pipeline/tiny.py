@@ -350,20 +350,6 @@ def build_tiny_upscalers(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def tiny_model_dir(data_dir: Path, model_id: str = "hunyuanvideo") -> Path:
-    """The tiny folder of a registry id (or its `tiny:` name) under `data_dir/tiny`, built on first use.
-
-    The tiny HunyuanVideo keeps its first folder name, `HunyuanVideo`.
-    """
-    from pipeline import models  # the registry names each id's builder, and imports this module
-
-    entry = models.get(model_id)
-    folder = Path(data_dir) / "tiny" / ("HunyuanVideo" if entry.id == "hunyuanvideo" else entry.id)
-    if not (folder / FOLDER_CONFIG).exists():
-        entry.tiny_builder(folder)
-    return folder
-
-
 def tiny_upscaler_path(data_dir: Path) -> Path:
     """The tiny compact 4x upscaler under `data_dir`, built on first use (fast enough for smoke runs)."""
     return build_tiny_upscalers(Path(data_dir) / "tiny")["compact"]

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from pipeline import tiny  # noqa: E402
+from pipeline import models, tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(data_dir) -> Path:
-    return tiny.tiny_model_dir(data_dir)
+    return models.tiny_model_dir(data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tiny
+from pipeline import models, tiny
 
 # The tiny transformer's inputs are fixed by the tiny text encoders and VAE; these stay.
 _FIXED = dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
@@ -34,7 +34,7 @@ def hunyuan_variant(data_dir: Path, name: str, transformer: dict) -> Path:
     folder = Path(data_dir) / "tiny" / name
     if (folder / tiny.FOLDER_CONFIG).exists():
         return folder
-    source = tiny.tiny_model_dir(data_dir)
+    source = models.tiny_model_dir(data_dir)
     base = HunyuanVideoPipeline.from_pretrained(source)
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(**_FIXED, **transformer)

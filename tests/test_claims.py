@@ -10,7 +10,7 @@ import pytest
 
 from config import Settings
 from conftest import TINY_JOB, wait_for
-from pipeline import models, tiny
+from pipeline import models
 from pipeline.spec import JobParams, Rules
 from storage.blobs import LocalBlobStore
 from storage.jobs import COMPLETED, QUEUED, SqliteJobStore, new_job
@@ -26,7 +26,7 @@ def node(data_dir, tmp_path):
     def make(model_id: str) -> Settings:
         models_dir = tmp_path / f"node-{model_id}" / "models"
         models_dir.mkdir(parents=True)
-        (models_dir / models.MODELS[model_id].folder_name).symlink_to(tiny.tiny_model_dir(data_dir, model_id))
+        (models_dir / models.MODELS[model_id].folder_name).symlink_to(models.tiny_model_dir(data_dir, model_id))
         return Settings.from_env(env={}, model=model_id, models_dir=models_dir, upscaler="none", worker="off",
                                  data_dir=tmp_path / f"node-{model_id}" / "data", lease_s=30.0)
     return make

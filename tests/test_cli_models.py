@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from pipeline import tiny
+from pipeline import models
 from pipeline.video import read_frames
 from test_families import halves, vae_round_trip
 from test_lora import make_lora
@@ -36,7 +36,7 @@ def test_image_to_video_on_the_command_line_starts_from_the_image(tmp_path, data
     frame alone: frame 0 is the image as this (random) VAE reproduces it. The MP4's first frame is compared with
     that reproduction of the input and of a mirrored image, in luma, which yuv420p keeps at full resolution (the
     random VAE's pixel-scale colour noise is lost to the 4:2:0 chroma)."""
-    folder = tiny.tiny_model_dir(data_dir, WAN)  # built once; the script finds it in T2V_DATA_DIR
+    folder = models.tiny_model_dir(data_dir, WAN)  # built once; the script finds it in T2V_DATA_DIR
     image, other = halves(64, 64), halves(64, 64, flip=True)
     image.save(tmp_path / "input.png")
     proc = run_script("test.py", "--model", f"tiny:{WAN}", "--prompt", "a red fox", "--image", "input.png",
@@ -55,7 +55,7 @@ def test_image_to_video_on_the_command_line_starts_from_the_image(tmp_path, data
 
 def test_a_model_id_loads_from_the_models_dir_given(tmp_path, data_dir):
     """`--model <id>` loads T2V_MODELS_DIR/<Hub folder name>; the check before loading looked in ./models."""
-    shutil.copytree(tiny.tiny_model_dir(data_dir, WAN), tmp_path / "weights" / "Wan2.2-TI2V-5B-Diffusers")
+    shutil.copytree(models.tiny_model_dir(data_dir, WAN), tmp_path / "weights" / "Wan2.2-TI2V-5B-Diffusers")
     proc = run_script("test.py", "--model", WAN, "--models-dir", "weights", "--prompt", "a red fox", "--width", "64",
                       "--height", "64", "--num-frames", "5", "--steps", "1", "--output", "wan.mp4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -197,7 +197,7 @@ def hub(tmp_path):
     def serve(model_id: str):
         from pipeline import tiny
 
-        folder = tiny.tiny_model_dir(tmp_path / "built", model_id)
+        folder = models.tiny_model_dir(tmp_path / "built", model_id)
         loaded = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
                   if p.is_file() and p.name != tiny.FOLDER_CONFIG}
         _Hub.repo, _Hub.files, _Hub.fetched = models.MODELS[model_id].hub_repo, {**loaded, **NOT_LOADED}, []

@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from config import Settings
 from conftest import TINY_JOB
-from pipeline import models, tiny
+from pipeline import models
 from pipeline.generate import JobCanceled, LoraError, MissingWeightsError, SpeedOptions, VideoGenerator
 from pipeline.run import Models, lora_files, run_job
 from pipeline.spec import JobParams
@@ -31,7 +31,7 @@ def make_lora(model_id: str, data_dir: Path, folder: Path, name: str) -> Path:
     so that it acts, saved as `folder/<name>.safetensors` in diffusers' LoRA format with its peft config."""
     entry = models.get(model_id)
     transformer = getattr(diffusers, TRANSFORMERS[model_id]).from_pretrained(
-        tiny.tiny_model_dir(data_dir, model_id) / "transformer")
+        models.tiny_model_dir(data_dir, model_id) / "transformer")
     torch.manual_seed(0)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                        init_lora_weights=False))

@@ -80,15 +80,25 @@ def test_lookup_by_id_and_tiny_name():
 
 
 def test_tiny_model_dir_builds_once_and_keeps_the_hunyuanvideo_folder(tmp_path):
-    folder = tiny.tiny_model_dir(tmp_path, "tiny:wan2.1-t2v-1.3b")
+    folder = models.tiny_model_dir(tmp_path, "tiny:wan2.1-t2v-1.3b")
     assert folder == tmp_path / "tiny" / "wan2.1-t2v-1.3b"
     assert (folder / "model_index.json").is_file() and (folder / "transformer").is_dir()
     stamp = (folder / "model_index.json").stat().st_mtime_ns
-    assert tiny.tiny_model_dir(tmp_path, "wan2.1-t2v-1.3b") == folder
+    assert models.tiny_model_dir(tmp_path, "wan2.1-t2v-1.3b") == folder
     assert (folder / "model_index.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
-    hunyuan = tiny.tiny_model_dir(tmp_path)  # as its first callers use it: the tiny HunyuanVideo, same folder
-    assert hunyuan == tmp_path / "tiny" / "HunyuanVideo" == tiny.tiny_model_dir(tmp_path, "tiny")
+    hunyuan = models.tiny_model_dir(tmp_path)  # as its first callers use it: the tiny HunyuanVideo, same folder
+    assert hunyuan == tmp_path / "tiny" / "HunyuanVideo" == models.tiny_model_dir(tmp_path, "tiny")
     assert json.loads((hunyuan / "model_index.json").read_text())["_class_name"] == "HunyuanVideoPipeline"
+
+
+def test_the_tiny_builders_do_not_import_the_registry_back():
+    """The registry names each id's tiny builder; pipeline/tiny.py imports nothing of pipeline/, so no cycle."""
+    import ast
+
+    tree = ast.parse(open(tiny.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {name for name in imported if name == "pipeline" or name.startswith("pipeline.")}, imported
 
 
 @pytest.mark.parametrize("entry,mode", [(e, m) for e in models.ENTRIES for m in e.modes],
@@ -121,7 +131,7 @@ def tiny_dirs(tmp_path_factory):
 
     def get(model_id):
         if model_id not in built:
-            built[model_id] = tiny.tiny_model_dir(root, model_id)
+            built[model_id] = models.tiny_model_dir(root, model_id)
         return built[model_id]
 
     return get
@@ -294,7 +304,7 @@ def test_a_folder_is_served_and_loaded_as_one_id(tmp_path):
 
     from pipeline.generate import ConfigError, resolve_model
 
-    built = tiny.tiny_model_dir(tmp_path, "tiny:wan2.1-t2v-1.3b")
+    built = models.tiny_model_dir(tmp_path, "tiny:wan2.1-t2v-1.3b")
     hub_named = shutil.copytree(built, tmp_path / MODELS["wan2.1-t2v-1.3b"].folder_name)
     assert models.model_id_for_folder(hub_named) == "wan2.1-t2v-1.3b"
     assert resolve_model(str(hub_named), tmp_path)[0].id == "wan2.1-t2v-1.3b"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from config import Settings
 from conftest import psnr, smooth_clip
-from pipeline import preview, tiny
+from pipeline import models, preview
 from pipeline.generate import VideoGenerator
 from pipeline.run import Models, run_job
 from pipeline.spec import JobParams
@@ -73,7 +73,7 @@ def family_settings(tmp_path_factory, data_dir, tiny_model):
     folder = tmp_path_factory.mktemp("preview-families")
     (folder / "tiny").symlink_to(data_dir / "tiny")  # the tiny builds other modules made are reused
     for model_id in (HV15, WAN22, WAN21):
-        tiny.tiny_model_dir(folder, model_id)
+        models.tiny_model_dir(folder, model_id)
     return Settings.from_env(env={}, model="tiny", upscaler="none", data_dir=folder, output_dir=folder / "out",
                              preview_every=2)
 
