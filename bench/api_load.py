@@ -119,7 +119,8 @@ def remote_jobs(data: Path, count: int) -> tuple[object, list[str]]:
     """`count` jobs running on another node: records in the server's own job store, held by a worker that is
     this process, with a lease far ahead."""
     sys.path.insert(0, str(ROOT))
-    from storage.jobs import PROCESSING, SqliteJobStore, new_job
+    from storage.jobs import PROCESSING, new_job
+    from storage.sqlite import SqliteJobStore
 
     store, refs = SqliteJobStore(data / "jobs.sqlite3"), []
     for i in range(count):

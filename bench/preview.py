@@ -114,7 +114,8 @@ def worker_path(repeats: int) -> dict:
     from pipeline.spec import JobParams
     from pipeline.models import tiny_model_dir
     from storage.blobs import LocalBlobStore
-    from storage.jobs import SqliteJobStore, new_job
+    from storage.jobs import new_job
+    from storage.sqlite import SqliteJobStore
     from worker.progress import PreviewWriter
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ def main() -> int:
     from app import create_app
     from config import Settings
     from storage.blobs import LocalBlobStore
-    from storage.jobs import SqliteJobStore
+    from storage.sqlite import SqliteJobStore
     from worker.loop import Worker
 
     with tempfile.TemporaryDirectory() as tmp:

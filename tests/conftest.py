@@ -69,7 +69,7 @@ def make_app(tmp_path, data_dir, tiny_models):
     """make_app(worker=True, jobs=None, blobs=None, **settings) -> (app, service); stops workers afterwards."""
     from app import create_app
     from storage.blobs import LocalBlobStore
-    from storage.jobs import SqliteJobStore
+    from storage.sqlite import SqliteJobStore
     from worker.loop import Worker
 
     workers = []

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import TINY_JOB, wait_for
 from pipeline.video import probe
-from storage.jobs import SqliteJobStore, StoreUnavailable, new_job
+from storage.jobs import StoreUnavailable, new_job
+from storage.sqlite import SqliteJobStore
 
 
 def submit(client, body=None, **headers):

@@ -8,7 +8,8 @@ from conftest import TINY_JOB, make_clip, wait_for
 from config import Settings
 from storage.blobs import LocalBlobStore
 from pipeline.spec import JobParams
-from storage.jobs import COMPLETED, QUEUED, SqliteJobStore, new_job
+from storage.jobs import COMPLETED, QUEUED, new_job
+from storage.sqlite import SqliteJobStore
 
 
 def test_a_broken_worker_leaves_generation_jobs_to_a_healthy_one(tmp_path, tiny_models, monkeypatch, caplog):

@@ -76,7 +76,7 @@ def test_a_running_job_turns_canceled_within_two_seconds_over_the_api(deep_model
     from config import Settings
     from pipeline.run import Models
     from storage.blobs import LocalBlobStore
-    from storage.jobs import SqliteJobStore
+    from storage.sqlite import SqliteJobStore
     from worker.loop import Worker
 
     jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")

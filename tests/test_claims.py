@@ -13,7 +13,8 @@ from conftest import TINY_JOB, wait_for
 from pipeline import models
 from pipeline.spec import JobParams, Rules
 from storage.blobs import LocalBlobStore
-from storage.jobs import COMPLETED, QUEUED, SqliteJobStore, new_job
+from storage.jobs import COMPLETED, QUEUED, new_job
+from storage.sqlite import SqliteJobStore
 from worker.loop import Worker
 
 WAN, HUNYUAN = "wan2.2-ti2v-5b", "hunyuanvideo"

@@ -215,7 +215,8 @@ def test_the_worker_keeps_no_preview_of_a_deleted_job(tmp_path, settings):
     import numpy as np
 
     from storage.blobs import LocalBlobStore
-    from storage.jobs import SqliteJobStore, new_job
+    from storage.jobs import new_job
+    from storage.sqlite import SqliteJobStore
     from worker.files import preview_key
     from worker.loop import Worker
     from worker.progress import PreviewWriter

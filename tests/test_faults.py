@@ -9,7 +9,8 @@ import requests
 from conftest import TINY_JOB, wait_for
 from pipeline.video import probe
 from storage.blobs import S3BlobStore
-from storage.jobs import MongoJobStore, SqliteJobStore
+from storage.mongo import MongoJobStore
+from storage.sqlite import SqliteJobStore
 
 
 def dead_port() -> int:

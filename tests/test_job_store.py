@@ -11,8 +11,9 @@ import mongomock
 import pytest
 
 from conftest import TINY_JOB, make_clip
-from storage.jobs import (CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, MongoJobStore, QueueFull, SqliteJobStore,
-                          StoreUnavailable, new_job)
+from storage.jobs import CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, QueueFull, StoreUnavailable, new_job
+from storage.mongo import MongoJobStore
+from storage.sqlite import SqliteJobStore
 
 BACKENDS = ["sqlite", "mongomock"] + (["mongodb"] if os.environ.get("T2V_TEST_MONGODB_URI") else [])
 

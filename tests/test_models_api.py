@@ -18,7 +18,7 @@ from config import Settings
 from conftest import TINY_JOB
 from pipeline.models import MODELS
 from storage.blobs import LocalBlobStore
-from storage.jobs import SqliteJobStore
+from storage.sqlite import SqliteJobStore
 from test_spec import png
 from worker.loop import Worker
 

@@ -12,7 +12,8 @@ from contextlib import closing
 import pytest
 
 from conftest import TINY_JOB, wait_for
-from storage.jobs import SqliteJobStore, StoreUnavailable, new_job
+from storage.jobs import StoreUnavailable, new_job
+from storage.sqlite import SqliteJobStore
 
 
 def in_new_thread(call, *args, **kwargs):

@@ -273,7 +273,7 @@ def test_api_and_worker_on_different_disks_share_only_s3_and_the_job_store(s3_bu
     from app import create_app
     from config import Settings
     from storage.blobs import S3BlobStore
-    from storage.jobs import SqliteJobStore
+    from storage.sqlite import SqliteJobStore
     from worker.loop import Worker
 
     endpoint, bucket = s3_bucket

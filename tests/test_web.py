@@ -452,7 +452,7 @@ def slow_server(tmp_path, tiny_models):
     from app import create_app
     from config import Settings
     from storage.blobs import LocalBlobStore
-    from storage.jobs import SqliteJobStore
+    from storage.sqlite import SqliteJobStore
     from worker.loop import Worker
 
     settings = Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=tmp_path, worker="off",

@@ -396,7 +396,8 @@ def test_a_delivery_pending_when_the_server_is_killed_is_sent_after_restart(tmp_
 def test_python_worker_py_sends_deliveries_too(tmp_path, receiver):
     """A worker process (T2V_WORKER=off on the API nodes) runs a dispatcher as well, and stops it on SIGTERM.
     Its model is missing: it takes no job, and stops at once."""
-    from storage.jobs import SqliteJobStore, new_job
+    from storage.jobs import new_job
+    from storage.sqlite import SqliteJobStore
 
     hook = receiver()
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")

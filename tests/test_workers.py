@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT, TINY_JOB, wait_for
 from config import Settings
-from storage.jobs import SqliteJobStore, new_job
+from storage.jobs import new_job
+from storage.sqlite import SqliteJobStore
 from worker.cli import WORKER_FLAGS
 from worker.gpus import gpu_slots
 from worker.loop import Worker
