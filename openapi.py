@@ -55,16 +55,75 @@ def _generate_schemas(rules: Rules, webhooks: bool) -> tuple[dict, dict]:
     return schema, components
 
 
+PATH_PARAM = {"name": "reference_id", "in": "path", "required": True, "schema": ID}
+# A signed link from a job view, for tags that cannot send a key (<video>, <img>).
+SIGNED_PARAMS = [{"name": "expires", "in": "query", "required": False, "schema": {"type": "string"}},
+                 {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
+LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}
+
+
 def build_spec(settings, rules: Rules) -> dict:
-    """The spec, with the limits and models this server accepts."""
-    ref_param = {"name": "reference_id", "in": "path", "required": True, "schema": ID}
-    # A signed link from a job view, for tags that cannot send a key (<video>, <img>).
-    signed_params = [{"name": "expires", "in": "query", "required": False, "schema": {"type": "string"}},
-                     {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}}]
-    last_event_id = {"name": "Last-Event-ID", "in": "header", "required": False,
-                     "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}
+    """The spec, with the limits and models this server accepts: one builder per face of the API."""
     webhooks = WEBHOOK_FIELDS if settings.webhook_secret else {}
     generate_json, job_schemas = _generate_schemas(rules, bool(webhooks))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "t2v", "version": "1.0.0",
+                 "description": "Text-to-video with HunyuanVideo and Real-ESRGAN. When the server has API keys, "
+                                "every route but /health needs one."},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": {**_classic_paths(settings, generate_json, webhooks), **_jobs_paths(), **_events_paths(),
+                  **_v1_paths(settings, rules, PATH_PARAM), **_metrics_paths()},
+        "components": _components(job_schemas),
+    }
+
+
+def _components(job_schemas: dict) -> dict:
+    """The shared schemas (beside the generated JobParams ones) and the two ways to send a key."""
+    return {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "Status": {"type": "object",
+                       "required": ["reference_id", "status", "stage", "progress", "queue_position", "eta_s", "error"],
+                       "properties": {
+                           "reference_id": ID, "status": {"enum": STATUSES}, "stage": {"type": ["string", "null"]},
+                           "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                           "queue_position": {"type": "integer", "minimum": 0},
+                           "eta_s": {"type": ["number", "null"]},
+                           "error": {"type": ["object", "null"], "properties": {
+                               "code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "Job": {"allOf": [{"$ref": "#/components/schemas/Status"}, {"type": "object", "properties": {
+                "session_id": ID, "kind": {"enum": ["generate", "upscale"]}, "params": {"type": "object"},
+                "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]},
+                "finished_at": {"type": ["number", "null"]}, "result": {"type": ["object", "null"]},
+                "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]},
+                "events_url": {"type": "string"}}}]},
+            **job_schemas,
+            "Model": {"type": "object", "required": ["id", "inputs", "installed", "presets", "limits", "defaults"],
+                      "properties": {"id": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
+                                     "installed": {"type": "boolean"}, "tiny": {"type": "boolean"},
+                                     "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
+                                     "presets": {"type": "array"}, "limits": {"type": "object"},
+                                     "defaults": {"type": "object"}}},
+            "Video": VIDEO,
+            "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
+                       "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
+                                      "worker": {"enum": ["alive", "dead", "off"]},
+                                      "model_loaded": {"type": "boolean"},
+                                      "model_error": {"type": ["string", "null"]},
+                                      "queue_length": {"type": ["integer", "null"]}}},
+        },
+    }
+
+
+def _classic_paths(settings, generate_json: dict, webhooks: dict) -> dict:
+    """Blueprint `classic`: the original routes."""
+    ref_param = PATH_PARAM
     generate_form = {
         "type": "object", "required": ["image", "prompt"], "additionalProperties": False,
         "properties": {
@@ -78,179 +137,154 @@ def build_spec(settings, rules: Rules) -> dict:
                 "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
                                "queue_position": {"type": "integer", "minimum": 0}}}
     session_body = {"type": "object", "required": ["session_id"], "properties": {"session_id": ID}}
-    protected = [{"bearer": []}, {"apiKey": []}]
     return {
-        "openapi": "3.1.0",
-        "info": {"title": "t2v", "version": "1.0.0",
-                 "description": "Text-to-video with HunyuanVideo and Real-ESRGAN. When the server has API keys, "
-                                "every route but /health needs one."},
-        "security": protected,
-        "paths": {
-            "/generate_video": {"post": {
-                "summary": "Queue a video job: text to video, or image to video (the image as a data: URI in JSON, "
-                           "or as the multipart file `image`)",
-                "parameters": [IDEMPOTENCY_PARAM],
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": generate_json},
-                    "multipart/form-data": {"schema": generate_form}}},
-                "responses": _ok(accepted, 400, 401, 409, 413, 415, 429, 503)}},
-            "/upscale_video": {"post": {
-                "summary": "Queue an upscale of an uploaded clip (same queue, status and history as generation)",
-                "parameters": [IDEMPOTENCY_PARAM],
-                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                    "type": "object", "required": ["video"],
-                    "properties": {
-                        "video": {"type": "string", "contentMediaType": "application/octet-stream",
-                                  "description": f"the clip: at most {settings.max_upload_mb} MB, "
-                                                 f"{settings.max_upload_side} px on the long side, "
-                                                 f"{settings.max_upload_frames} frames and {settings.max_upload_s:g} s"},
-                        "session_id": ID,
-                        "outscale": {"type": "string", "enum": ["2", "4"], "default": "4"},
-                        "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"},
-                        **webhooks}}}}},
-                "responses": _ok(accepted, 400, 401, 409, 413, 429, 503)}},
-            "/get_status": {"post": {
-                "summary": "Status of one job",
-                "requestBody": {"required": True, **_json({"type": "object", "required": ["session_id", "reference_id"],
-                                                           "properties": {"session_id": ID, "reference_id": ID}})},
-                "responses": _ok({"$ref": "#/components/schemas/Status"}, 400, 401, 404, 413, 503)}},
-            "/download_video/{reference_id}": {"post": {
-                "summary": "A URL for the finished video (presigned on S3)", "parameters": [ref_param],
-                "requestBody": {"required": True, **_json(session_body)},
-                "responses": _ok({"type": "object", "required": ["s3_url"], "properties": {"s3_url": {"type": "string"}}},
-                                 400, 401, 404, 409, 413, 503)}},
-            "/history": {"post": {
-                "summary": "A session's jobs, newest first", "requestBody": {"required": True, **_json(session_body)},
-                "responses": _ok({"type": "object", "required": ["session_id", "history"],
-                                  "properties": {"session_id": ID, "history": {
-                                      "type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
-                                 400, 401, 413, 503)}},
-            "/jobs/{reference_id}": {
-                "get": {
-                    "summary": "One job in full", "parameters": [ref_param],
-                    "responses": _ok({"$ref": "#/components/schemas/Job"}, 400, 401, 404, 503)},
-                "delete": {
-                    "summary": "Delete a job: its record, video, poster and uploaded clip (a running job is canceled)",
-                    "parameters": [ref_param],
-                    "responses": _ok({"type": "object", "required": ["reference_id", "deleted"],
-                                      "properties": {"reference_id": ID, "deleted": {"const": True}}},
-                                     400, 401, 403, 404, 415, 503)}},
-            "/jobs/{reference_id}/cancel": {"post": {
-                "summary": "Cancel a queued or running job", "parameters": [ref_param],
-                "responses": _ok({"type": "object", "required": ["reference_id", "status"],
-                                  "properties": {"reference_id": ID, "status": {"enum": STATUSES},
-                                                 "cancel_requested": {"type": "boolean"}}},
-                                 400, 401, 404, 409, 503)}},
-            "/jobs/{reference_id}/video": {"get": {
-                "summary": "The MP4 (local storage: streamed with Range support; S3: a redirect)",
-                "parameters": [ref_param, *signed_params],
-                "responses": {"200": {"description": "the video", "content": {"video/mp4": {}}},
-                              "206": {"description": "a byte range", "content": {"video/mp4": {}}},
-                              "302": {"description": "redirect to a presigned URL"},
-                              **_errors(400, 401, 404, 409, 416, 503)}}},
-            "/jobs/{reference_id}/poster": {"get": {
-                "summary": "The poster image", "parameters": [ref_param, *signed_params],
-                "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
-                              "302": {"description": "redirect to a presigned URL"},
-                              **_errors(400, 401, 404, 409, 503)}}},
-            "/jobs/{reference_id}/events": {"get": {
-                "summary": "Live progress as server-sent events: progress, stage, preview (each with id: <seq>), "
-                           "queued (a queued job's place), then completed, failed or canceled (the job view); "
-                           "resume with the Last-Event-ID header",
-                "parameters": [ref_param, *signed_params, last_event_id],
-                "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {}}},
-                              **_errors(400, 401, 404, 429, 503)}}},
-            "/v1/videos/{reference_id}/events": {"get": {
-                "summary": "The same event stream as /jobs/{reference_id}/events, for a video of /v1/videos",
-                "parameters": [ref_param, last_event_id],
-                "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {}}},
-                              **_errors(400, 401, 404, 429, 503)}}},
-            "/jobs/{reference_id}/preview": {"get": {
-                "summary": "The latest preview of a job's latents while it denoises: an animated WebP, at most "
-                           "256 px on the long side", "parameters": [ref_param, *signed_params],
-                "responses": {"200": {"description": "WebP", "content": {"image/webp": {}}},
-                              "302": {"description": "redirect to a presigned URL"},
-                              **_errors(400, 401, 404, 503)}}},
-            "/": {"get": {
-                "summary": "The web page", "security": [],
-                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
-            "/limits": {"get": {
-                "summary": "What this server accepts: sizes, frames, steps, prompt length, upscale",
-                "responses": _ok({"type": "object", "required": ["max_prompt_chars", "sizes", "max_frames", "max_steps"],
-                                  "properties": {
-                                      "max_prompt_chars": {"type": "integer"}, "max_side": {"type": "integer"},
-                                      "sizes": {"type": "array", "items": {
-                                          "type": "object", "required": ["label", "width", "height"],
-                                          "properties": {"label": {"type": "string"}, "width": {"type": "integer"},
-                                                         "height": {"type": "integer"}}}},
-                                      "max_frames": {"type": "integer"}, "max_steps": {"type": "integer"},
-                                      "default_steps": {"type": "integer"},
-                                      "outscales": {"type": "array", "items": {"type": "integer"}},
-                                      "upscale": {"type": "boolean"}, "max_upload_mb": {"type": "integer"},
-                                      "model": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
-                                      "defaults": {"type": "object"}, "max_image_mb": {"type": "integer"}}},
-                                 401)}},
-            "/models": {"get": {
-                "summary": "The models this server accepts (inputs, presets, limits, defaults) and its LoRAs",
-                "responses": _ok({"type": "object", "required": ["default", "models", "loras"], "properties": {
-                    "default": {"type": "string"},
-                    "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
-                    "loras": {"type": "array", "items": {"type": "string"}}}}, 401)}},
-            "/health": {"get": {
-                "summary": "Liveness: store, worker, model, queue", "security": [],
-                "responses": {"200": {"description": "healthy", **_json({"$ref": "#/components/schemas/Health"})},
-                              "503": {"description": "store unavailable",
-                                      **_json({"$ref": "#/components/schemas/Health"})}}}},
-            "/openapi.json": {"get": {
-                "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
-            **_v1_paths(settings, rules, ref_param),
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics, read from the job store at each scrape (with keys on, a key is "
-                           "needed unless T2V_METRICS_PUBLIC is set)",
-                "responses": {"200": {"description": "Prometheus text (OpenMetrics by Accept)",
-                                      "content": {"text/plain": {}, "application/openmetrics-text": {}}},
-                              **_errors(401, 503)}}},
-        },
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
-                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                    "type": "object", "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-                "Status": {"type": "object",
-                           "required": ["reference_id", "status", "stage", "progress", "queue_position", "eta_s", "error"],
-                           "properties": {
-                               "reference_id": ID, "status": {"enum": STATUSES}, "stage": {"type": ["string", "null"]},
-                               "progress": {"type": "number", "minimum": 0, "maximum": 1},
-                               "queue_position": {"type": "integer", "minimum": 0},
-                               "eta_s": {"type": ["number", "null"]},
-                               "error": {"type": ["object", "null"], "properties": {
-                                   "code": {"type": "string"}, "message": {"type": "string"}}}}},
-                "Job": {"allOf": [{"$ref": "#/components/schemas/Status"}, {"type": "object", "properties": {
-                    "session_id": ID, "kind": {"enum": ["generate", "upscale"]}, "params": {"type": "object"},
-                    "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]},
-                    "finished_at": {"type": ["number", "null"]}, "result": {"type": ["object", "null"]},
-                    "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]},
-                    "events_url": {"type": "string"}}}]},
-                **job_schemas,
-                "Model": {"type": "object", "required": ["id", "inputs", "installed", "presets", "limits", "defaults"],
-                          "properties": {"id": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
-                                         "installed": {"type": "boolean"}, "tiny": {"type": "boolean"},
-                                         "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
-                                         "presets": {"type": "array"}, "limits": {"type": "object"},
-                                         "defaults": {"type": "object"}}},
-                "Video": VIDEO,
-                "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
-                           "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
-                                          "worker": {"enum": ["alive", "dead", "off"]},
-                                          "model_loaded": {"type": "boolean"},
-                                          "model_error": {"type": ["string", "null"]},
-                                          "queue_length": {"type": ["integer", "null"]}}},
-            },
-        },
+        "/generate_video": {"post": {
+            "summary": "Queue a video job: text to video, or image to video (the image as a data: URI in JSON, "
+                       "or as the multipart file `image`)",
+            "parameters": [IDEMPOTENCY_PARAM],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": generate_json},
+                "multipart/form-data": {"schema": generate_form}}},
+            "responses": _ok(accepted, 400, 401, 409, 413, 415, 429, 503)}},
+        "/upscale_video": {"post": {
+            "summary": "Queue an upscale of an uploaded clip (same queue, status and history as generation)",
+            "parameters": [IDEMPOTENCY_PARAM],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["video"],
+                "properties": {
+                    "video": {"type": "string", "contentMediaType": "application/octet-stream",
+                              "description": f"the clip: at most {settings.max_upload_mb} MB, "
+                                             f"{settings.max_upload_side} px on the long side, "
+                                             f"{settings.max_upload_frames} frames and {settings.max_upload_s:g} s"},
+                    "session_id": ID,
+                    "outscale": {"type": "string", "enum": ["2", "4"], "default": "4"},
+                    "upscaler": {"type": "string", "description": "a Real-ESRGAN release name installed here"},
+                    **webhooks}}}}},
+            "responses": _ok(accepted, 400, 401, 409, 413, 429, 503)}},
+        "/get_status": {"post": {
+            "summary": "Status of one job",
+            "requestBody": {"required": True, **_json({"type": "object", "required": ["session_id", "reference_id"],
+                                                       "properties": {"session_id": ID, "reference_id": ID}})},
+            "responses": _ok({"$ref": "#/components/schemas/Status"}, 400, 401, 404, 413, 503)}},
+        "/download_video/{reference_id}": {"post": {
+            "summary": "A URL for the finished video (presigned on S3)", "parameters": [ref_param],
+            "requestBody": {"required": True, **_json(session_body)},
+            "responses": _ok({"type": "object", "required": ["s3_url"], "properties": {"s3_url": {"type": "string"}}},
+                             400, 401, 404, 409, 413, 503)}},
+        "/history": {"post": {
+            "summary": "A session's jobs, newest first", "requestBody": {"required": True, **_json(session_body)},
+            "responses": _ok({"type": "object", "required": ["session_id", "history"],
+                              "properties": {"session_id": ID, "history": {
+                                  "type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+                             400, 401, 413, 503)}},
     }
+
+
+def _jobs_paths() -> dict:
+    """Blueprint `jobs`: /jobs/<id>, the page, /limits, /models, /health and this document."""
+    ref_param, signed_params = PATH_PARAM, SIGNED_PARAMS
+    return {
+        "/jobs/{reference_id}": {
+            "get": {
+                "summary": "One job in full", "parameters": [ref_param],
+                "responses": _ok({"$ref": "#/components/schemas/Job"}, 400, 401, 404, 503)},
+            "delete": {
+                "summary": "Delete a job: its record, video, poster and uploaded clip (a running job is canceled)",
+                "parameters": [ref_param],
+                "responses": _ok({"type": "object", "required": ["reference_id", "deleted"],
+                                  "properties": {"reference_id": ID, "deleted": {"const": True}}},
+                                 400, 401, 403, 404, 415, 503)}},
+        "/jobs/{reference_id}/cancel": {"post": {
+            "summary": "Cancel a queued or running job", "parameters": [ref_param],
+            "responses": _ok({"type": "object", "required": ["reference_id", "status"],
+                              "properties": {"reference_id": ID, "status": {"enum": STATUSES},
+                                             "cancel_requested": {"type": "boolean"}}},
+                             400, 401, 404, 409, 503)}},
+        "/jobs/{reference_id}/video": {"get": {
+            "summary": "The MP4 (local storage: streamed with Range support; S3: a redirect)",
+            "parameters": [ref_param, *signed_params],
+            "responses": {"200": {"description": "the video", "content": {"video/mp4": {}}},
+                          "206": {"description": "a byte range", "content": {"video/mp4": {}}},
+                          "302": {"description": "redirect to a presigned URL"},
+                          **_errors(400, 401, 404, 409, 416, 503)}}},
+        "/jobs/{reference_id}/poster": {"get": {
+            "summary": "The poster image", "parameters": [ref_param, *signed_params],
+            "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
+                          "302": {"description": "redirect to a presigned URL"},
+                          **_errors(400, 401, 404, 409, 503)}}},
+        "/": {"get": {
+            "summary": "The web page", "security": [],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
+        "/limits": {"get": {
+            "summary": "What this server accepts: sizes, frames, steps, prompt length, upscale",
+            "responses": _ok({"type": "object", "required": ["max_prompt_chars", "sizes", "max_frames", "max_steps"],
+                              "properties": {
+                                  "max_prompt_chars": {"type": "integer"}, "max_side": {"type": "integer"},
+                                  "sizes": {"type": "array", "items": {
+                                      "type": "object", "required": ["label", "width", "height"],
+                                      "properties": {"label": {"type": "string"}, "width": {"type": "integer"},
+                                                     "height": {"type": "integer"}}}},
+                                  "max_frames": {"type": "integer"}, "max_steps": {"type": "integer"},
+                                  "default_steps": {"type": "integer"},
+                                  "outscales": {"type": "array", "items": {"type": "integer"}},
+                                  "upscale": {"type": "boolean"}, "max_upload_mb": {"type": "integer"},
+                                  "model": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
+                                  "defaults": {"type": "object"}, "max_image_mb": {"type": "integer"}}},
+                             401)}},
+        "/models": {"get": {
+            "summary": "The models this server accepts (inputs, presets, limits, defaults) and its LoRAs",
+            "responses": _ok({"type": "object", "required": ["default", "models", "loras"], "properties": {
+                "default": {"type": "string"},
+                "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                "loras": {"type": "array", "items": {"type": "string"}}}}, 401)}},
+        "/health": {"get": {
+            "summary": "Liveness: store, worker, model, queue", "security": [],
+            "responses": {"200": {"description": "healthy", **_json({"$ref": "#/components/schemas/Health"})},
+                          "503": {"description": "store unavailable",
+                                  **_json({"$ref": "#/components/schemas/Health"})}}}},
+        "/openapi.json": {"get": {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
+    }
+
+
+def _events_paths() -> dict:
+    """Blueprint `events`: the live event streams and the latest preview."""
+    ref_param, signed_params, last_event_id = PATH_PARAM, SIGNED_PARAMS, LAST_EVENT_ID
+    return {
+        "/jobs/{reference_id}/events": {"get": {
+            "summary": "Live progress as server-sent events: progress, stage, preview (each with id: <seq>), "
+                       "queued (a queued job's place), then completed, failed or canceled (the job view); "
+                       "resume with the Last-Event-ID header",
+            "parameters": [ref_param, *signed_params, last_event_id],
+            "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {}}},
+                          **_errors(400, 401, 404, 429, 503)}}},
+        "/v1/videos/{reference_id}/events": {"get": {
+            "summary": "The same event stream as /jobs/{reference_id}/events, for a video of /v1/videos",
+            "parameters": [ref_param, last_event_id],
+            "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {}}},
+                          **_errors(400, 401, 404, 429, 503)}}},
+        "/jobs/{reference_id}/preview": {"get": {
+            "summary": "The latest preview of a job's latents while it denoises: an animated WebP, at most "
+                       "256 px on the long side", "parameters": [ref_param, *signed_params],
+            "responses": {"200": {"description": "WebP", "content": {"image/webp": {}}},
+                          "302": {"description": "redirect to a presigned URL"},
+                          **_errors(400, 401, 404, 503)}}},
+    }
+
+
+def _metrics_paths() -> dict:
+    """Blueprint `metrics`."""
+    return {
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics, read from the job store at each scrape (with keys on, a key is "
+                       "needed unless T2V_METRICS_PUBLIC is set)",
+            "responses": {"200": {"description": "Prometheus text (OpenMetrics by Accept)",
+                                  "content": {"text/plain": {}, "application/openmetrics-text": {}}},
+                          **_errors(401, 503)}}},
+    }
+
+
 
 
 # ---------------------------------------------------------------------------------------- /v1/videos
