@@ -333,15 +333,16 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         return job["status"] if job else None
 
     def delete(self, reference_id: str) -> bool:
-        """Remove the record (and with it any queue slot it held) and its events; False when there was none.
-        Deliveries still in its outbox move to the deliveries collection first; a record that gained one meanwhile
-        is not deleted yet."""
+        """Remove the record (and with it any queue slot it held), its events and the idempotency keys that name
+        it (as on SQLite); False when there was none. Deliveries still in its outbox move to the deliveries
+        collection first; a record that gained one meanwhile is not deleted yet."""
         while True:
             self._relay_outbox({"reference_id": reference_id})
             deleted = self._guard(lambda: self.jobs.delete_one(
                 {"reference_id": reference_id, "webhook_outbox.id": {"$exists": False}})).deleted_count == 1
             if deleted or self.get(reference_id) is None:
                 self._guard(lambda: self.events.delete_many({"reference_id": reference_id}))
+                self._guard(lambda: self._idempotency.delete_many({"reference_id": reference_id}))
                 return deleted
 
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:

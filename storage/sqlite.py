@@ -419,8 +419,10 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
         return row[0] if row else None
 
     def delete(self, reference_id: str) -> bool:
-        """Remove the record; False when there was none."""
+        """Remove the record and free the idempotency keys that name it (a retry with one makes a new job, and
+        waits on no job that is gone); False when there was none."""
         with self._tx(write=True) as db:
+            db.execute("DELETE FROM idempotency_keys WHERE reference_id = ?", (reference_id,))
             return db.execute("DELETE FROM jobs WHERE reference_id = ?", (reference_id,)).rowcount == 1
 
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:

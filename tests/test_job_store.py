@@ -531,6 +531,16 @@ def test_idempotency_keys_are_per_owner_and_expire(store):
     assert store.reserve_idempotency_key("a", "k1", "d6", "ref00006", ttl_s=0.01) is None, "an expired key is free"
 
 
+def test_deleting_a_job_frees_its_idempotency_key(store):
+    store.create(new_job("ref00001", "s", "a", "generate", {"prompt": "x"}))
+    assert store.reserve_idempotency_key("a", "k1", "d1", "ref00001", ttl_s=60) is None
+    assert store.reserve_idempotency_key("b", "k1", "d1", "ref00002", ttl_s=60) is None
+    assert store.delete("ref00001")
+    assert store.idempotency_key("a", "k1", ttl_s=60) is None
+    assert store.reserve_idempotency_key("a", "k1", "d1", "ref00003", ttl_s=60) is None, "free for a new job"
+    assert store.idempotency_key("b", "k1", ttl_s=60)["reference_id"] == "ref00002", "another job's key stays"
+
+
 def test_concurrent_reservations_of_one_key_have_one_winner(atomic_store):
     store, gate = atomic_store, threading.Barrier(20)
     outcomes, lock = [], threading.Lock()

@@ -455,6 +455,25 @@ def test_a_refused_create_frees_its_key(make_app):
     assert client.post("/generate_video", json=TINY_JOB, headers=key).json["reference_id"] == ok.json["reference_id"]
 
 
+def test_a_deleted_jobs_key_makes_a_new_job_at_once(make_app, monkeypatch):
+    """DELETE frees the job's key: a retry with it is a new job, and no request waits on a job that is gone."""
+    import api.service
+
+    app, svc = make_app(worker=False)
+    client = app.test_client()
+    waits = []
+    monkeypatch.setattr(api.service.time, "sleep", lambda s: waits.append(s))
+    key = {"Idempotency-Key": "k-gone"}
+    first = client.post("/generate_video", json=TINY_JOB, headers=key).json
+    assert client.delete(f"/jobs/{first['reference_id']}").status_code == 200
+    for _ in range(3):
+        again = client.post("/generate_video", json=TINY_JOB, headers=key)
+        assert again.status_code == 200 and again.json["reference_id"] != first["reference_id"]
+    assert "Idempotent-Replayed" in again.headers, "the retries after the first are replays of the new job"
+    assert waits == [], "no wait loop ran"
+    assert svc.jobs.count_queued() == 1
+
+
 def test_an_upload_retried_with_its_key_is_one_job(make_app, tmp_path):
     """Each send of a multipart body has its own boundary; the same fields and file are the same request."""
     app, svc = make_app(worker=False)
