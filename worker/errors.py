@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from storage.blobs import StorageError
+
+# An absolute path (not a URL's): its folders go, its file name stays. Answers and webhooks carry the message.
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/:,;]+/)+(?=[^\s'\"/:,;])")
 
 
 class ModelUnavailable(RuntimeError):
@@ -14,7 +19,12 @@ class InputUnavailable(RuntimeError):
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
-    """(code, message) for a failed job. Messages are short and hold no paths beyond the data folder."""
+    """(code, message) for a failed job. Messages are short and name no server path (only file names)."""
+    code, message = _classify(exc)
+    return code, _SERVER_PATH.sub("", message)
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
     import torch
 
     from pipeline.generate import LoraError, MissingWeightsError
