@@ -116,3 +116,31 @@ def test_a_storage_fault_is_503_and_keeps_the_record_for_a_retry(make_app, monke
     assert r.status_code == 503 and r.json["error"]["code"] == "storage_unavailable"
     assert svc.jobs.get(ref)["status"] == "completed"
     assert client.delete(f"/jobs/{ref}").status_code == 200 and stored_files(svc) == []
+
+
+def test_a_job_deleted_while_its_worker_uploads_leaves_no_video_or_poster(tmp_path, tiny_models):
+    """DELETE lands between the worker's two uploads: complete() is refused, and the worker deletes what it wrote."""
+    from config import Settings
+    from pipeline.spec import JobParams
+    from storage.blobs import LocalBlobStore
+    from storage.jobs import new_job
+    from storage.sqlite import SqliteJobStore
+    from worker.loop import Worker
+
+    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3")
+
+    class DeletedMidUpload(LocalBlobStore):
+        def put(self, path, key):
+            if key.startswith("videos/"):
+                jobs.delete(key.split("/")[1].removesuffix(".mp4"))  # as remove_job does, poster already stored
+            return super().put(path, key)
+
+    blobs = DeletedMidUpload(tmp_path / "blobs")
+    settings = Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=tmp_path / "data", worker="off",
+                                 preview_every=0)
+    params = JobParams.from_dict({**TINY_JOB, "upscale": False, "seed": 1}).to_dict()
+    jobs.create(new_job("gone0001", "s", "local", "generate", params))
+    worker = Worker(settings, jobs, blobs, models=tiny_models, worker_id="w1")
+    assert worker.run_once() is True
+    assert jobs.get("gone0001") is None
+    assert list(blobs.list_keys("videos/")) == [] and list(blobs.list_keys("posters/")) == []

@@ -270,8 +270,21 @@ class Worker:
             result["gpu_peak_bytes"] = gpu.peak_bytes
         if self.jobs.complete(ref, self.worker_id, result):
             log.info("job %s: completed in %.1fs", ref, result["timings_s"].get("total", 0))
+        elif self.jobs.get(ref) is None:
+            self._discard_result(ref, result)
         else:
             log.warning("job %s: finished, but the lease was lost; the record was not changed", ref)
+
+    def _discard_result(self, ref: str, result: dict) -> None:
+        """The job was deleted while this worker stored its files: delete them, so none outlives the record.
+        (A job re-queued to another worker keeps them: that worker writes the same keys.)"""
+        try:
+            for key in (result["video_key"], result["poster_key"]):
+                self.blobs.delete(key)
+        except StorageError as exc:
+            log.warning("job %s: deleted meanwhile, but its files were not: %s", ref, exc)
+            return
+        log.info("job %s: deleted while its files were stored; they are deleted too", ref)
 
     def _produce(self, job: dict, lease: "Lease") -> dict:
         """Make the job's MP4 in the work folder, then store it and its poster; return the result record."""
