@@ -181,6 +181,10 @@ class Settings:
                 raise ConfigError(problem)
         if self.cuda_device_id is not None:
             check_cuda_device(self.cuda_device_id)
+        from pipeline.models import tiny_build_problem  # the registry, which imports no torch
+
+        if problem := tiny_build_problem(self.model):
+            raise ConfigError(f"T2V_MODEL={problem}")
         if self.worker not in WORKER_MODES:
             raise ConfigError(f"T2V_WORKER must be one of {', '.join(WORKER_MODES)}, got {self.worker!r}")
         if not 0 <= self.crf <= 51:

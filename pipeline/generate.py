@@ -56,8 +56,8 @@ def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) ->
     name>`; anything else -> a diffusers folder, whose entry is read from its pipeline class.
     """
     model_id, is_tiny = models.split_tiny(model)
-    if is_tiny and model_id not in models.MODELS:
-        raise ConfigError(f"{model}: no such tiny build; tiny:<id> takes a registry id ({', '.join(models.MODELS)})")
+    if problem := models.tiny_build_problem(model):
+        raise ConfigError(problem)
     if is_tiny:
         return models.MODELS[model_id], models.tiny_model_dir(data_dir, model_id)
     entry = models.MODELS.get(model)

@@ -269,6 +269,14 @@ def split_tiny(name: str) -> tuple[str, bool]:
     return name, False
 
 
+def tiny_build_problem(name: str) -> str | None:
+    """Why `name` names no tiny build (`tiny:<id>` with an id the registry lacks), or None."""
+    model_id, tiny = split_tiny(name)
+    if tiny and model_id not in MODELS:
+        return f"{name}: no such tiny build; tiny:<id> takes a registry id ({', '.join(MODELS)})"
+    return None
+
+
 def get(name: str) -> ModelEntry:
     """The entry for a registry id or its `tiny:` name; KeyError names the known ids."""
     model_id, _ = split_tiny(name)

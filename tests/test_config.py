@@ -160,3 +160,19 @@ def test_the_clis_exit_2_on_a_gpu_index_out_of_range(gpus, monkeypatch, capsys, 
         with pytest.raises(SystemExit) as exit_:
             __import__("config").settings_or_exit(prog)
         assert exit_.value.code == 2 and "CUDA_DEVICE_ID=1" in capsys.readouterr().err
+
+
+def test_an_unknown_tiny_build_is_refused_at_start_naming_the_ids(monkeypatch, capsys, tmp_path):
+    from pipeline.models import MODELS
+
+    monkeypatch.setenv("T2V_MODEL", "tiny:nope")
+    monkeypatch.chdir(tmp_path)  # no .env here
+    with pytest.raises(ConfigError, match="tiny:nope") as refused:
+        Settings.from_env()
+    assert all(model_id in str(refused.value) for model_id in MODELS)
+    for prog in ("worker.py", "app.py"):
+        with pytest.raises(SystemExit) as exit_:
+            __import__("config").settings_or_exit(prog)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and "T2V_MODEL=tiny:nope" in err and "wan2.2-ti2v-5b" in err
+    assert Settings.from_env(env={"T2V_MODEL": "tiny:wan2.2-ti2v-5b"}).model == "tiny:wan2.2-ti2v-5b"
