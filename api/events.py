@@ -24,6 +24,7 @@ import time
 from flask import Blueprint, Flask, Response, current_app, redirect, request, send_file, stream_with_context
 
 from api.service import ApiError, job_view, media_url, owned_job, status_view, svc
+from storage.blobs import StorageError
 from storage.jobs import QUEUED, TERMINAL, StoreUnavailable
 from worker.files import preview_key
 
@@ -96,8 +97,11 @@ def job_preview(reference_id):
         response = send_file(preview, mimetype="image/webp")
         response.headers["Cache-Control"] = "no-store"  # the next step's preview comes under the same path
         return response
-    url = blobs.presigned_url(preview_key(reference_id))
-    if url is None:
+    try:
+        url = blobs.presigned_url(preview_key(reference_id)) if blobs.exists(preview_key(reference_id)) else None
+    except StorageError:
+        raise ApiError(503, "storage_unavailable", "the preview could not be looked up; try again shortly") from None
+    if url is None:  # on S3 a URL can be signed for any key: a redirect is sent only once a preview is stored
         raise ApiError(404, "not_found", f"job {reference_id} has no preview (yet)")
     return redirect(url, code=302)
 

@@ -45,6 +45,7 @@ class BlobStore(Protocol):
     def get(self, key: str, local_path: Path) -> int: ...
     def presigned_url(self, key: str) -> str | None: ...
     def local_path(self, key: str) -> Path | None: ...
+    def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]: ...
 
@@ -92,6 +93,9 @@ class LocalBlobStore:
     def local_path(self, key: str) -> Path | None:
         path = self._path(key)
         return path if path.is_file() else None
+
+    def exists(self, key: str) -> bool:
+        return self.local_path(key) is not None
 
     def delete(self, key: str) -> None:
         try:
@@ -173,6 +177,20 @@ class S3BlobStore:
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+    def exists(self, key: str) -> bool:
+        """Whether the blob is stored (a HEAD request); StorageError when S3 cannot say."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=check_key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"could not look up {key} ({type(exc).__name__})") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"could not look up {key} ({type(exc).__name__})") from None
+        return True
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

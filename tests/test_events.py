@@ -261,3 +261,20 @@ def test_sigterm_ends_open_streams_so_the_server_stops_without_waiting_on_them(t
         stop(proc)
     log = next(folder.glob("server-*.log")).read_text()
     assert "still running" not in log and "Traceback" not in log, log  # waitress waited on no stream
+
+
+def test_on_s3_the_preview_is_a_404_until_one_is_stored(make_app, s3_bucket, tmp_path):
+    from storage.blobs import S3BlobStore
+    from worker.files import preview_key
+
+    endpoint, bucket = s3_bucket
+    blobs = S3BlobStore(bucket, "us-east-1", "test", "test", endpoint, url_ttl_s=600)
+    app, svc = make_app(worker=False, blobs=blobs)
+    client = app.test_client()
+    ref = client.post("/generate_video", json=TINY_JOB).json["reference_id"]
+    none_yet = client.get(f"/jobs/{ref}/preview")
+    assert (none_yet.status_code, none_yet.json["error"]["code"]) == (404, "not_found")
+    (tmp_path / "p.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBP")
+    blobs.put(tmp_path / "p.webp", preview_key(ref))
+    stored = client.get(f"/jobs/{ref}/preview")
+    assert stored.status_code == 302 and stored.headers["Location"].startswith(endpoint)
