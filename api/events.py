@@ -103,8 +103,11 @@ def job_preview(reference_id):
 
 
 def event_stream(job: dict) -> Response:
-    """Open a stream for `job` (ownership checked by the caller), or 429 when T2V_MAX_STREAMS are open."""
+    """Open a stream for `job` (ownership checked by the caller), or 429 when T2V_MAX_STREAMS are open. A
+    reconnect that has seen the terminal event gets 204, which tells EventSource to stop reconnecting."""
     after = _last_event_id()
+    if _seen_the_end(job, after):
+        return Response(status=204)
     slots = _slots()
     if not slots.take():
         raise ApiError(429, "too_many_streams", f"{slots.limit} event streams are open, the most this server "
@@ -127,6 +130,14 @@ def _last_event_id() -> int:
     if not LAST_EVENT_ID.fullmatch(raw):
         raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be the id of an event this stream sent")
     return int(raw)
+
+
+def _seen_the_end(job: dict, after: int) -> bool:
+    """Whether a client at `after` has had the terminal event: its id is one past the job's last logged event,
+    so an ended job with no logged event at `after` or later has nothing more to send."""
+    if after == 0 or job["status"] not in TERMINAL:
+        return False
+    return not svc().jobs.events_after(job["reference_id"], after - 1, limit=1)
 
 
 def _events(reference_id: str, after: int):
