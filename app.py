@@ -61,9 +61,18 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     return app
 
 
+RETRIED_4XX = (408, 429)  # a retry may get another answer: the client waits, then sends the same request again
+RETRIED_CODES = ("idempotency_key_in_use",)  # a 409 that ends once the twin request is stored
+
+
 def _register_errors(app: Flask) -> None:
     def error(status: int, code: str, message: str):
-        return jsonify(error={"code": code, "message": message}), status
+        """Every error as JSON. A 4xx the same request would get again says `x-should-retry: false`, the header
+        the openai SDK obeys before its own rules (which resend a 409)."""
+        response = jsonify(error={"code": code, "message": message})
+        if 400 <= status < 500 and status not in RETRIED_4XX and code not in RETRIED_CODES:
+            response.headers["x-should-retry"] = "false"
+        return response, status
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):

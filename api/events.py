@@ -24,6 +24,7 @@ import time
 from flask import Blueprint, Flask, Response, current_app, redirect, request, send_file, stream_with_context
 
 from api.service import ApiError, job_view, media_url, owned_job, status_view, svc
+from api.v1 import owned_video
 from storage.jobs import QUEUED, TERMINAL, StoreUnavailable
 from worker import preview_key
 
@@ -78,7 +79,7 @@ def job_events(reference_id):
 @bp.get("/v1/videos/<reference_id>/events")
 def video_events(reference_id):
     """The same stream for the /v1/videos face: a video's id is its job's reference_id."""
-    return event_stream(owned_job(reference_id))
+    return event_stream(owned_video(reference_id))
 
 
 @bp.get("/jobs/<reference_id>/preview")
