@@ -577,21 +577,12 @@ WORKER_FLAGS = {
     "crf": "H.264 quality: lower is better and bigger",
     "keep_inputs": "keep uploaded clips in the blob store after their job ends",
 }
-_TYPES = {"Path": Path, "int": int, "int | None": int, "float": float}
-
-
-def _shown(value) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, Path) and not value.is_absolute():
-        return f"./{value.as_posix()}"
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def build_parser():
     import argparse
 
-    from pipeline.cli import ArgumentParser
+    from pipeline.cli import ArgumentParser, setting_flag
 
     p = ArgumentParser(
         prog="worker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -607,17 +598,8 @@ def build_parser():
     group.add_argument("--gpus", metavar="LIST", help="'all', or GPU indices like 0,1,2,3: one worker process per GPU, "
                                                       "each sees only its own GPU; a worker that dies is restarted")
     group.add_argument("--cpu-workers", type=_positive_int, metavar="N", help="run N worker processes on the CPU")
-    defaults = Settings()
-    for name, text in WORKER_FLAGS.items():
-        kind = Settings.__dataclass_fields__[name].type
-        flag = "--" + name.replace("_", "-")
-        text = f"{text} (${ENV_NAMES[name]}; default: {_shown(getattr(defaults, name))})"
-        if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        elif name == "memory":
-            p.add_argument(flag, choices=MEMORY_PRESETS, help=text)
-        else:
-            p.add_argument(flag, type=_TYPES.get(kind, str), metavar=name.split("_")[-1].upper(), help=text)
+    for name, text in WORKER_FLAGS.items():  # the CLI's own flag builder: one reading of each setting
+        setting_flag(p, name, text, **({"choices": MEMORY_PRESETS} if name == "memory" else {}))
     return p
 
 
@@ -666,7 +648,7 @@ def cpu_slots(count: int) -> list[tuple[str, dict]]:
 
 def settings_env(overrides: dict) -> dict[str, str]:
     """The flags given, as the environment variables a child worker reads."""
-    return {ENV_NAMES[name]: _shown(value) if isinstance(value, bool) else str(value)
+    return {ENV_NAMES[name]: str(value).lower() if isinstance(value, bool) else str(value)
             for name, value in overrides.items()}
 
 

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
+from config import BOOL_WORDS, ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings, parse_bool
 from pipeline.models import LORA_NAME
 from pipeline.spec import (DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError, Rules,
                            check_image, load_image)
@@ -64,13 +64,22 @@ def shown(value) -> str:
 def setting_flag(parser: argparse.ArgumentParser, name: str, text: str, *flags: str, **kwargs) -> None:
     """A flag that overrides the Settings field `name`; its help names the environment variable and the default."""
     kind = Settings.__dataclass_fields__[name].type
-    if kind == "bool":
-        kwargs.setdefault("action", argparse.BooleanOptionalAction)
+    if kind.removesuffix(" | None") == "bool":  # `--compile` alone is on; `--compile 0` off, as T2V_COMPILE=0
+        kwargs.update(type=bool_flag, nargs="?", const=True, metavar="1|0")
+        text = f"{text}; {BOOL_WORDS}"
     elif "choices" not in kwargs:
         kwargs.setdefault("type", _TYPES.get(kind, str))
         kwargs.setdefault("metavar", name.split("_")[-1].upper())
     parser.add_argument(*(flags or ["--" + name.replace("_", "-")]), dest=name, **kwargs,
                         help=f"{text} (${ENV_NAMES[name]}; default: {shown(getattr(Settings, name))})")
+
+
+def bool_flag(text: str) -> bool:
+    """An argparse type for an on/off setting, read as its environment variable is (config.parse_bool)."""
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def setting_overrides(args: argparse.Namespace) -> dict:

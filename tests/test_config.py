@@ -160,3 +160,33 @@ def test_the_clis_exit_2_on_a_gpu_index_out_of_range(gpus, monkeypatch, capsys, 
         with pytest.raises(SystemExit) as exit_:
             __import__("config").settings_or_exit(prog)
         assert exit_.value.code == 2 and "CUDA_DEVICE_ID=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--fp8", "--vae-tiling"])
+@pytest.mark.parametrize("which", ["cli", "worker"])
+def test_bool_flags_read_their_value_as_the_variable_does_and_refuse_anything_else(flag, which, capsys):
+    """`--compile 0` is off (it was on: any string was truthy), `--compile` alone on, `--compile maybe` exit 2."""
+    import worker
+    from pipeline.cli import build_parser
+
+    parser = build_parser("test.py", "t", upscale=False) if which == "cli" else worker.build_parser()
+    base = ["--prompt", "p"] if which == "cli" else []
+    dest = flag[2:].replace("-", "_")
+    for given, value in ((["0"], False), (["false"], False), (["OFF"], False), (["1"], True), (["yes"], True),
+                         ([], True)):
+        assert getattr(parser.parse_args([*base, flag, *given]), dest) is value, given
+    assert getattr(parser.parse_args(base), dest) is None  # unset: the preset decides
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args([*base, flag, "maybe"])
+    assert refused.value.code == 2
+    assert f"argument {flag}: expected 1/true/yes/on or 0/false/no/off, got 'maybe'" in capsys.readouterr().err
+    entry = " ".join(parser.format_help().split())
+    assert f"{flag} [1|0]" in entry and "1/true/yes/on or 0/false/no/off" in entry
+    if which == "worker":
+        assert worker.settings_env({dest: False}) == {f"T2V_{dest.upper()}": "false"}
+
+
+def test_a_bad_bool_variable_names_the_values_it_takes():
+    with pytest.raises(ConfigError, match=r"T2V_COMPILE .*\(1/true/yes/on or 0/false/no/off\)"):
+        Settings.from_env(env={"T2V_COMPILE": "maybe"})
+    assert Settings.from_env(env={"T2V_COMPILE": " Off "}).compile is False
