@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import waitress
 from flask import Flask, jsonify, request
@@ -24,8 +23,8 @@ from werkzeug.exceptions import HTTPException
 
 from api import classic, events, guards, jobs as job_routes, metrics, v1
 from api.service import ApiError, Service, svc
-from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
-from pipeline.cli import ArgumentParser
+from config import WORKER_MODES, Settings, settings_or_exit
+from pipeline.cli import MODEL_HELP, UPSCALER_HELP, ArgumentParser, setting_flag
 from storage.blobs import BlobStore, open_blob_store
 from storage.jobs import JobStore, StoreUnavailable, open_job_store
 from webhooks import Dispatcher
@@ -144,21 +143,16 @@ def _command_line() -> argparse.ArgumentParser:
         epilog="Every other setting (T2V_API_KEYS, MONGODB_URI, BUCKET_NAME, T2V_MAX_*, ...) comes from the "
                "environment or .env; .env.example lists them all.")
 
-    def flag(name: str, field: str, text: str, **kw):
-        default = getattr(Settings, field)
-        default = f"./{default}" if isinstance(default, Path) else default
-        parser.add_argument(name, dest=field, help=f"{text} (${ENV_NAMES[field]}, default {default})", **kw)
-
-    flag("--host", "host", "address to listen on; keep loopback unless T2V_API_KEYS is set", metavar="ADDR")
-    flag("--port", "port", "port to listen on", type=_whole_number(1, 65535))
-    flag("--threads", "threads", "request threads", type=_whole_number(1))
-    flag("--client-timeout", "client_timeout_s", "seconds a silent connection (a stalled request, an idle "
-         "keep-alive) stays open", type=_whole_number(1), metavar="SECONDS")
-    flag("--worker", "worker", "run jobs in this process (thread), or leave them to python worker.py (off)",
-         choices=WORKER_MODES)
-    flag("--model", "model", "diffusers model folder, or 'tiny' for random weights")
-    flag("--upscaler", "upscaler", "Real-ESRGAN weights: a path, a release name, 'tiny' or 'none'")
-    flag("--data-dir", "data_dir", "jobs database, local videos and temporary files", type=Path, metavar="DIR")
+    setting_flag(parser, "host", "address to listen on; keep loopback unless T2V_API_KEYS is set", metavar="ADDR")
+    setting_flag(parser, "port", "port to listen on", type=_whole_number(1, 65535))
+    setting_flag(parser, "threads", "request threads", type=_whole_number(1))
+    setting_flag(parser, "client_timeout_s", "seconds a silent connection (a stalled request, an idle keep-alive) "
+                 "stays open", "--client-timeout", type=_whole_number(1), metavar="SECONDS")
+    setting_flag(parser, "worker", "run jobs in this process (thread), or leave them to python worker.py (off)",
+                 choices=WORKER_MODES)
+    setting_flag(parser, "model", MODEL_HELP)
+    setting_flag(parser, "upscaler", UPSCALER_HELP)
+    setting_flag(parser, "data_dir", "jobs database, local videos and temporary files", metavar="DIR")
     return parser
 
 

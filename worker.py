@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
+from pipeline.cli import MODEL_HELP, UPSCALER_HELP
 from storage.blobs import BlobStore, StorageError, open_blob_store
 from storage.jobs import (FAILED, PROCESSING, TERMINAL, WORKER_REPORT_EVERY_S, JobStore, StoreUnavailable,
                           open_job_store)
@@ -559,8 +560,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 # The settings a worker uses, as flags. Each flag overrides its environment variable; the stores'
 # addresses and keys (MONGODB_URI, BUCKET_NAME, AWS_*) come from the environment only.
 WORKER_FLAGS = {
-    "model": "diffusers model folder, or 'tiny' (random weights, for trying things)",
-    "upscaler": "Real-ESRGAN weights: a .pth/.safetensors path, a release name, 'tiny' or 'none'",
+    "model": MODEL_HELP,  # as the CLI says it
+    "upscaler": UPSCALER_HELP,
     "memory": "GPU memory preset; 'auto' picks from free VRAM",
     "cuda_device_id": "which GPU, an index within CUDA_VISIBLE_DEVICES; unset means 0",
     "data_dir": "SQLite file (without MONGODB_URI), local videos (without BUCKET_NAME), work files",
