@@ -10,22 +10,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import secrets
 import signal
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import waitress
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+from waitress.task import ErrorTask
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from api import classic, events, guards, jobs as job_routes, metrics, v1
 from api.service import ApiError, Service, svc
-from config import ENV_NAMES, WORKER_MODES, Settings, settings_or_exit
-from pipeline.cli import ArgumentParser
+from config import WORKER_MODES, Settings, settings_or_exit
+from pipeline.cli import MODEL_HELP, UPSCALER_HELP, ArgumentParser, setting_flag
 from storage.blobs import BlobStore, open_blob_store
 from storage.jobs import JobStore, StoreUnavailable, open_job_store
 from webhooks import Dispatcher
@@ -61,9 +64,18 @@ def create_app(settings: Settings | None = None, *, jobs: JobStore | None = None
     return app
 
 
+RETRIED_4XX = (408, 429)  # a retry may get another answer: the client waits, then sends the same request again
+RETRIED_CODES = ("idempotency_key_in_use",)  # a 409 that ends once the twin request is stored
+
+
 def _register_errors(app: Flask) -> None:
     def error(status: int, code: str, message: str):
-        return jsonify(error={"code": code, "message": message}), status
+        """Every error as JSON. A 4xx the same request would get again says `x-should-retry: false`, the header
+        the openai SDK obeys before its own rules (which resend a 409)."""
+        response = jsonify(error={"code": code, "message": message})
+        if 400 <= status < 500 and status not in RETRIED_4XX and code not in RETRIED_CODES:
+            response.headers["x-should-retry"] = "false"
+        return response, status
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("listening on %s with no T2V_API_KEYS: anyone who can reach it can use the GPU", settings.host)
     app = create_app(settings)
     try:
-        server = waitress.create_server(_access_logged(app), **_server_options(settings))
+        server = _json_error_server(_access_logged(app), **_server_options(settings))
     except OSError as exc:
         print(f"app.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
               file=sys.stderr)
@@ -135,21 +147,16 @@ def _command_line() -> argparse.ArgumentParser:
         epilog="Every other setting (T2V_API_KEYS, MONGODB_URI, BUCKET_NAME, T2V_MAX_*, ...) comes from the "
                "environment or .env; .env.example lists them all.")
 
-    def flag(name: str, field: str, text: str, **kw):
-        default = getattr(Settings, field)
-        default = f"./{default}" if isinstance(default, Path) else default
-        parser.add_argument(name, dest=field, help=f"{text} (${ENV_NAMES[field]}, default {default})", **kw)
-
-    flag("--host", "host", "address to listen on; keep loopback unless T2V_API_KEYS is set", metavar="ADDR")
-    flag("--port", "port", "port to listen on", type=_whole_number(1, 65535))
-    flag("--threads", "threads", "request threads", type=_whole_number(1))
-    flag("--client-timeout", "client_timeout_s", "seconds a silent connection (a stalled request, an idle "
-         "keep-alive) stays open", type=_whole_number(1), metavar="SECONDS")
-    flag("--worker", "worker", "run jobs in this process (thread), or leave them to python worker.py (off)",
-         choices=WORKER_MODES)
-    flag("--model", "model", "diffusers model folder, or 'tiny' for random weights")
-    flag("--upscaler", "upscaler", "Real-ESRGAN weights: a path, a release name, 'tiny' or 'none'")
-    flag("--data-dir", "data_dir", "jobs database, local videos and temporary files", type=Path, metavar="DIR")
+    setting_flag(parser, "host", "address to listen on; keep loopback unless T2V_API_KEYS is set", metavar="ADDR")
+    setting_flag(parser, "port", "port to listen on", type=_whole_number(1, 65535))
+    setting_flag(parser, "threads", "request threads", type=_whole_number(1))
+    setting_flag(parser, "client_timeout_s", "seconds a silent connection (a stalled request, an idle keep-alive) "
+                 "stays open", "--client-timeout", type=_whole_number(1), metavar="SECONDS")
+    setting_flag(parser, "worker", "run jobs in this process (thread), or leave them to python worker.py (off)",
+                 choices=WORKER_MODES)
+    setting_flag(parser, "model", MODEL_HELP)
+    setting_flag(parser, "upscaler", UPSCALER_HELP)
+    setting_flag(parser, "data_dir", "jobs database, local videos and temporary files", metavar="DIR")
     return parser
 
 
@@ -172,8 +179,52 @@ def _server_options(settings: Settings) -> dict:
             "cleanup_interval": 1,  # how often silent connections are looked for, in seconds
             "connection_limit": 100,  # open connections; past it, new ones wait in the listen backlog
             "max_request_header_size": 16 * 1024,  # request line and headers: a longer one is a 431
-            "max_request_body_size": (settings.max_upload_mb + 1) * 2**20,  # Flask's own limits answer first
+            "max_request_body_size": guards.largest_body(settings) + 2**20,  # the routes' own caps answer first
             "asyncore_use_poll": True}  # poll(), not select(): no limit of 1024 open sockets
+
+
+class _JsonErrorTask(ErrorTask):
+    """waitress's own answers, to a request it cannot parse or will not read (a bad request line or header, a
+    raw non-ASCII path, a body over its cap), in the API's error shape. Such a request never reaches the app."""
+
+    def execute(self):
+        code, status, message = _waitress_error(self.request.error, self.channel.adj.max_request_body_size)
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        self.status = status
+        self.response_headers.append(("Content-Type", "application/json"))
+        if not status.startswith("5"):
+            self.response_headers.append(("x-should-retry", "false"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+def _waitress_error(error, max_body: int) -> tuple[str, str, str]:
+    """(code, status line, message) for one of waitress's errors. A Transfer-Encoding it does not know (its
+    501) is the client's doing: a 400, as the API answers every bad request with a 4xx."""
+    if error.code == 413:
+        return "too_large", "413 Request Entity Too Large", f"the request body is over {max_body} bytes, the most " \
+                                                             "this server reads"
+    if error.code == 431:
+        return "request_header_fields_too_large", "431 Request Header Fields Too Large", \
+            f"the request line and headers are over {error.body.rsplit(' ', 1)[-1]} bytes"
+    if error.code >= 500 and error.code != 501:
+        return "internal_error", f"{error.code} {error.reason}", "an unexpected error happened; it was logged"
+    return "bad_request", "400 Bad Request", f"the request is malformed: {error.body}"
+
+
+class _JsonErrorChannel(HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
+def _json_error_server(wsgi_app, **options):
+    """waitress.create_server, with every listening socket's connections answering errors as JSON."""
+    sockets = {}
+    server = waitress.create_server(wsgi_app, map=sockets, **options)
+    for listener in sockets.values():
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = _JsonErrorChannel
+    return server
 
 
 def _access_logged(wsgi_app):

@@ -303,8 +303,18 @@ ENV_NAMES.update(
     aws_secret_key="AWS_SECRET_KEY",
 )
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+BOOL_WORDS = f"{'/'.join(_TRUE)} or {'/'.join(_FALSE)}"  # what --help and errors say an on/off setting takes
+
+
+def parse_bool(text: str) -> bool:
+    """The one reading of an on/off setting, from its variable or its flag: anything but BOOL_WORDS is an error,
+    so `0` or `false` never reads as on, and a typo never runs."""
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"expected {BOOL_WORDS}, got {text[:40]!r}")
 
 
 def _parse(env_name: str, field_name: str, raw: str):
@@ -313,9 +323,7 @@ def _parse(env_name: str, field_name: str, raw: str):
         if kind == "Path":
             return Path(raw)
         if kind == "bool":
-            if raw.lower() in _TRUE | _FALSE:
-                return raw.lower() in _TRUE
-            raise ValueError
+            return parse_bool(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":
@@ -324,4 +332,5 @@ def _parse(env_name: str, field_name: str, raw: str):
             return tuple(k.strip() for k in raw.split(",") if k.strip())
         return raw
     except ValueError:
-        raise ConfigError(f"{env_name} has an invalid value for a {kind} setting") from None
+        words = f" ({BOOL_WORDS})" if kind == "bool" else ""
+        raise ConfigError(f"{env_name} has an invalid value for a {kind} setting{words}") from None

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from config import ConfigError, Settings
-from pipeline.cli import EXIT_USAGE, ArgumentParser, check_writable, setting_flag, setting_overrides
+from pipeline.cli import EXIT_USAGE, ArgumentParser, check_writable, human_size, setting_flag, setting_overrides
 
 PROG = "upscale.py"
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {args.input}: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames at {result.fps:g} fps, "
-          f"{result.size_bytes / 1e6:.2f} MB)")
+          f"{human_size(result.size_bytes)})")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items()))
     return 0
 

@@ -42,6 +42,7 @@ EVENTS = WEBHOOK_EVENTS  # started, completed, failed, canceled
 MAX_URL_CHARS = 2048
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 FORBIDDEN = ("unspecified", "loopback", "link_local", "multicast", "reserved", "private")  # the most telling first
+ALLOW_PRIVATE_HINT = "; T2V_WEBHOOK_ALLOW_PRIVATE=1 allows loopback and private addresses (development, a LAN)"
 POLL_S = 1.0  # how often an idle dispatcher looks for due deliveries
 
 
@@ -80,7 +81,8 @@ def resolve(host: str, port: int, allow_private: bool) -> list:
         address = ipaddress.ip_address(info[4][0].split("%", 1)[0])  # an IPv6 zone index is not part of it
         reason = refusal(address, allow_private)
         if reason:
-            raise WebhookRefused(f"webhook_url: the host {host} resolves to {reason} address ({address})")
+            hint = "" if address in METADATA_ADDRESSES else ALLOW_PRIVATE_HINT
+            raise WebhookRefused(f"webhook_url: the host {host} resolves to {reason} address ({address}){hint}")
         if address not in addresses:
             addresses.append(address)
     if not addresses:

@@ -24,6 +24,7 @@ import time
 from flask import Blueprint, Flask, Response, current_app, redirect, request, send_file, stream_with_context
 
 from api.service import ApiError, job_view, media_url, owned_job, status_view, svc
+from api.v1 import owned_video
 from storage.blobs import StorageError
 from storage.jobs import QUEUED, TERMINAL, StoreUnavailable
 from worker.files import preview_key
@@ -79,7 +80,7 @@ def job_events(reference_id):
 @bp.get("/v1/videos/<reference_id>/events")
 def video_events(reference_id):
     """The same stream for the /v1/videos face: a video's id is its job's reference_id."""
-    return event_stream(owned_job(reference_id))
+    return event_stream(owned_video(reference_id))
 
 
 @bp.get("/jobs/<reference_id>/preview")
@@ -107,8 +108,11 @@ def job_preview(reference_id):
 
 
 def event_stream(job: dict) -> Response:
-    """Open a stream for `job` (ownership checked by the caller), or 429 when T2V_MAX_STREAMS are open."""
+    """Open a stream for `job` (ownership checked by the caller), or 429 when T2V_MAX_STREAMS are open. A
+    reconnect that has seen the terminal event gets 204, which tells EventSource to stop reconnecting."""
     after = _last_event_id()
+    if _seen_the_end(job, after):
+        return Response(status=204)
     slots = _slots()
     if not slots.take():
         raise ApiError(429, "too_many_streams", f"{slots.limit} event streams are open, the most this server "
@@ -131,6 +135,14 @@ def _last_event_id() -> int:
     if not LAST_EVENT_ID.fullmatch(raw):
         raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be the id of an event this stream sent")
     return int(raw)
+
+
+def _seen_the_end(job: dict, after: int) -> bool:
+    """Whether a client at `after` has had the terminal event: its id is one past the job's last logged event,
+    so an ended job with no logged event at `after` or later has nothing more to send."""
+    if after == 0 or job["status"] not in TERMINAL:
+        return False
+    return not svc().jobs.events_after(job["reference_id"], after - 1, limit=1)
 
 
 def _events(reference_id: str, after: int):

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from flask import Flask, g, request
 
 from api.service import ApiError, generate_body_limit, signature, svc
+from config import Settings
 
 PUBLIC_ENDPOINTS = {"jobs.health", "static", "jobs.index"}  # everything else needs a key when keys are on
 
@@ -137,11 +138,21 @@ def _signature_valid() -> bool:
     return hmac.compare_digest(expected, sig)
 
 
+def upload_body_limit(settings: Settings) -> int:
+    return settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
+
+
+def largest_body(settings: Settings) -> int:
+    """The largest body any route takes. The HTTP server's own cap (app.py) sits above it, so that a body a
+    route allows is never refused before the app sees it, and one over a route's cap gets the app's JSON 413."""
+    return max(upload_body_limit(settings), generate_body_limit(settings), settings.max_body_kb * 1024)
+
+
 def _upload_limit():
     """Uploads get their own, larger body limit (T2V_MAX_UPLOAD_MB); JSON bodies keep T2V_MAX_BODY_KB, with
     room for an image on /generate_video."""
     if request.endpoint == "classic.upscale_video":
-        request.max_content_length = svc().settings.max_upload_mb * 2**20 + 64 * 1024  # room for the form fields
+        request.max_content_length = upload_body_limit(svc().settings)
     elif request.endpoint in ("classic.generate_video", "v1.create_video"):
         request.max_content_length = generate_body_limit(svc().settings)
 

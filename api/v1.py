@@ -22,7 +22,7 @@ import re
 from flask import Blueprint, g, jsonify, request
 
 from api.service import (ApiError, blob_response, check_id, create_generate_job, form_fields, idempotent,
-                         image_bytes, job_rules, json_body, new_id, owned_job, printable, remove_job,
+                         image_bytes, job_rules, json_body, media_url, new_id, owned_job, printable, remove_job,
                          spritesheet_response, svc)
 from pipeline.spec import DEFAULT_FPS, model_rules
 from storage.jobs import CANCELED, COMPLETED, FAILED, PROCESSING, QUEUED, TERMINAL, job_model
@@ -40,11 +40,12 @@ STATUSES = {QUEUED: "queued", PROCESSING: "in_progress", COMPLETED: "completed",
 CANCELED_ERROR = {"code": "canceled", "message": "the job was canceled before it finished"}
 VARIANTS = ("video", "thumbnail", "spritesheet")
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+VIDEO_KIND = "generate"  # a /v1 video is a job of this kind (is_video)
 ABSENT = object()
 
 
 @bp.post("/videos")
-@idempotent(lambda job: jsonify(video_object(job)))
+@idempotent(lambda job: video_response(job))
 def create_video():
     fields, image = _create_request()
     body = {"upscale": False, **{name: fields[name] for name in PASSED_ON if name in fields}}
@@ -56,7 +57,7 @@ def create_video():
         model_id = fields.get("model", rules.default_model)
         if isinstance(model_id, str) and model_id in rules.models:  # else the validation names the model's fault
             body["num_frames"] = frames_for(seconds, fields["seconds"], model_rules(rules, model_id))
-    return jsonify(video_object(create_generate_job(body, image, new_id(), FIELD_NAMES)))
+    return video_response(create_generate_job(body, image, new_id(), FIELD_NAMES))
 
 
 @bp.get("/videos")
@@ -69,8 +70,11 @@ def list_videos():
     after = request.args.get("after")
     if after is not None:
         check_id(after, "after")
+        cursor = svc().jobs.get(after)
+        if cursor is not None and not (cursor["owner"] == g.owner and is_video(cursor)):
+            raise ApiError(404, "not_found", f"after: there is no video {after} for this caller")
     try:
-        jobs = svc().jobs.list_jobs(g.owner, kind="generate", after=after, limit=limit + 1,
+        jobs = svc().jobs.list_jobs(g.owner, kind=VIDEO_KIND, after=after, limit=limit + 1,
                                     oldest_first=order == "asc")
     except KeyError:
         raise ApiError(404, "not_found", f"after: there is no video {after} for this caller") from None
@@ -81,13 +85,13 @@ def list_videos():
 
 @bp.get("/videos/<reference_id>")
 def retrieve_video(reference_id):
-    return jsonify(video_object(_owned_video(reference_id)))
+    return video_response(owned_video(reference_id))
 
 
 @bp.delete("/videos/<reference_id>")
 def delete_video(reference_id):
     """Remove the video's files and record; a queued or running job is canceled first."""
-    remove_job(_owned_video(reference_id))
+    remove_job(owned_video(reference_id))
     return jsonify(id=reference_id, object="video.deleted", deleted=True)
 
 
@@ -97,12 +101,22 @@ def video_content(reference_id):
     variant = request.args.get("variant", "video")
     if variant not in VARIANTS:
         raise ApiError(400, "invalid_parameter", f"variant must be one of {', '.join(VARIANTS)}")
-    job = _owned_video(reference_id)
+    job = owned_video(reference_id)
     if variant == "video":
         return blob_response(job, "video_key", "video/mp4")
     if variant == "thumbnail":
         return blob_response(job, "poster_key", "image/jpeg")
     return spritesheet_response(job)
+
+
+def video_response(job: dict):
+    """A video object; one not finished yet says when to look again (`openai-poll-after-ms`, which the SDK's
+    `poll()` waits), so a client polls about five times over the job's estimated time, 1 to 10 s apart."""
+    response = jsonify(video_object(job))
+    if job["status"] not in TERMINAL:
+        eta_ms = (job["eta_s"] or 0) * 1000
+        response.headers["openai-poll-after-ms"] = str(int(min(max(eta_ms / 5, 1000), 10000)))
+    return response
 
 
 def video_object(job: dict) -> dict:
@@ -119,6 +133,7 @@ def video_object(job: dict) -> dict:
         "completed_at": int(job["finished_at"]) if status in TERMINAL and job["finished_at"] else None,
         "model": job_model(job), "prompt": params["prompt"], "seconds": f"{round(frames / fps, 3):g}",
         "size": f"{width}x{height}", "error": CANCELED_ERROR if status == CANCELED else job["error"],
+        "events_url": media_url("events.video_events", job["reference_id"]),  # a t2v extension, for EventSource
     }
 
 
@@ -135,10 +150,15 @@ def frames_for(seconds: float, given, rules) -> int:
     return frames
 
 
-def _owned_video(reference_id: str) -> dict:
-    """A generate job of the caller's; an upscale job is no video of this API (404, as for anyone else's)."""
+def is_video(job: dict) -> bool:
+    """The one rule for what a /v1 video is: a generate job. An upscale job is none, on every /v1 route."""
+    return job["kind"] == VIDEO_KIND
+
+
+def owned_video(reference_id: str) -> dict:
+    """A video of the caller's; any other job is no video of this API (404, as for anyone else's)."""
     job = owned_job(reference_id)
-    if job["kind"] != "generate":
+    if not is_video(job):
         raise ApiError(404, "not_found", f"no video {reference_id} for this caller")
     return job
 

@@ -13,9 +13,10 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
-from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
+from config import BOOL_WORDS, ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings, parse_bool
 from pipeline.models import LORA_NAME
 from pipeline.spec import (DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits, ParamError, Rules,
                            check_image, load_image)
@@ -31,6 +32,11 @@ PARAM_FLAGS = {
 # Every field an error may name, as its flag: the job parameters, the image and the LoRAs ("loras[0].scale").
 FIELD_FLAGS = {**PARAM_FLAGS, "image": "--image", "loras": "--lora"}
 _TYPES = {"Path": Path, "int": int, "int | None": int, "float": float}
+# --model and --upscaler mean the same in every script (test.py, finalpipeline.py, app.py, worker.py): one text each.
+MODEL_HELP = ("a model id (python download.py --list), a diffusers model folder, or 'tiny' / 'tiny:<id>' for a "
+              "random-weight test model")
+UPSCALER_HELP = ("Real-ESRGAN weights: a .pth/.safetensors file, a release name (RealESRGAN_x4plus, "
+                 "realesr-animevideov3, ...), 'tiny', or 'none' to skip")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -64,13 +70,22 @@ def shown(value) -> str:
 def setting_flag(parser: argparse.ArgumentParser, name: str, text: str, *flags: str, **kwargs) -> None:
     """A flag that overrides the Settings field `name`; its help names the environment variable and the default."""
     kind = Settings.__dataclass_fields__[name].type
-    if kind == "bool":
-        kwargs.setdefault("action", argparse.BooleanOptionalAction)
+    if kind.removesuffix(" | None") == "bool":  # `--compile` alone is on; `--compile 0` off, as T2V_COMPILE=0
+        kwargs.update(type=bool_flag, nargs="?", const=True, metavar="1|0")
+        text = f"{text}; {BOOL_WORDS}"
     elif "choices" not in kwargs:
         kwargs.setdefault("type", _TYPES.get(kind, str))
         kwargs.setdefault("metavar", name.split("_")[-1].upper())
     parser.add_argument(*(flags or ["--" + name.replace("_", "-")]), dest=name, **kwargs,
                         help=f"{text} (${ENV_NAMES[name]}; default: {shown(getattr(Settings, name))})")
+
+
+def bool_flag(text: str) -> bool:
+    """An argparse type for an on/off setting, read as its environment variable is (config.parse_bool)."""
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def setting_overrides(args: argparse.Namespace) -> dict:
@@ -91,12 +106,16 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
           metavar="TEXT")
     param("width", f"frame width, a multiple of the model's size step (default: the model's own; {DEFAULT_WIDTH} for "
           "HunyuanVideo, 64 for a tiny build)", type=int)
-    param("height", f"frame height (default: the model's own; {DEFAULT_HEIGHT} for HunyuanVideo, 64 for a tiny build)", type=int)
+    param("height", f"frame height (default: the model's own; {DEFAULT_HEIGHT} for HunyuanVideo, 64 for a tiny "
+          "build)", type=int)
     param("num_frames", f"frame count, 4k+1; 129 is about 5 s at 24 fps (default: the model's own; {Limits.max_frames} "
                         "for HunyuanVideo, 9 for a tiny build; at most $T2V_MAX_FRAMES)", type=int, metavar="N")
-    param("fps", f"frame rate of the MP4, 1-60 (default: {DEFAULT_FPS})", type=int)
-    param("num_inference_steps", "denoising steps, 1-100 (default: the model's own; 30 for HunyuanVideo, 4 for a tiny build)", type=int, metavar="N")
-    param("guidance_scale", "embedded guidance scale (default: 6.0)", type=float, metavar="SCALE")
+    param("fps", f"frame rate of the MP4, 1-60 (default: the model's own; {DEFAULT_FPS} for HunyuanVideo and Wan 2.2 "
+                 "TI2V-5B, 16 for the other Wan models)", type=int)
+    param("num_inference_steps", "denoising steps, 1-100 (default: the model's own; 30 for HunyuanVideo, 4 for a "
+                                 "tiny build)", type=int, metavar="N")
+    param("guidance_scale", "guidance scale (default: the model's own; 6.0 for HunyuanVideo, 3.5-5.0 for Wan)",
+          type=float, metavar="SCALE")
     param("seed", "random seed (default: picked at random and printed)", type=int)
     if upscale:
         param("outscale", "output size over generated size (default: 4)", type=int, choices=(2, 4))
@@ -109,12 +128,10 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
                      help="the MP4 to write (default: ./outputs/t2v_<seed>.mp4, in $T2V_OUTPUT_DIR)")
 
     setup = p.add_argument_group("models and settings (each overrides its environment variable)")
-    setting_flag(setup, "model", "a model id (python download.py --list), a diffusers model folder, or 'tiny' / "
-                                 "'tiny:<id>' for a random-weight test model")
+    setting_flag(setup, "model", MODEL_HELP)
     setting_flag(setup, "memory", "GPU memory preset; 'auto' picks from free VRAM", choices=MEMORY_PRESETS)
     if upscale:
-        setting_flag(setup, "upscaler", "Real-ESRGAN weights: a .pth/.safetensors file, a release name "
-                                        "(RealESRGAN_x4plus, realesr-animevideov3, ...), 'tiny', or 'none' to skip")
+        setting_flag(setup, "upscaler", UPSCALER_HELP)
         setting_flag(setup, "upscale_tile", "upscaler tile size in pixels; 0 = whole frames")
         setting_flag(setup, "upscale_batch", "frames per upscaler batch")
     setting_flag(setup, "crf", "H.264 quality, 0-51: lower is better and bigger")
@@ -170,9 +187,18 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         print(f"{prog}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames at {result.fps} fps, "
-          f"{result.size_bytes / 1e6:.2f} MB)")
+          f"{human_size(result.size_bytes)})")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items()))
     return 0
+
+
+def human_size(size_bytes: int) -> str:
+    """A file size as people read it: 4.8 kB, 12.3 MB, 1.2 GB (powers of 1000), never 0.00 MB."""
+    if size_bytes < 1000:
+        return f"{size_bytes} B"
+    value, unit = next((size_bytes / 1000**power, unit) for power, unit in ((3, "GB"), (2, "MB"), (1, "kB"))
+                       if size_bytes >= 1000**power)
+    return f"{value:.1f} {unit}"
 
 
 def lora_flag(text: str) -> dict:
@@ -208,15 +234,28 @@ def read_image(path: Path, settings: Settings):
 
 
 def check_writable(output: Path) -> None:
-    """Fail before any model loads if the MP4 cannot be written where asked."""
+    """Fail before any model loads if the MP4 cannot be written where asked. Permission bits do not say it (root
+    passes os.access on /proc), so the check writes: the file itself, or a scratch file in the nearest folder
+    that exists when the rest is still to be made; what it made is removed."""
     if output.suffix.lower() != ".mp4":
         raise ValueError(f"--output must end in .mp4, got {output}")
     parent = output.parent if str(output.parent) else Path(".")
     if output.is_dir():
         raise ValueError(f"--output {output} is a directory")
     existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir():
         raise ValueError(f"cannot write {output}: {existing} is not a writable folder")
+    try:
+        if existing == parent:
+            made = not output.exists()
+            with open(output, "ab"):  # appends nothing: a file already there keeps its bytes
+                pass
+            if made:
+                output.unlink()
+        else:
+            tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise ValueError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 def check_weights(settings: Settings, params: JobParams) -> None:

@@ -220,7 +220,8 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
 
     if progress_bar:
         stream = _bar(stream, total, stage)
-    poster = write_poster(frames[len(frames) // 2], output.with_suffix(".jpg"))
+    poster = output.with_suffix(".jpg")
+    stream = _poster_at(stream, total // 2, poster)  # the middle frame as the MP4 shows it: upscaled, if it is
     stream = _progressed(stream, stage, total, on_progress, should_cancel)
     encode_s, upscale_s = encode_stream(stream, output, params.fps, settings.crf)
     timings["upscale" if upscaler else "encode"] = upscale_s

@@ -176,3 +176,33 @@ def test_an_unknown_tiny_build_is_refused_at_start_naming_the_ids(monkeypatch, c
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and "T2V_MODEL=tiny:nope" in err and "wan2.2-ti2v-5b" in err
     assert Settings.from_env(env={"T2V_MODEL": "tiny:wan2.2-ti2v-5b"}).model == "tiny:wan2.2-ti2v-5b"
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--fp8", "--vae-tiling"])
+@pytest.mark.parametrize("which", ["cli", "worker"])
+def test_bool_flags_read_their_value_as_the_variable_does_and_refuse_anything_else(flag, which, capsys):
+    """`--compile 0` is off (it was on: any string was truthy), `--compile` alone on, `--compile maybe` exit 2."""
+    from pipeline.cli import build_parser
+    from worker import cli as worker
+
+    parser = build_parser("test.py", "t", upscale=False) if which == "cli" else worker.build_parser()
+    base = ["--prompt", "p"] if which == "cli" else []
+    dest = flag[2:].replace("-", "_")
+    for given, value in ((["0"], False), (["false"], False), (["OFF"], False), (["1"], True), (["yes"], True),
+                         ([], True)):
+        assert getattr(parser.parse_args([*base, flag, *given]), dest) is value, given
+    assert getattr(parser.parse_args(base), dest) is None  # unset: the preset decides
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args([*base, flag, "maybe"])
+    assert refused.value.code == 2
+    assert f"argument {flag}: expected 1/true/yes/on or 0/false/no/off, got 'maybe'" in capsys.readouterr().err
+    entry = " ".join(parser.format_help().split())
+    assert f"{flag} [1|0]" in entry and "1/true/yes/on or 0/false/no/off" in entry
+    if which == "worker":
+        assert worker.settings_env({dest: False}) == {f"T2V_{dest.upper()}": "false"}
+
+
+def test_a_bad_bool_variable_names_the_values_it_takes():
+    with pytest.raises(ConfigError, match=r"T2V_COMPILE .*\(1/true/yes/on or 0/false/no/off\)"):
+        Settings.from_env(env={"T2V_COMPILE": "maybe"})
+    assert Settings.from_env(env={"T2V_COMPILE": " Off "}).compile is False

@@ -278,3 +278,36 @@ def test_on_s3_the_preview_is_a_404_until_one_is_stored(make_app, s3_bucket, tmp
     blobs.put(tmp_path / "p.webp", preview_key(ref))
     stored = client.get(f"/jobs/{ref}/preview")
     assert stored.status_code == 302 and stored.headers["Location"].startswith(endpoint)
+
+
+def test_a_reconnect_after_the_terminal_event_gets_204_and_the_terminal_event_keeps_its_id(make_app):
+    """EventSource reconnects after any stream ends; only a 204 stops it. The end is sent once, with one id."""
+    app, svc = make_app(worker=False)
+    client = app.test_client()
+    ref = client.post("/generate_video", json=TINY_JOB).json["reference_id"]
+    svc.jobs.claim("w1", 30)
+    for step in (1, 2):
+        svc.jobs.append_event(ref, "w1", "progress", {"progress": step / 4})
+    svc.jobs.fail(ref, "w1", "generation_error", "out of luck")
+
+    def events(last_event_id=None):
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        response = client.get(f"/jobs/{ref}/events", headers=headers)
+        names = [(m["event"], m.get("id")) for m in read_events_text(response.get_data(as_text=True))]
+        return response.status_code, names
+
+    assert events() == (200, [("progress", 1), ("progress", 2), ("failed", 3)])
+    assert events(2) == (200, [("failed", 3)])  # it had every logged event, not the end
+    for seen in (3, 4, 99):
+        assert events(seen) == (204, [])
+    assert client.get(f"/v1/videos/{ref}/events", headers={"Last-Event-ID": "3"}).status_code == 204
+
+
+def read_events_text(text):
+    """The messages of a whole event-stream body, as read_events gives them (retry lines left out)."""
+    messages = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":") and ": " in line)
+        if "data" in fields:
+            messages.append({"event": fields["event"], **({"id": int(fields["id"])} if "id" in fields else {})})
+    return messages

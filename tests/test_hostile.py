@@ -439,3 +439,13 @@ def test_real_server_answers_hostile_requests_with_4xx_json(served):
     assert lone.status_code == 400 and lone.json()["error"]["code"] == "invalid_text"
     assert requests.get(f"{base}/health", timeout=10).json()["queue_length"] == 0  # nothing was queued
     assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("url, hinted", [("http://127.0.0.1:9/hook", True), ("http://[::1]/hook", True),
+                                         ("http://10.0.0.5/hook", True), ("http://169.254.169.254/", False)])
+def test_a_refused_webhook_address_names_the_setting_that_allows_it_for_development(url, hinted):
+    from webhooks import WebhookRefused, check_url
+
+    with pytest.raises(WebhookRefused) as refused:
+        check_url(url, allow_private=False)
+    assert ("T2V_WEBHOOK_ALLOW_PRIVATE=1" in str(refused.value)) is hinted, refused.value  # metadata stays refused

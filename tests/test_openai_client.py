@@ -3,6 +3,9 @@ keys on: create, retrieve until completed, download the video and the thumbnail,
 image-to-video create with `input_reference`."""
 
 import io
+import json
+import shlex
+import subprocess
 import sys
 
 import openai
@@ -107,3 +110,31 @@ def test_the_sdk_makes_an_image_to_video_with_input_reference(server, tmp_path):
         client.videos.create(prompt="p", size="64x64", seconds="0.375", input_reference=("a.png", first, "image/png"))
     assert "hunyuanvideo: input_reference is not taken" in text_only.value.message
     client.videos.delete(video.id)
+
+
+def readme_blocks(heading: str, language: str) -> list[str]:
+    """The fenced `language` blocks of README.md's section under `heading`, as written there."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n### ", 1)[0]
+    return [block.split("\n```", 1)[0] for block in section.split(f"```{language}\n")[1:]]
+
+
+def test_the_readmes_v1_snippets_run_as_written_on_the_tiny_server(server, tmp_path, monkeypatch):
+    """The SDK snippet and the curl of "OpenAI-compatible /v1/videos", with only the address and key swapped."""
+    base, _ = server
+    (python,), (curl,) = readme_blocks("### OpenAI-compatible /v1/videos", "python"), \
+        readme_blocks("### OpenAI-compatible /v1/videos", "bash")
+    monkeypatch.chdir(tmp_path)
+    swap = {"http://127.0.0.1:7866": base, "key1": "k-one"}
+    for old, new in swap.items():
+        python, curl = python.replace(old, new), curl.replace(old, new)
+    exec(compile(python, "README.md", "exec"), {})  # creates, polls, downloads, lists and deletes
+    assert probe(tmp_path / "fox.mp4")["frames"] == 25  # "1" s at 24 fps: 25 frames, 4k+1
+    assert Image.open(tmp_path / "fox.jpg").size == (64, 64)
+
+    Image.new("RGB", (64, 64), (200, 90, 30)).save(tmp_path / "fox.png")
+    done = subprocess.run(shlex.split(curl.replace("\\\n", " ")), capture_output=True, text=True, timeout=120)
+    video = json.loads(done.stdout)
+    assert done.returncode == 0 and video["object"] == "video", done.stdout
+    assert (video["model"], video["seconds"]) == ("wan2.2-ti2v-5b", "1.042")
+    completed(sdk(base), video["id"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.generate import JobCanceled
 from pipeline.run import Models, file_sha256, run_job
@@ -37,7 +38,7 @@ def test_run_job_upscales_4x_and_reports_what_it_wrote(settings, models, tmp_pat
     assert (result.width, result.height, result.frames, result.fps, result.seed) == (256, 256, 9, 24, 3)
     assert result.duration_s == pytest.approx(9 / 24)
     assert result.sha256 == file_sha256(out) and result.size_bytes == out.stat().st_size
-    assert result.poster_path.is_file()
+    assert Image.open(result.poster_path).size == (256, 256)  # the video's size, not the generated 64x64
     assert {"generate", "upscale", "total"} <= set(result.timings_s)
     assert [s for s in stages if s[0] == "denoising"] == [("denoising", 1, 2), ("denoising", 2, 2)]
     assert [s[1] for s in stages if s[0] == "upscaling"] == list(range(1, 10))

@@ -1,5 +1,8 @@
 """The service on S3, with S3 failing, and served for real: `python app.py` and gunicorn as subprocesses."""
 
+import base64
+import io
+import json
 import os
 import signal
 import socket
@@ -9,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from conftest import ROOT, TINY_JOB, wait_for
 from pipeline.video import probe
@@ -192,7 +197,7 @@ def hardened_server(tmp_path_factory, data_dir):
     One server for the tests below, each of which checks that its clients left no traceback in its log."""
     tmp_path = tmp_path_factory.mktemp("hardened")
     proc, base = serve([sys.executable, str(ROOT / "app.py")], tmp_path, data_dir, T2V_WORKER="off",
-                       T2V_THREADS="2", T2V_CLIENT_TIMEOUT_S=str(CLIENT_TIMEOUT_S))
+                       T2V_THREADS="2", T2V_CLIENT_TIMEOUT_S=str(CLIENT_TIMEOUT_S), T2V_MAX_UPLOAD_MB="1")
     try:
         wait_for(lambda: _get_json(f"{base}/health"), timeout=240, every=0.2)
         yield base, tmp_path
@@ -217,6 +222,45 @@ def test_python_app_py_refuses_oversized_and_malformed_requests(hardened_server,
     status = got.split(b"\r\n", 1)[0]
     assert status.split(b" ")[1:2] in ([b"400"], [b"414"], [b"431"]) or (got == b"" and closed), got[:200]
     assert closed
+    still_serving_without_tracebacks(base, log_dir)
+
+
+@pytest.mark.parametrize("payload, code", [
+    ("GET /jobs/été✓ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(), "bad_request"),  # raw UTF-8: a bad URI
+    (b"get /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "bad_request"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n", "bad_request"),
+    (b"POST /generate_video HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 1000000000000\r\n\r\n", "too_large"),
+    (b"POST /generate_video HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", "bad_request"),
+    (b"GARBAGE\r\n\r\n", "bad_request"),
+], ids=["utf8-path", "lowercase-method", "nul-in-header", "content-length-1e12", "unknown-encoding", "garbage"])
+def test_requests_waitress_answers_itself_get_a_json_4xx_and_are_closed(hardened_server, payload, code):
+    """They never reach the app; waitress answers them, in the API's error shape, then closes the connection."""
+    base, log_dir = hardened_server
+    with raw(base, payload) as sock:
+        got, closed = read_until_closed(sock, within=CLIENT_TIMEOUT_S + DROP_SLACK_S)
+    head, _, body = got.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    assert 400 <= status < 500 and closed, got[:300]
+    assert b"Content-Type: application/json" in head and b"X-Should-Retry: false" in head
+    assert set(json.loads(body)) == {"error"} and json.loads(body)["error"]["code"] == code
+    assert json.loads(body)["error"]["message"]
+    still_serving_without_tracebacks(base, log_dir)
+
+
+def test_an_image_within_t2v_max_image_mb_passes_the_servers_cap_under_a_small_upload_cap(hardened_server):
+    """T2V_MAX_UPLOAD_MB=1 here; a 3 MB PNG (under T2V_MAX_IMAGE_MB, 20) as a data: URI reaches the app."""
+    base, log_dir = hardened_server
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    assert buf.tell() > 2_900_000
+    uri = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    r = requests.post(f"{base}/generate_video", json={"prompt": "the fox turns", "model": "hunyuanvideo-i2v",
+                                                      "image": uri}, timeout=120)
+    assert r.status_code == 200 and r.json()["status"] == "queued", r.text[:300]
+    over = requests.post(f"{base}/upscale_video", files={"video": ("big.mp4", b"\0" * (2 * 2**20))}, timeout=120)
+    assert over.status_code == 413 and over.json()["error"]["code"] == "too_large"  # the route's own cap, as JSON
     still_serving_without_tracebacks(base, log_dir)
 
 

@@ -250,3 +250,42 @@ def test_a_record_from_before_the_model_registry_shows_as_hunyuanvideo(make_app)
                             {"prompt": "p", "width": 64, "height": 64, "num_frames": 9}))  # no model, no fps
     video = app.test_client().get("/v1/videos/oldjob01").json
     assert (video["model"], video["seconds"], video["size"]) == ("hunyuanvideo", "0.375", "64x64")
+
+
+def test_an_upscale_job_is_no_video_on_any_v1_route(make_app, tmp_path):
+    """One rule on every /v1 route: retrieve, content, delete, the list's `after` and the event stream."""
+    app, svc = make_app(worker=False)
+    client = app.test_client()
+    video = create(client)["id"]
+    clip = make_clip(tmp_path / "in.mp4", frames=8, audio=None).read_bytes()
+    upscale = client.post("/upscale_video", data={"video": (io.BytesIO(clip), "in.mp4")},
+                          content_type="multipart/form-data").json["reference_id"]
+    for method, url in (("get", f"/v1/videos/{upscale}"), ("get", f"/v1/videos/{upscale}/content"),
+                        ("get", f"/v1/videos?after={upscale}"), ("get", f"/v1/videos/{upscale}/events"),
+                        ("delete", f"/v1/videos/{upscale}")):
+        r = getattr(client, method)(url)
+        assert r.status_code == 404 and r.json["error"]["code"] == "not_found", url
+    assert svc.jobs.get(upscale) is not None and client.get(f"/jobs/{upscale}/events", buffered=False).status_code == 200
+    assert client.get(f"/v1/videos?after={video}").json["data"] == []
+
+
+def test_the_sdks_headers_poll_after_while_unfinished_and_no_retry_on_a_final_4xx(make_app):
+    app, svc = make_app(worker=False)
+    client = app.test_client()
+    r = client.post("/v1/videos", json=TINY_VIDEO)
+    assert r.headers["openai-poll-after-ms"] == "1000"  # no estimate yet: the SDK's own default, at least
+    video = r.json
+    assert video["events_url"] == f"/v1/videos/{video['id']}/events"
+    svc.jobs.claim("w1", 30)
+    svc.jobs.update_progress(video["id"], "w1", progress=0.5, eta_s=30.0)
+    assert client.get(f"/v1/videos/{video['id']}").headers["openai-poll-after-ms"] == "6000"  # a fifth of the ETA
+    svc.jobs.update_progress(video["id"], "w1", eta_s=3600.0)
+    assert client.get(f"/v1/videos/{video['id']}").headers["openai-poll-after-ms"] == "10000"
+    svc.jobs.fail(video["id"], "w1", "generation_error", "no luck")
+    assert "openai-poll-after-ms" not in client.get(f"/v1/videos/{video['id']}").headers
+
+    queued = create(client)["id"]
+    for r in (client.get(f"/v1/videos/{queued}/content"), client.post("/v1/videos", json={"prompt": 3}),
+              client.get("/v1/videos/nope1234"), client.get("/v1/nowhere")):
+        assert 400 <= r.status_code < 500 and r.headers["x-should-retry"] == "false", r.status_code
+    assert "x-should-retry" not in client.get(f"/v1/videos/{queued}").headers

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import signal
-from pathlib import Path
 
 from config import ENV_NAMES, MEMORY_PRESETS, ConfigError, Settings
+from pipeline.cli import MODEL_HELP, UPSCALER_HELP
 from storage.blobs import StorageError, open_blob_store
 from storage.jobs import StoreUnavailable, open_job_store
 from webhooks import Dispatcher
@@ -22,8 +22,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 # The settings a worker uses, as flags. Each flag overrides its environment variable; the stores'
 # addresses and keys (MONGODB_URI, BUCKET_NAME, AWS_*) come from the environment only.
 WORKER_FLAGS = {
-    "model": "diffusers model folder, or 'tiny' (random weights, for trying things)",
-    "upscaler": "Real-ESRGAN weights: a .pth/.safetensors path, a release name, 'tiny' or 'none'",
+    "model": MODEL_HELP,  # as the CLI says it
+    "upscaler": UPSCALER_HELP,
     "memory": "GPU memory preset; 'auto' picks from free VRAM",
     "cuda_device_id": "which GPU, an index within CUDA_VISIBLE_DEVICES; unset means 0",
     "data_dir": "SQLite file (without MONGODB_URI), local videos (without BUCKET_NAME), work files",
@@ -40,21 +40,12 @@ WORKER_FLAGS = {
     "crf": "H.264 quality: lower is better and bigger",
     "keep_inputs": "keep uploaded clips in the blob store after their job ends",
 }
-_TYPES = {"Path": Path, "int": int, "int | None": int, "float": float}
-
-
-def _shown(value) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, Path) and not value.is_absolute():
-        return f"./{value.as_posix()}"
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def build_parser():
     import argparse
 
-    from pipeline.cli import ArgumentParser
+    from pipeline.cli import ArgumentParser, setting_flag
 
     p = ArgumentParser(
         prog="worker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,17 +61,8 @@ def build_parser():
     group.add_argument("--gpus", metavar="LIST", help="'all', or GPU indices like 0,1,2,3: one worker process per GPU, "
                                                       "each sees only its own GPU; a worker that dies is restarted")
     group.add_argument("--cpu-workers", type=_positive_int, metavar="N", help="run N worker processes on the CPU")
-    defaults = Settings()
-    for name, text in WORKER_FLAGS.items():
-        kind = Settings.__dataclass_fields__[name].type
-        flag = "--" + name.replace("_", "-")
-        text = f"{text} (${ENV_NAMES[name]}; default: {_shown(getattr(defaults, name))})"
-        if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        elif name == "memory":
-            p.add_argument(flag, choices=MEMORY_PRESETS, help=text)
-        else:
-            p.add_argument(flag, type=_TYPES.get(kind, str), metavar=name.split("_")[-1].upper(), help=text)
+    for name, text in WORKER_FLAGS.items():  # the CLI's own flag builder: one reading of each setting
+        setting_flag(p, name, text, **({"choices": MEMORY_PRESETS} if name == "memory" else {}))
     return p
 
 
@@ -94,7 +76,7 @@ def _positive_int(raw: str) -> int:
 
 def settings_env(overrides: dict) -> dict[str, str]:
     """The flags given, as the environment variables a child worker reads."""
-    return {ENV_NAMES[name]: _shown(value) if isinstance(value, bool) else str(value)
+    return {ENV_NAMES[name]: str(value).lower() if isinstance(value, bool) else str(value)
             for name, value in overrides.items()}
 
 
