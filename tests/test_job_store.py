@@ -626,6 +626,30 @@ def test_job_counts_group_every_record_by_status_kind_and_model(store):
                                           ("queued", "upscale", None, 1)]
 
 
+def test_job_totals_count_submits_and_ends_and_never_go_down(store):
+    """Monotonic counters, kept by the store with each status change: deleting records lowers none of them."""
+    add(store, "ref00001", model="wan2.2-ti2v-5b")
+    add(store, "ref00002")  # unnamed: it runs UNNAMED_MODEL
+    add(store, "ref00003", model="wan2.2-ti2v-5b")
+    store.create(new_job("ups00001", "s", "o", "upscale", {"outscale": 4}))
+    first = store.claim("w1", 30, kinds=("generate",))
+    assert store.complete(first["reference_id"], "w1", {"video_key": "v"}) is True
+    assert store.complete(first["reference_id"], "w1", {"video_key": "v"}) is False, "one end counts once"
+    store.request_cancel("ref00002")
+    second = store.claim("w1", -1, kinds=("generate",))  # its worker dies at once: the lease is over
+    store.requeue_expired(max_attempts=1)  # its last attempt: failed worker_lost
+    assert store.get(second["reference_id"])["status"] == FAILED
+    expected = sorted([("submitted", None, "generate", "wan2.2-ti2v-5b", 2), ("submitted", None, "generate",
+                       "hunyuanvideo", 1), ("submitted", None, "upscale", None, 1),
+                       ("finished", COMPLETED, "generate", "wan2.2-ti2v-5b", 1),
+                       ("finished", CANCELED, "generate", "hunyuanvideo", 1),
+                       ("finished", FAILED, "generate", "wan2.2-ti2v-5b", 1)], key=str)
+    assert sorted(store.job_totals(), key=str) == expected
+    for ref in ("ref00001", "ref00002", "ref00003", "ups00001"):
+        store.delete(ref)
+    assert sorted(store.job_totals(), key=str) == expected
+
+
 def test_completed_stats_give_each_completed_jobs_timings_and_gpu_peak(store):
     add(store, "ref00001", model="hunyuanvideo")
     add(store, "ref00002", model="hunyuanvideo")
