@@ -9,7 +9,7 @@ import random
 import time
 from typing import Any, Collection
 
-from storage.jobs import (CANCELED, COMPLETED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
+from storage.jobs import (CANCELED, COMPLETED, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
                           PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull,
                           StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of, _Outcomes,
                           _worker_lost, delivery_id, job_model)
@@ -28,6 +28,10 @@ class _MongoWebhooks:
     @property
     def _deliveries(self):
         return self.jobs.database["webhook_deliveries"]
+
+    @property
+    def _webhook_totals(self):
+        return self.jobs.database["webhook_totals"]
 
     @property
     def _idempotency(self):
@@ -128,7 +132,20 @@ class _MongoWebhooks:
         self._relay_outbox()
         rows = self._guard(lambda: list(self._deliveries.aggregate(
             [{"$group": {"_id": "$state", "rows": {"$sum": 1}, "attempts": {"$sum": "$attempts"}}}])))
-        return _counts({row["_id"]: (row["rows"], row["attempts"]) for row in rows})
+        pruned = self._guard(lambda: self._webhook_totals.find_one({"_id": "pruned_failed_attempts"})) or {}
+        return _counts({row["_id"]: (row["rows"], row["attempts"]) for row in rows}, pruned.get("n", 0))
+
+    def prune_deliveries(self, finished_before: float) -> int:
+        """As SqliteJobStore.prune_deliveries: one row at a time, each removed by one caller only, its failed
+        attempts added just after (a crash between the two loses those, and never counts them twice)."""
+        ended = {"state": {"$ne": PENDING}, "finished_at": {"$lt": finished_before}}
+        removed = 0
+        while (doc := self._guard(lambda: self._deliveries.find_one_and_delete(ended))) is not None:
+            failed = doc["attempts"] - (doc["state"] == DELIVERED)
+            self._guard(lambda: self._webhook_totals.update_one(
+                {"_id": "pruned_failed_attempts"}, {"$inc": {"n": failed}}, upsert=True))
+            removed += 1
+        return removed
 
     def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
                                 ttl_s: float) -> dict | None:

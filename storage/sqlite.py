@@ -16,7 +16,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Collection
 
-from storage.jobs import (CANCELED, COMPLETED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
+from storage.jobs import (CANCELED, COMPLETED, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
                           PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull,
                           StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of, _Outcomes,
                           _worker_lost, delivery_id)
@@ -119,6 +119,8 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_at);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (reference_id);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_finished ON webhook_deliveries (finished_at);
+CREATE TABLE IF NOT EXISTS webhook_totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     owner TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -209,7 +211,19 @@ class _SqliteWebhooks:
         with self._tx() as db:
             rows = db.execute("SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM webhook_deliveries "
                               "GROUP BY state").fetchall()
-        return _counts({state: (n, attempts) for state, n, attempts in rows})
+            pruned = db.execute("SELECT n FROM webhook_totals WHERE name = 'pruned_failed_attempts'").fetchone()
+        return _counts({state: (n, attempts) for state, n, attempts in rows}, pruned[0] if pruned else 0)
+
+    def prune_deliveries(self, finished_before: float) -> int:
+        """Delete the deliveries that ended (delivered or given up) before `finished_before` (T2V_WEBHOOK_KEEP_S);
+        their failed attempts move into a total, in the same transaction. Returns how many rows went."""
+        ended = f"state != '{PENDING}' AND finished_at < ?"
+        with self._tx(write=True) as db:
+            failed = db.execute(f"SELECT COALESCE(SUM(attempts - (state = '{DELIVERED}')), 0) FROM webhook_deliveries "
+                                f"WHERE {ended}", (finished_before,)).fetchone()[0]
+            db.execute("INSERT INTO webhook_totals VALUES ('pruned_failed_attempts', ?) "
+                       "ON CONFLICT (name) DO UPDATE SET n = n + excluded.n", (failed,))
+            return db.execute(f"DELETE FROM webhook_deliveries WHERE {ended}", (finished_before,)).rowcount
 
     def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
                                 ttl_s: float) -> dict | None:

@@ -176,3 +176,11 @@ def test_an_unknown_tiny_build_is_refused_at_start_naming_the_ids(monkeypatch, c
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and "T2V_MODEL=tiny:nope" in err and "wan2.2-ti2v-5b" in err
     assert Settings.from_env(env={"T2V_MODEL": "tiny:wan2.2-ti2v-5b"}).model == "tiny:wan2.2-ti2v-5b"
+
+
+def test_t2v_webhook_keep_s_is_a_positive_number_of_seconds():
+    assert Settings.from_env(env={}).webhook_keep_s == 7 * 86400.0
+    assert Settings.from_env(env={"T2V_WEBHOOK_KEEP_S": "3600"}).webhook_keep_s == 3600.0
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match="T2V_WEBHOOK_KEEP_S must be positive"):
+            Settings.from_env(env={"T2V_WEBHOOK_KEEP_S": bad})

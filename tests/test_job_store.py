@@ -490,6 +490,23 @@ def test_a_delivery_given_up_is_counted_and_left_alone(store):
     assert other["id"] != one["id"] and store.claim_delivery("d1", 30) is None
 
 
+def test_finished_deliveries_are_pruned_after_their_time_and_failed_attempts_stay_counted(store):
+    for ref in ("hook0001", "hook0002", "hook0003"):
+        add_hooked(store, ref, webhook={"url": "http://r.example/", "events": ["canceled"]})
+        store.request_cancel(ref)
+    one = store.claim_delivery("d1", 30)
+    assert store.record_attempt(one["id"], "d1", "pending", 500, "HTTP 500", next_at=time.time()) is True
+    assert store.record_attempt(store.claim_delivery("d1", 30)["id"], "d1", "given_up", None, "refused") is True
+    assert store.record_attempt(store.claim_delivery("d1", 30)["id"], "d1", "delivered", 204, None) is True
+    before = store.webhook_counts()
+    assert before["failed_attempts"] == 2 and before["pending"] == 1
+    assert store.prune_deliveries(finished_before=time.time() - 3600) == 0, "finished only just now"
+    assert store.prune_deliveries(finished_before=time.time() + 1) == 2
+    left = [d for ref in ("hook0001", "hook0002", "hook0003") for d in store.deliveries(ref)]
+    assert [d["state"] for d in left] == ["pending"], "a pending delivery is never pruned"
+    assert store.webhook_counts() == {"delivered": 0, "given_up": 0, "pending": 1, "failed_attempts": 2}
+
+
 def test_concurrent_dispatchers_never_take_one_delivery_twice(atomic_store):
     store = atomic_store
     for i in range(6):
