@@ -113,6 +113,7 @@ class Settings:
     webhook_timeout_s: float = 10.0  # one delivery attempt: connect, send and read the status
     webhook_retry_s: float = 30.0  # first retry after this; each later one waits twice as long
     webhook_retry_window_s: float = 7200.0  # the last try is this long after the event; then it is given up
+    webhook_keep_s: float = 7 * 86400.0  # a delivery that ended (delivered or given up) is deleted after this
     idempotency_ttl_s: int = 86400  # how long an Idempotency-Key answers with its job
 
     # Stores. Without MONGODB_URI jobs go to SQLite; without BUCKET_NAME videos stay local.
@@ -225,6 +226,7 @@ class Settings:
         for name, value in (("T2V_WEBHOOK_TIMEOUT_S", self.webhook_timeout_s),
                             ("T2V_WEBHOOK_RETRY_S", self.webhook_retry_s),
                             ("T2V_WEBHOOK_RETRY_WINDOW_S", self.webhook_retry_window_s),
+                            ("T2V_WEBHOOK_KEEP_S", self.webhook_keep_s),
                             ("T2V_IDEMPOTENCY_TTL_S", self.idempotency_ttl_s)):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")

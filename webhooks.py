@@ -44,6 +44,7 @@ METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_addr
 FORBIDDEN = ("unspecified", "loopback", "link_local", "multicast", "reserved", "private")  # the most telling first
 ALLOW_PRIVATE_HINT = "; T2V_WEBHOOK_ALLOW_PRIVATE=1 allows loopback and private addresses (development, a LAN)"
 POLL_S = 1.0  # how often an idle dispatcher looks for due deliveries
+PRUNE_EVERY_S = 600.0  # how often a dispatcher deletes the deliveries that ended over T2V_WEBHOOK_KEEP_S ago
 
 
 class WebhookRefused(ValueError):
@@ -220,8 +221,12 @@ class Dispatcher:
             self._thread.join(timeout)
 
     def run_forever(self) -> None:
+        next_prune = time.monotonic()
         while not self._stop.is_set():
             try:
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
+                    self.prune()
                 sent = self.run_once()
             except StoreUnavailable as exc:
                 log.warning("job store unavailable (%s); webhook deliveries wait", exc)
@@ -231,6 +236,13 @@ class Dispatcher:
                 sent = False
             if not sent:
                 self._stop.wait(self.poll_s)
+
+    def prune(self) -> int:
+        """Delete the deliveries that ended more than T2V_WEBHOOK_KEEP_S ago, so the outbox stays bounded."""
+        removed = self.jobs.prune_deliveries(finished_before=time.time() - self.settings.webhook_keep_s)
+        if removed:
+            log.info("pruned %d webhook deliveries that ended over %.0fs ago", removed, self.settings.webhook_keep_s)
+        return removed
 
     def run_once(self) -> bool:
         """Send one due delivery and record the attempt; False when none was due."""

@@ -6,6 +6,9 @@ several gunicorn processes), and a restart loses nothing. Every API process ther
 totals: scrape one, or combine API nodes with max(), never sum().
 
 - `t2v_jobs{status,kind,model}`: job records in each status (a gauge: a deleted job leaves it);
+- `t2v_jobs_submitted_total{kind,model}` and `t2v_jobs_finished_total{status,kind,model}`: counters the store
+  keeps with each submit and each end (on SQLite in the same transaction, by trigger), so they never go down,
+  whichever process made the change;
 - `t2v_queue_depth`: jobs waiting for a worker;
 - `t2v_job_stage_seconds{kind,model,stage}`: the stage timings the worker recorded in each completed job's
   result (generate, upscale or encode, encode_thread, upload, total, ...), as histograms;
@@ -65,6 +68,7 @@ class JobStoreCollector:
             queued += count if status == QUEUED else 0
         yield counts
         yield GaugeMetricFamily("t2v_queue_depth", "Jobs waiting for a worker", value=queued)
+        yield from _total_families(self.jobs.job_totals())
 
         stages: dict[tuple[str, ...], list[float]] = {}
         peaks: dict[tuple[str, ...], list[float]] = {}
@@ -79,6 +83,21 @@ class JobStoreCollector:
         yield _histogram("t2v_job_gpu_peak_bytes", "Peak GPU memory allocated by torch while a job ran, "
                          "jobs run on a GPU only", ["model"], peaks, GPU_BUCKETS_BYTES)
         yield from _webhook_families(self.jobs.webhook_counts())
+
+
+def _total_families(totals):
+    """The store's monotonic counters: jobs submitted, and jobs finished by status (deleting a job lowers neither)."""
+    submitted = CounterMetricFamily("t2v_jobs_submitted", "Jobs submitted, by kind and model (empty for upscale "
+                                    "jobs)", labels=["kind", "model"])
+    finished = CounterMetricFamily("t2v_jobs_finished", "Jobs that ended, by status (completed, failed, "
+                                   "canceled), kind and model", labels=["status", "kind", "model"])
+    for counter, status, kind, model, n in sorted(totals, key=str):
+        if counter == "submitted":
+            submitted.add_metric([kind, model or ""], n)
+        else:
+            finished.add_metric([status, kind, model or ""], n)
+    yield submitted
+    yield finished
 
 
 def _webhook_families(counts: dict):

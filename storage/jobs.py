@@ -68,6 +68,7 @@ class JobStore(Protocol):
     def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
                   oldest_first: bool = False) -> list[dict]: ...
     def job_counts(self) -> list[tuple[str, str, str | None, int]]: ...
+    def job_totals(self) -> list[tuple[str, str | None, str, str | None, int]]: ...
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]: ...
 
     def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None: ...
@@ -165,8 +166,9 @@ class _Outcomes:
 # in the same transaction (on MongoDB: the same single-document write) as the status change that causes it:
 # claim -> `started`; complete, fail, mark_canceled, a queued job's request_cancel and requeue_expired's last word
 # -> the terminal event. A dispatcher (webhooks.py) in any process claims due rows with a lease, sends them and
-# records each attempt; rows outlive their job, so deleting a job loses no delivery. Idempotency keys map
-# (owner, key) to the job a create made, for 24 h (api/service.py).
+# records each attempt; rows outlive their job, so deleting a job loses no delivery (they go T2V_WEBHOOK_KEEP_S
+# after they ended, `prune_deliveries`). Idempotency keys map (owner, key) to the job a create made, for 24 h
+# (api/service.py).
 
 EVENT_OF_STATUS = {PROCESSING: "started", COMPLETED: "completed", FAILED: "failed", CANCELED: "canceled"}
 WEBHOOK_EVENTS = tuple(EVENT_OF_STATUS.values())
@@ -181,6 +183,7 @@ class OutboxStore(Protocol):
                        error: str | None, next_at: float | None = None) -> bool: ...
     def deliveries(self, reference_id: str) -> list[dict]: ...
     def webhook_counts(self) -> dict: ...
+    def prune_deliveries(self, finished_before: float) -> int: ...
     def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
                                 ttl_s: float) -> dict | None: ...
     def idempotency_key(self, owner: str, key: str, ttl_s: float) -> dict | None: ...
@@ -193,12 +196,14 @@ def delivery_id(reference_id: str, event: str, attempts: int) -> str:
     return f"msg_{reference_id}.{event}.{attempts}"
 
 
-def _counts(by_state: dict[str, tuple[int, int]]) -> dict:
-    """{state: (rows, attempts)} as the numbers /metrics shows; every attempt but a delivering one failed."""
+def _counts(by_state: dict[str, tuple[int, int]], pruned_failed_attempts: int = 0) -> dict:
+    """{state: (rows, attempts)} as the numbers /metrics shows; every attempt but a delivering one failed, and
+    the failed attempts of pruned rows still count (a counter never goes down)."""
     delivered = by_state.get(DELIVERED, (0, 0))[0]
     return {"delivered": delivered, "given_up": by_state.get(GIVEN_UP, (0, 0))[0],
             "pending": by_state.get(PENDING, (0, 0))[0],
-            "failed_attempts": sum(attempts for _, attempts in by_state.values()) - delivered}
+            "failed_attempts": sum(attempts for _, attempts in by_state.values()) - delivered
+            + pruned_failed_attempts}
 
 
 def open_job_store(settings) -> JobStore:

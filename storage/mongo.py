@@ -9,9 +9,10 @@ import random
 import time
 from typing import Any, Collection
 
-from storage.jobs import (CANCELED, COMPLETED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING, PROCESSING, QUEUED,
-                          SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull, StoreUnavailable, _claimable_kinds,
-                          _counts, _counts_by_model, _model_of, _Outcomes, _worker_lost, delivery_id)
+from storage.jobs import (CANCELED, COMPLETED, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
+                          PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull,
+                          StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of, _Outcomes,
+                          _worker_lost, delivery_id, job_model)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ class _MongoWebhooks:
     @property
     def _deliveries(self):
         return self.jobs.database["webhook_deliveries"]
+
+    @property
+    def _webhook_totals(self):
+        return self.jobs.database["webhook_totals"]
 
     @property
     def _idempotency(self):
@@ -56,11 +61,16 @@ class _MongoWebhooks:
             change = _with_delivery(doc, update, event)
             after = self._guard(lambda: self.jobs.find_one_and_update({**query, "_id": doc["_id"]}, change,
                                                                        return_document=ret))
+            if after is not None and event in TERMINAL:  # the event names the status it ends in
+                self._count("finished", event, after)
             if after is not None or sort is None:
                 return after
 
     def _transition_many(self, query: dict, update: dict, event: str) -> int:
         """update_many(query, update), where each job whose webhook wants `event` gets its delivery in its own write."""
+        if event in TERMINAL:  # each end is counted by kind and model (job_totals): one write per job
+            matching = self._guard(lambda: list(self.jobs.find(query, {"_id": 1})))
+            return sum(self._transition({**query, "_id": doc["_id"]}, update, event) is not None for doc in matching)
         wanting = self._guard(lambda: list(self.jobs.find({**query, "webhook.events": event}, {"_id": 1})))
         changed = sum(self._transition({**query, "_id": doc["_id"]}, update, event) is not None for doc in wanting)
         return changed + self._guard(lambda: self.jobs.update_many(
@@ -122,7 +132,20 @@ class _MongoWebhooks:
         self._relay_outbox()
         rows = self._guard(lambda: list(self._deliveries.aggregate(
             [{"$group": {"_id": "$state", "rows": {"$sum": 1}, "attempts": {"$sum": "$attempts"}}}])))
-        return _counts({row["_id"]: (row["rows"], row["attempts"]) for row in rows})
+        pruned = self._guard(lambda: self._webhook_totals.find_one({"_id": "pruned_failed_attempts"})) or {}
+        return _counts({row["_id"]: (row["rows"], row["attempts"]) for row in rows}, pruned.get("n", 0))
+
+    def prune_deliveries(self, finished_before: float) -> int:
+        """As SqliteJobStore.prune_deliveries: one row at a time, each removed by one caller only, its failed
+        attempts added just after (a crash between the two loses those, and never counts them twice)."""
+        ended = {"state": {"$ne": PENDING}, "finished_at": {"$lt": finished_before}}
+        removed = 0
+        while (doc := self._guard(lambda: self._deliveries.find_one_and_delete(ended))) is not None:
+            failed = doc["attempts"] - (doc["state"] == DELIVERED)
+            self._guard(lambda: self._webhook_totals.update_one(
+                {"_id": "pruned_failed_attempts"}, {"$inc": {"n": failed}}, upsert=True))
+            removed += 1
+        return removed
 
     def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
                                 ttl_s: float) -> dict | None:
@@ -187,6 +210,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         self.jobs = self.client[database]["jobs"]
         self.workers = self.client[database]["workers"]  # one document per worker, keyed by its id
         self.events = self.client[database]["job_events"]
+        self.totals = self.client[database]["job_totals"]  # monotonic counters (job_totals), one document each
         self._indexed = False
         try:
             self._ensure_indexes()
@@ -226,6 +250,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
     def create(self, job: dict, max_queued: int | None = None) -> dict:
         if max_queued is None:
             self._guard(lambda: self.jobs.insert_one(dict(job)))
+            self._count("submitted", None, job)
             return job
         self._ensure_indexes()  # the unique slot index is what makes admission atomic
         if self.count_queued() >= max_queued:  # jobs re-queued after a lost worker hold no slot but count here
@@ -236,6 +261,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         for slot in free:
             try:
                 self.jobs.insert_one({**job, "slot": slot})
+                self._count("submitted", None, job)
                 return job
             except self._pymongo.errors.DuplicateKeyError:
                 continue  # another job took this slot since `taken` was read
@@ -407,6 +433,17 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         docs = self._guard(lambda: list(self.jobs.find(query).sort([("created_at", direction), ("_id", direction)])
                                         .limit(limit)))
         return [self._doc(d) for d in docs]
+
+    def _count(self, counter: str, status: str | None, job: dict) -> None:
+        """Add one to a `job_totals` counter, right after the write it counts (a standalone server has no
+        transaction across documents: a crash between the two loses that one count, and never counts twice)."""
+        key = {"counter": counter, "status": status, "kind": job["kind"], "model": job_model(job)}
+        self._guard(lambda: self.totals.update_one(key, {"$inc": {"n": 1}}, upsert=True))
+
+    def job_totals(self) -> list[tuple[str, str | None, str, str | None, int]]:
+        """As SqliteJobStore.job_totals."""
+        docs = self._guard(lambda: list(self.totals.find({}, {"_id": 0})))
+        return [(d["counter"], d["status"], d["kind"], d["model"], d["n"]) for d in docs]
 
     def job_counts(self) -> list[tuple[str, str, str | None, int]]:
         """(status, kind, model, count) over every record, grouped by the server."""

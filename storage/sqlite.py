@@ -16,9 +16,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Collection
 
-from storage.jobs import (CANCELED, COMPLETED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING, PROCESSING, QUEUED,
-                          SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull, StoreUnavailable, _claimable_kinds,
-                          _counts, _counts_by_model, _model_of, _Outcomes, _worker_lost, delivery_id)
+from storage.jobs import (CANCELED, COMPLETED, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
+                          PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull,
+                          StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of, _Outcomes,
+                          _worker_lost, delivery_id)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,29 @@ CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT N
 # /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
 _SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
 
+# Monotonic counters for /metrics (`job_totals`): a trigger counts each submit and each end in the same
+# transaction as the insert or the status change, whichever process makes it; deleting a record lowers none.
+_RUN_MODEL = f"CASE WHEN NEW.kind = 'generate' THEN COALESCE(json_extract(NEW.params, '$.model'), '{UNNAMED_MODEL}') " \
+             "ELSE '' END"
+_SCHEMA += f"""
+CREATE TABLE IF NOT EXISTS job_totals (counter TEXT NOT NULL, status TEXT NOT NULL, kind TEXT NOT NULL,
+                                       model TEXT NOT NULL, n INTEGER NOT NULL,
+                                       PRIMARY KEY (counter, status, kind, model)) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS jobs_count_submitted AFTER INSERT ON jobs BEGIN
+    INSERT OR IGNORE INTO job_totals VALUES ('submitted', '', NEW.kind, {_RUN_MODEL}, 0);
+    UPDATE job_totals SET n = n + 1 WHERE counter = 'submitted' AND status = '' AND kind = NEW.kind
+        AND model = {_RUN_MODEL};
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_finished AFTER UPDATE OF status ON jobs
+WHEN NEW.status IN ('{COMPLETED}', '{FAILED}', '{CANCELED}')
+    AND OLD.status NOT IN ('{COMPLETED}', '{FAILED}', '{CANCELED}')
+BEGIN
+    INSERT OR IGNORE INTO job_totals VALUES ('finished', NEW.status, NEW.kind, {_RUN_MODEL}, 0);
+    UPDATE job_totals SET n = n + 1 WHERE counter = 'finished' AND status = NEW.status AND kind = NEW.kind
+        AND model = {_RUN_MODEL};
+END;
+"""
+
 
 def _snapshot_value(name: str) -> str:
     """A job column as the trigger copies it into JSON: JSON columns as JSON, and REAL columns with 17 digits
@@ -95,6 +119,8 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_at);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (reference_id);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_finished ON webhook_deliveries (finished_at);
+CREATE TABLE IF NOT EXISTS webhook_totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     owner TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -185,7 +211,19 @@ class _SqliteWebhooks:
         with self._tx() as db:
             rows = db.execute("SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM webhook_deliveries "
                               "GROUP BY state").fetchall()
-        return _counts({state: (n, attempts) for state, n, attempts in rows})
+            pruned = db.execute("SELECT n FROM webhook_totals WHERE name = 'pruned_failed_attempts'").fetchone()
+        return _counts({state: (n, attempts) for state, n, attempts in rows}, pruned[0] if pruned else 0)
+
+    def prune_deliveries(self, finished_before: float) -> int:
+        """Delete the deliveries that ended (delivered or given up) before `finished_before` (T2V_WEBHOOK_KEEP_S);
+        their failed attempts move into a total, in the same transaction. Returns how many rows went."""
+        ended = f"state != '{PENDING}' AND finished_at < ?"
+        with self._tx(write=True) as db:
+            failed = db.execute(f"SELECT COALESCE(SUM(attempts - (state = '{DELIVERED}')), 0) FROM webhook_deliveries "
+                                f"WHERE {ended}", (finished_before,)).fetchone()[0]
+            db.execute("INSERT INTO webhook_totals VALUES ('pruned_failed_attempts', ?) "
+                       "ON CONFLICT (name) DO UPDATE SET n = n + excluded.n", (failed,))
+            return db.execute(f"DELETE FROM webhook_deliveries WHERE {ended}", (finished_before,)).rowcount
 
     def reserve_idempotency_key(self, owner: str, key: str, digest: str, reference_id: str,
                                 ttl_s: float) -> dict | None:
@@ -477,6 +515,13 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
             rows = db.execute("SELECT status, kind, json_extract(params, '$.model') AS model, COUNT(*) FROM jobs "
                               "GROUP BY status, kind, model").fetchall()
         return _counts_by_model(rows)
+
+    def job_totals(self) -> list[tuple[str, str | None, str, str | None, int]]:
+        """(counter, status, kind, model, n): jobs `submitted` (status None) and `finished` by status, since the
+        file was made; they never go down."""
+        with self._tx() as db:
+            rows = db.execute("SELECT counter, status, kind, model, n FROM job_totals").fetchall()
+        return [(counter, status or None, kind, model or None, n) for counter, status, kind, model, n in rows]
 
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]:
         """(kind, model, timings_s, gpu_peak_bytes) of every completed job, as its worker recorded them."""

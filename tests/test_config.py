@@ -206,3 +206,11 @@ def test_a_bad_bool_variable_names_the_values_it_takes():
     with pytest.raises(ConfigError, match=r"T2V_COMPILE .*\(1/true/yes/on or 0/false/no/off\)"):
         Settings.from_env(env={"T2V_COMPILE": "maybe"})
     assert Settings.from_env(env={"T2V_COMPILE": " Off "}).compile is False
+
+
+def test_t2v_webhook_keep_s_is_a_positive_number_of_seconds():
+    assert Settings.from_env(env={}).webhook_keep_s == 7 * 86400.0
+    assert Settings.from_env(env={"T2V_WEBHOOK_KEEP_S": "3600"}).webhook_keep_s == 3600.0
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match="T2V_WEBHOOK_KEEP_S must be positive"):
+            Settings.from_env(env={"T2V_WEBHOOK_KEEP_S": bad})

@@ -490,6 +490,23 @@ def test_a_delivery_given_up_is_counted_and_left_alone(store):
     assert other["id"] != one["id"] and store.claim_delivery("d1", 30) is None
 
 
+def test_finished_deliveries_are_pruned_after_their_time_and_failed_attempts_stay_counted(store):
+    for ref in ("hook0001", "hook0002", "hook0003"):
+        add_hooked(store, ref, webhook={"url": "http://r.example/", "events": ["canceled"]})
+        store.request_cancel(ref)
+    one = store.claim_delivery("d1", 30)
+    assert store.record_attempt(one["id"], "d1", "pending", 500, "HTTP 500", next_at=time.time()) is True
+    assert store.record_attempt(store.claim_delivery("d1", 30)["id"], "d1", "given_up", None, "refused") is True
+    assert store.record_attempt(store.claim_delivery("d1", 30)["id"], "d1", "delivered", 204, None) is True
+    before = store.webhook_counts()
+    assert before["failed_attempts"] == 2 and before["pending"] == 1
+    assert store.prune_deliveries(finished_before=time.time() - 3600) == 0, "finished only just now"
+    assert store.prune_deliveries(finished_before=time.time() + 1) == 2
+    left = [d for ref in ("hook0001", "hook0002", "hook0003") for d in store.deliveries(ref)]
+    assert [d["state"] for d in left] == ["pending"], "a pending delivery is never pruned"
+    assert store.webhook_counts() == {"delivered": 0, "given_up": 0, "pending": 1, "failed_attempts": 2}
+
+
 def test_concurrent_dispatchers_never_take_one_delivery_twice(atomic_store):
     store = atomic_store
     for i in range(6):
@@ -624,6 +641,30 @@ def test_job_counts_group_every_record_by_status_kind_and_model(store):
                                           ("queued", "generate", "hunyuanvideo", 2),
                                           ("queued", "generate", "wan2.2-ti2v-5b", 1),
                                           ("queued", "upscale", None, 1)]
+
+
+def test_job_totals_count_submits_and_ends_and_never_go_down(store):
+    """Monotonic counters, kept by the store with each status change: deleting records lowers none of them."""
+    add(store, "ref00001", model="wan2.2-ti2v-5b")
+    add(store, "ref00002")  # unnamed: it runs UNNAMED_MODEL
+    add(store, "ref00003", model="wan2.2-ti2v-5b")
+    store.create(new_job("ups00001", "s", "o", "upscale", {"outscale": 4}))
+    first = store.claim("w1", 30, kinds=("generate",))
+    assert store.complete(first["reference_id"], "w1", {"video_key": "v"}) is True
+    assert store.complete(first["reference_id"], "w1", {"video_key": "v"}) is False, "one end counts once"
+    store.request_cancel("ref00002")
+    second = store.claim("w1", -1, kinds=("generate",))  # its worker dies at once: the lease is over
+    store.requeue_expired(max_attempts=1)  # its last attempt: failed worker_lost
+    assert store.get(second["reference_id"])["status"] == FAILED
+    expected = sorted([("submitted", None, "generate", "wan2.2-ti2v-5b", 2), ("submitted", None, "generate",
+                       "hunyuanvideo", 1), ("submitted", None, "upscale", None, 1),
+                       ("finished", COMPLETED, "generate", "wan2.2-ti2v-5b", 1),
+                       ("finished", CANCELED, "generate", "hunyuanvideo", 1),
+                       ("finished", FAILED, "generate", "wan2.2-ti2v-5b", 1)], key=str)
+    assert sorted(store.job_totals(), key=str) == expected
+    for ref in ("ref00001", "ref00002", "ref00003", "ups00001"):
+        store.delete(ref)
+    assert sorted(store.job_totals(), key=str) == expected
 
 
 def test_completed_stats_give_each_completed_jobs_timings_and_gpu_peak(store):

@@ -127,3 +127,23 @@ def test_the_worker_records_the_gpu_peak_of_a_job_run_on_cuda(make_app, monkeypa
     assert worker.run_once()
     assert calls == [("reset", "cuda:0"), ("produce", None), ("peak", "cuda:0")]
     assert svc.jobs.get("cudajob1")["result"] == {"timings_s": {"total": 1.0}, "gpu_peak_bytes": 5 * GiB}
+
+
+def test_job_counters_never_go_down_when_jobs_are_deleted(make_app):
+    """`_total` counters of submits and ends live in the store: deleting jobs lowers the gauge, not them."""
+    api, svc = make_app(worker=False)
+    client = api.test_client()
+    refs = [client.post("/generate_video", json={**TINY_JOB, "upscale": False}).json["reference_id"]
+            for _ in range(3)]
+    for ref in refs[:2]:
+        assert client.post(f"/jobs/{ref}/cancel").status_code == 200
+    labels = {"kind": "generate", "model": "hunyuanvideo"}
+    counted = scrape(client)
+    assert value(counted, "t2v_jobs_submitted_total", **labels) == 3
+    assert value(counted, "t2v_jobs_finished_total", status="canceled", **labels) == 2
+    for ref in refs:
+        assert client.delete(f"/jobs/{ref}").status_code == 200
+    after = scrape(client)
+    assert value(after, "t2v_jobs", status="canceled", **labels) is None, "the gauge counts what is stored"
+    assert value(after, "t2v_jobs_submitted_total", **labels) == 3
+    assert value(after, "t2v_jobs_finished_total", status="canceled", **labels) == 3, "the delete canceled one"

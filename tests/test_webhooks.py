@@ -418,6 +418,18 @@ def test_python_worker_py_sends_deliveries_too(tmp_path, receiver):
     assert verified(hook.accepted()[0])["data"]["reference_id"] == "queued-then-canceled"
 
 
+def test_finished_deliveries_are_pruned_after_t2v_webhook_keep_s(hooked_app, receiver, monkeypatch):
+    monkeypatch.setattr(webhooks, "PRUNE_EVERY_S", 0.05)
+    hook = receiver()
+    app, svc = hooked_app(worker=False, webhook_keep_s=0.5)
+    client = app.test_client()
+    ref = submit(client, webhook_url=hook.url, webhook_events=["canceled"])["reference_id"]
+    assert client.post(f"/jobs/{ref}/cancel").status_code == 200
+    wait_for(lambda: len(hook.accepted()) == 1, timeout=60)
+    wait_for(lambda: svc.jobs.deliveries(ref) == [], timeout=60)
+    assert svc.jobs.webhook_counts() == {"delivered": 0, "given_up": 0, "pending": 0, "failed_attempts": 0}
+
+
 # ---------------------------------------------------------------------------------------- idempotent submits
 
 def test_a_repeated_key_answers_the_first_job_and_another_body_is_a_409(make_app):

@@ -165,6 +165,33 @@ def test_two_cpu_workers_share_the_queue_restart_when_killed_and_stop_on_sigterm
     assert "all workers stopped" in log_path.read_text() and "Traceback" not in log_path.read_text()
 
 
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that nobody has reaped yet (its parent is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_workers_end_when_their_supervisor_is_killed_with_kill_9(tmp_path, data_dir, tiny_model, tiny_upscalers):
+    os.symlink(data_dir / "tiny", tmp_path / "tiny")
+    log_path = tmp_path / "workers.log"
+    with open(log_path, "ab") as log:
+        supervisor = start_supervisor(tmp_path, log, "--cpu-workers", "2")
+        try:
+            wait_for(lambda: len(ready_pids(log_path)) == 2, timeout=300, every=0.2)
+            children = started_pids(log_path)
+            os.kill(supervisor.pid, signal.SIGKILL)
+            supervisor.wait()
+            wait_for(lambda: all(gone(pid) for pid in children), timeout=60, every=0.1)
+        finally:
+            try:
+                os.killpg(supervisor.pid, signal.SIGKILL)  # whatever is left of the group, whatever happened
+            except ProcessLookupError:
+                pass
+
+
 # ---------------------------------------------------------------------------------------- at start
 
 def test_a_broken_upscaler_is_reported_at_start(tmp_path, data_dir, tiny_model, caplog):

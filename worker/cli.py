@@ -13,7 +13,7 @@ from storage.jobs import StoreUnavailable, open_job_store
 from webhooks import Dispatcher
 from worker.gpus import cpu_slots, gpu_slots, visible_gpus
 from worker.loop import Worker
-from worker.supervisor import Supervisor
+from worker.supervisor import Supervisor, tie_to_supervisor
 
 log = logging.getLogger("t2v.worker")
 
@@ -82,6 +82,7 @@ def settings_env(overrides: dict) -> dict[str, str]:
 
 def run_worker(settings: Settings) -> int:
     """One worker in this process, until SIGTERM or SIGINT (it stops after its current job)."""
+    tie_to_supervisor()
     try:
         worker = Worker(settings, open_job_store(settings), open_blob_store(settings))
     except (StoreUnavailable, StorageError, OSError) as exc:

@@ -14,6 +14,43 @@ from pathlib import Path
 
 log = logging.getLogger("t2v.worker")
 WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "worker.py"  # each child is a `python worker.py`
+SUPERVISOR_PID = "T2V_SUPERVISOR_PID"  # set by the supervisor in each child's environment: the pid to end with
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_CHECK_EVERY_S = 1.0
+
+
+def tie_to_supervisor() -> None:
+    """In a worker the supervisor started: get SIGTERM (stop after the current job) when the supervisor dies,
+    even by kill -9, so no orphan goes on claiming jobs. Linux: the kernel's parent-death signal (prctl);
+    elsewhere, or if that fails, a thread that watches the parent pid. Either way a supervisor that died
+    before this ran is noticed at once."""
+    raw = os.environ.get(SUPERVISOR_PID, "")
+    if not raw.isdigit():
+        return
+    supervisor = int(raw)
+    if not _parent_death_signal(signal.SIGTERM):
+        threading.Thread(target=_watch_parent, args=(supervisor,), name="t2v-supervisor-watch", daemon=True).start()
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _parent_death_signal(signum: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(supervisor: int) -> None:
+    while os.getppid() == supervisor:
+        time.sleep(PARENT_CHECK_EVERY_S)
+    log.warning("the supervisor (pid %d) is gone; stopping after the current job", supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 RESTART_FIRST_S, RESTART_MAX_S = 1.0, 60.0
@@ -33,7 +70,7 @@ class _Child:
 class Supervisor:
     """One worker process per slot (a GPU, or the CPU). A worker that dies is started again after a delay
     that doubles while it keeps dying young. SIGTERM or SIGINT stops every worker after its current job;
-    a second signal kills them."""
+    a second signal kills them. A supervisor that dies (even by kill -9) stops them too (`tie_to_supervisor`)."""
 
     def __init__(self, slots: list[tuple[str, dict]], env: dict[str, str], poll_s: float = 0.2):
         self.children = [_Child(name, {**os.environ, **env, **slot_env}) for name, slot_env in slots]
@@ -55,7 +92,8 @@ class Supervisor:
         return self._stop_all()
 
     def _start(self, child: _Child) -> None:
-        child.proc = subprocess.Popen([sys.executable, str(WORKER_SCRIPT)], env=child.env)
+        child.proc = subprocess.Popen([sys.executable, str(WORKER_SCRIPT)],
+                                      env={**child.env, SUPERVISOR_PID: str(os.getpid())})
         child.started = time.monotonic()
         log.info("supervisor: %s: worker started (pid %d)", child.name, child.proc.pid)
 
