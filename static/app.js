@@ -18,7 +18,7 @@ const LORA_SCALE = 4;
 const INPUT_WORDS = { text: "text to video", image: "image to video", both: "text or image to video" };
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"]; // what the server decodes (pipeline/spec.py)
 let limits = null; // GET /limits: the server's caps (prompt, upscaling, uploads, images)
-let health = null; // GET /health at start: why this server's worker cannot run jobs, if it cannot
+let health = null; // GET /health, as last read: why this server's worker cannot run jobs, if it cannot
 let catalog = null; // GET /models: {default, loras, models}
 let model = null; // the chosen model's entry in the catalog: its presets, limits and defaults shape the form
 let image = null; // the chosen image (a File), for a model that takes one
@@ -164,6 +164,7 @@ function applyModel() {
   $("#image-hint").textContent = model.inputs === "image" ? "(required)" : `(optional; without one, ${INPUT_WORDS.text})`;
   if (model.inputs === "text") chooseImage(null);
 }
+
 /** One row per installed LoRA (GET /models), for a model that takes them: tick it, set its scale. */
 function applyLoras() {
   const offered = model && model.lora ? catalog.loras : [];
