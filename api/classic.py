@@ -9,7 +9,7 @@ from flask import Blueprint, g, jsonify, request
 
 from api.service import (ApiError, accepted, check_id, completed, create_generate_job, enqueue, form_webhook,
                          idempotent, input_key, job_request, job_view, json_body, media_url, new_id, owned_job,
-                         status_view, store_input, svc)
+                         status_view, store_input, svc, upscaler_problem)
 from config import Settings
 from pipeline.spec import OUTSCALES
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
@@ -37,6 +37,8 @@ def upscale_video():
     session_id = check_id(request.form["session_id"], "session_id") if "session_id" in request.form else new_id()
     params = {"outscale": _form_outscale(), "upscaler": _form_upscaler(settings),
               "filename": (upload.filename or "")[:200]}
+    if params["upscaler"] is None and (problem := upscaler_problem()):  # no worker here would ever take the job
+        raise ApiError(400, "upscaler_not_installed", f"this server cannot upscale: {problem}")
     webhook = form_webhook()
     reference_id = new_id()
     info = store_input(upload, reference_id)

@@ -7,7 +7,7 @@ import logging
 
 from flask import Blueprint, current_app, jsonify
 
-from api.service import ApiError, blob_response, job_rules, job_view, owned_job, remove_job, svc
+from api.service import ApiError, blob_response, job_rules, job_view, owned_job, remove_job, svc, upscaler_problem
 from openapi import build_spec
 from pipeline import models
 from pipeline.spec import OUTSCALES, describe
@@ -67,7 +67,7 @@ def limits():
     return jsonify(max_prompt_chars=caps["max_prompt_chars"], sizes=model["presets"], max_side=caps["max_side"],
                    max_frames=caps["max_frames"], max_steps=caps["max_steps"],
                    default_steps=model["defaults"]["num_inference_steps"], outscales=list(OUTSCALES),
-                   upscale=s.upscaler != "none", max_upload_mb=s.max_upload_mb, model=model["id"],
+                   upscale=upscaler_problem() is None, max_upload_mb=s.max_upload_mb, model=model["id"],
                    inputs=model["inputs"], defaults=model["defaults"], max_image_mb=s.max_image_mb)
 
 
@@ -85,10 +85,12 @@ def list_models():
 def health():
     service = svc()
     worker = service.worker
-    body = {"status": "ok", "store": "ok", "queue_length": None,
+    model_error = worker.model_error if worker else None
+    body = {"status": "degraded" if model_error else "ok", "store": "ok", "queue_length": None,
             "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
-            "model_loaded": bool(worker and worker.model_loaded),
-            "model_error": worker.model_error if worker else None}
+            "model_loaded": bool(worker and worker.model_loaded), "model_error": model_error}
+    if model_error:  # still a 200: the API serves (job views, videos); its own worker cannot take new jobs
+        body["reason"] = f"the worker in this process cannot run jobs: {model_error}"
     try:
         service.jobs.ping()
         body["queue_length"] = service.jobs.count_queued()

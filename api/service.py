@@ -28,6 +28,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from config import Settings
 from pipeline import models
 from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
+from pipeline.upscale import UpscalerLoadError, resolve_upscaler
 from storage.blobs import BlobMissing, BlobStore, StorageError
 from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, waiting_reason
 from pipeline.video import VideoInputError, inspect_video, write_spritesheet
@@ -194,6 +195,20 @@ def job_rules() -> Rules:
     service = svc()
     settings = service.settings
     return Rules.from_settings(settings, models.served_models(settings) if service.worker is not None else None)
+
+
+def upscaler_problem() -> str | None:
+    """Why the worker in this process cannot run an upscale job with the configured upscaler (T2V_UPSCALER),
+    or None. With the worker elsewhere (T2V_WORKER=off) a remote worker decides, as for models."""
+    service = svc()
+    if service.worker is None:
+        return None
+    settings = service.settings
+    try:
+        resolve_upscaler(settings.upscaler, settings.models_dir, settings.data_dir, none_ok=False)
+    except UpscalerLoadError as exc:
+        return str(exc)
+    return service.worker.upscaler_error  # weights that are there but do not load
 
 
 def form_fields(file_field: str) -> dict:

@@ -12,10 +12,13 @@ const SAVED_FIELDS = ["model", "prompt", "negative", "size", "frames", "fps", "s
                       "outscale"];
 // What a generation job's params hold that /generate_video takes back, for a re-run.
 const RERUN_FIELDS = ["model", "prompt", "negative_prompt", "width", "height", "num_frames", "fps",
-                      "num_inference_steps", "guidance_scale", "seed", "upscale", "outscale"];
+                      "num_inference_steps", "guidance_scale", "seed", "upscale", "outscale", "loras"];
+const MAX_LORAS = 4; // and scales within +-LORA_SCALE: the API's own bounds (pipeline/spec.py)
+const LORA_SCALE = 4;
 const INPUT_WORDS = { text: "text to video", image: "image to video", both: "text or image to video" };
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"]; // what the server decodes (pipeline/spec.py)
 let limits = null; // GET /limits: the server's caps (prompt, upscaling, uploads, images)
+let health = null; // GET /health, as last read: why this server's worker cannot run jobs, if it cannot
 let catalog = null; // GET /models: {default, loras, models}
 let model = null; // the chosen model's entry in the catalog: its presets, limits and defaults shape the form
 let image = null; // the chosen image (a File), for a model that takes one
@@ -122,12 +125,28 @@ function applyModels() {
   const saved = savedForm().model;
   $("#model").value = offered.some((m) => m.id === saved) ? saved : catalog.default;
   if (!$("#model").value && offered.length) $("#model").value = offered[0].id;
+  $("#submit").disabled = offered.length === 0;
+  showServerNotice();
   applyModel();
+}
+
+/** What a newcomer's server (no weights yet) or a broken one says on /health, above the form (Generate is off
+ * while no model is offered). Shown again at each refresh, as the worker finds out. */
+function showServerNotice() {
+  const canGenerate = $("#model").options.length > 0;
+  const problem = health && health.model_error;
+  const notice = $("#server-notice");
+  notice.hidden = canGenerate && !problem;
+  notice.textContent = canGenerate ? `This server's worker cannot run every job: ${problem}`
+    : `This server cannot make videos yet: ${problem || "it serves no model"}. `
+      + "To try the page without weights, start it with T2V_MODEL=tiny T2V_UPSCALER=tiny.";
 }
 
 /** Shape the form to the chosen model: its sizes, frame rule, step cap and defaults, and an image where it takes one. */
 function applyModel() {
-  model = catalog.models.find((m) => m.id === $("#model").value);
+  model = catalog.models.find((m) => m.id === $("#model").value) || null;
+  applyLoras();
+  if (!model) { $("#size").replaceChildren(); return; }
   const { limits: caps, defaults } = model;
   $("#size").replaceChildren(...model.presets.map((s, i) =>
     new Option(`${s.label} (${s.width}x${s.height})`, String(i))));
@@ -145,6 +164,34 @@ function applyModel() {
   $("#image-hint").textContent = model.inputs === "image" ? "(required)" : `(optional; without one, ${INPUT_WORDS.text})`;
   if (model.inputs === "text") chooseImage(null);
 }
+
+/** One row per installed LoRA (GET /models), for a model that takes them: tick it, set its scale. */
+function applyLoras() {
+  const offered = model && model.lora ? catalog.loras : [];
+  $("#lora-field").hidden = offered.length === 0;
+  $("#loras").replaceChildren(...offered.map((name, i) => {
+    const row = document.createElement("div");
+    row.className = "lora";
+    row.dataset.name = name;
+    row.innerHTML = `<span class="check"><input id="lora-${i}" type="checkbox"> <label for="lora-${i}"></label></span>`
+      + `<label for="lora-scale-${i}">Scale</label> <input id="lora-scale-${i}" type="number" min="-${LORA_SCALE}" `
+      + `max="${LORA_SCALE}" step="0.05" value="1" inputmode="decimal">`;
+    row.querySelector(`label[for="lora-${i}"]`).textContent = name; // a file's name: text, never markup
+    return row;
+  }));
+}
+
+/** The ticked LoRAs as a job's `loras`, checked as the API checks them. */
+function chosenLoras() {
+  const chosen = [...document.querySelectorAll("#loras .lora")]
+    .filter((row) => row.querySelector("[type=checkbox]").checked)
+    .map((row) => ({ name: row.dataset.name, scale: Number(row.querySelector("[type=number]").value) }));
+  if (chosen.length > MAX_LORAS) throw new Error(`Choose at most ${MAX_LORAS} LoRAs.`);
+  const bad = chosen.find((l) => !(Math.abs(l.scale) <= LORA_SCALE));
+  if (bad) throw new Error(`The scale of ${bad.name} must be between -${LORA_SCALE} and ${LORA_SCALE}.`);
+  return chosen;
+}
+
 function saveForm() {
   const values = {};
   for (const id of SAVED_FIELDS) {
@@ -167,6 +214,7 @@ function restoreForm() {
     if (values[id] === undefined || id === "model") continue;
     const field = $(`#${id}`);
     if (id === "size") {
+      if (!model) continue;
       const index = model.presets.findIndex((s) => `${s.width}x${s.height}` === values.size);
       if (index >= 0) field.value = String(index);
     } else if (field.type === "checkbox") {
@@ -197,6 +245,7 @@ for (const chip of document.querySelectorAll(".examples .chip")) {
 }
 
 function formBody() {
+  if (!model) throw new Error($("#server-notice").textContent);
   const { limits: caps } = model;
   const size = model.presets[Number($("#size").value)];
   const frames = Number($("#frames").value);
@@ -224,6 +273,8 @@ function formBody() {
   if (!model.size_from_image) Object.assign(body, { width: size.width, height: size.height });
   if ($("#negative").value.trim()) body.negative_prompt = $("#negative").value;
   if ($("#seed").value !== "") body.seed = Number($("#seed").value);
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -293,10 +344,11 @@ $("#job-form").addEventListener("submit", async (event) => {
   $("#submit").disabled = true;
   try {
     await generate(body, model.inputs === "text" ? null : image);
+    $("#current").scrollIntoView(); // as after an upload: the job, its preview, progress and Cancel in view
   } catch (error) {
     $("#form-error").textContent = error.message;
   } finally {
-    $("#submit").disabled = false;
+    $("#submit").disabled = !model;
   }
 });
 
@@ -537,7 +589,11 @@ function renderQueue() {
 
 async function refresh() {
   if (document.hidden || !limits) return;
-  try { queueLength = (await api("/health")).queue_length; } catch { queueLength = null; }
+  try {
+    health = await api("/health");
+    queueLength = health.queue_length;
+    showServerNotice();
+  } catch { queueLength = null; }
   if (sessionJobs.some(active)) await loadHistory(); else renderQueue();
 }
 
@@ -558,9 +614,10 @@ function paramsText(job) {
     return `clip ${p.width}x${p.height}, ${p.frames} frames at ${p.fps} fps, upscaled ${p.outscale}x`;
   }
   const upscaled = p.upscale ? `, upscaled ${p.outscale}x` : "";
+  const loras = (p.loras || []).map((l) => `${l.name} at ${l.scale}`);
   const source = p.model ? `${p.model}${p.image_key ? " from an image" : ""}, ` : "";
   return `${source}${p.width}x${p.height}, ${p.num_frames} frames at ${p.fps} fps, ${p.num_inference_steps} steps, `
-    + `guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}`;
+    + `guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}${loras.length ? `, LoRA ${loras.join(", ")}` : ""}`;
 }
 
 function historyItem(job) {
@@ -640,7 +697,7 @@ async function remove(job) {
 async function start() {
   $("#session").textContent = sessionId();
   try {
-    [limits, catalog] = await Promise.all([api("/limits"), api("/models")]);
+    [limits, catalog, health] = await Promise.all([api("/limits"), api("/models"), api("/health")]);
   } catch (error) {
     if (error.status !== 401) $("#form-error").textContent = `The server did not answer: ${error.message}`;
     return false;

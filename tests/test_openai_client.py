@@ -138,3 +138,15 @@ def test_the_readmes_v1_snippets_run_as_written_on_the_tiny_server(server, tmp_p
     assert done.returncode == 0 and video["object"] == "video", done.stdout
     assert (video["model"], video["seconds"]) == ("wan2.2-ti2v-5b", "1.042")
     completed(sdk(base), video["id"])
+
+
+def test_the_sdk_does_not_resend_a_409_that_a_retry_cannot_change(server):
+    """openai's client resends a 409 by default; `x-should-retry: false` stops it: one request, one error."""
+    base, log_dir = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="k-one", max_retries=2, timeout=120)
+    video = client.videos.create(prompt="a red fox", size="64x64", seconds="1.3")
+    with pytest.raises(openai.ConflictError) as refused:
+        client.videos.download_content(video.id)  # queued or running: not ready
+    assert refused.value.code == "not_ready"
+    assert _logs(log_dir).count(f'"GET /v1/videos/{video.id}/content" 409') == 1
+    client.videos.delete(video.id)

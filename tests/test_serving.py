@@ -396,3 +396,30 @@ def test_api_node_with_a_standalone_worker_process(tmp_path, data_dir, tiny_mode
             worker.kill()
         stop(api)
     assert ": completed in " in (tmp_path / "server-worker.log").read_text()
+
+
+def test_a_server_without_weights_says_degraded_and_refuses_the_jobs_it_cannot_run(tmp_path):
+    """What `python app.py` gives a newcomer before download.py: no model, no upscaler. It says why on /health,
+    offers no upscale on /limits, and refuses both kinds of job (an upscale job would wait forever)."""
+    from conftest import make_clip
+
+    proc, base = serve([sys.executable, str(ROOT / "app.py")], tmp_path, tmp_path / "data",
+                       T2V_MODEL="models/HunyuanVideo", T2V_UPSCALER="models/RealESRGAN_x4plus.pth",
+                       T2V_MODELS_DIR="models")
+    try:
+        health = wait_for(lambda: (h := _get_json(f"{base}/health")) and h["model_error"] and h, timeout=240,
+                          every=0.2)
+        assert health["status"] == "degraded" and health["model_loaded"] is False
+        assert "python download.py" in health["reason"] and "upscaler weights" in health["reason"]
+        assert requests.get(f"{base}/limits", timeout=30).json()["upscale"] is False
+        assert requests.get(f"{base}/models", timeout=30).json()["models"] == []
+        clip = make_clip(tmp_path / "in.mp4", frames=8, audio=None)
+        r = requests.post(f"{base}/upscale_video", files={"video": ("in.mp4", clip.read_bytes())}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "upscaler_not_installed", r.text
+        assert "python download.py --only RealESRGAN_x4plus" in r.json()["error"]["message"]
+        r = requests.post(f"{base}/generate_video", json=TINY_JOB, timeout=60)
+        assert r.status_code == 400 and "python download.py --only hunyuanvideo" in r.json()["error"]["message"]
+        assert requests.get(f"{base}/health", timeout=30).json()["queue_length"] == 0  # nothing waits forever
+    finally:
+        stop(proc)
+    assert "Traceback" not in _logs(tmp_path)

@@ -33,8 +33,9 @@ if not CHROMIUM and os.environ.get("T2V_REQUIRE_BROWSER") != "1":
     pytest.skip("no chromium here (apt-get install chromium); .ci/run installs it", allow_module_level=True)
 
 
-def start_server(folder, data_dir, **env):
-    """python app.py with the tiny models, keys on, and limits small enough for a CPU; returns (process, base)."""
+def start_server(folder, data_dir, ready=None, **env):
+    """python app.py with the tiny models, keys on, and limits small enough for a CPU; returns (process, base).
+    It is up once ready(health) is true: by default, once its worker has loaded the model (if it has a worker)."""
     os.symlink(data_dir / "tiny", folder / "tiny")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_MODEL": "tiny", "T2V_UPSCALER": "tiny",
@@ -51,6 +52,8 @@ def start_server(folder, data_dir, **env):
             health = requests.get(f"{base}/health", timeout=10).json()
         except requests.RequestException:
             return False
+        if ready is not None:
+            return ready(health)
         return health["model_loaded"] if want_model else health["status"] == "ok"
 
     wait_for(healthy, timeout=300, every=0.2)
@@ -68,9 +71,14 @@ def stop(proc):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, data_dir, tiny_model, tiny_upscalers):
-    """One server with its worker thread for the tests that run jobs; each test has its own browser session."""
+    """One server with its worker thread for the tests that run jobs, and one LoRA installed (`style`, for the
+    tiny HunyuanVideo); each test has its own browser session."""
+    from test_lora import make_lora
+
     folder = tmp_path_factory.mktemp("web")
-    proc, base, _ = start_server(folder, data_dir)
+    (folder / "models" / "loras").mkdir(parents=True)
+    make_lora("hunyuanvideo", data_dir, folder / "models" / "loras", "style")
+    proc, base, _ = start_server(folder, data_dir, T2V_MODELS_DIR=str(folder / "models"))
     yield base, folder
     stop(proc)
 
@@ -456,7 +464,7 @@ def slow_server(tmp_path, tiny_models):
     from worker.loop import Worker
 
     settings = Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=tmp_path, worker="off",
-                                 api_keys=(KEY,), max_side=64, preview_every=1)
+                                 api_keys=(KEY,), max_side=128, preview_every=1)
     jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")
     hook = tiny_models.generator.pipe.transformer.register_forward_hook(lambda *_: time.sleep(STEP_S))
     worker = Worker(settings, jobs, blobs, models=tiny_models, poll_s=0.05).start()
@@ -507,3 +515,70 @@ def test_the_page_follows_a_job_on_its_event_stream_and_shows_each_preview(page,
     assert sent.count(("GET", f"/jobs/{ref}/events")) == 1
     assert sent.count(("GET", f"/jobs/{ref}")) == 1
     assert not any(url == "/get_status" for _, url in sent)
+
+
+def test_a_portrait_preview_keeps_progress_and_cancel_in_view_and_generate_scrolls_to_the_job(open_page, slow_server):
+    page = open_page({"width": 1280, "height": 900})
+    sign_in(page, slow_server)
+    fill_tiny_job(page, "a tall lighthouse in the fog", steps=30)
+    page.select_option("#size", label="tiny 1:2 (64x128)")
+    page.click("#submit")
+    page.wait_for_function("(() => { const img = document.querySelector('#live-preview');"
+                           " return !img.hidden && img.complete && img.naturalWidth > 0; })()")
+    assert page.evaluate("[document.querySelector('#live-preview').naturalWidth,"
+                         " document.querySelector('#live-preview').naturalHeight]") == [8, 16]  # portrait
+    preview, cancel = page.locator("#live-preview").bounding_box(), page.locator("#cancel").bounding_box()
+    assert preview["height"] <= 0.45 * 900 + 1, preview
+    assert 0 <= cancel["y"] and cancel["y"] + cancel["height"] <= 900, cancel  # scrolled to, and not pushed off
+    assert 0 <= page.locator("#progress").bounding_box()["y"] <= 900
+    page.click("#cancel")
+    current_status_is(page, "canceled")
+
+
+def test_a_server_without_weights_shows_what_health_says_instead_of_breaking(page, tmp_path, data_dir):
+    """`python app.py` before download.py: no Model or Size to offer. The page says what /health says (how to
+    download, or T2V_MODEL=tiny to try it), Generate is off, and nothing raw is thrown."""
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    proc, base, _ = start_server(tmp_path, data_dir, ready=lambda h: "MissingWeightsError" in (h["model_error"] or ""),
+                                 T2V_MODEL="models/HunyuanVideo", T2V_UPSCALER="models/RealESRGAN_x4plus.pth",
+                                 T2V_MODELS_DIR="models")
+    try:
+        sign_in(page, base)
+        page.wait_for_selector("#server-notice:not([hidden])")
+        notice = page.text_content("#server-notice")
+        assert notice.startswith("This server cannot make videos yet: MissingWeightsError: model folder")
+        assert "python download.py" in notice and "T2V_MODEL=tiny" in notice
+        assert page.is_disabled("#submit") and page.is_disabled("#upload") and page.is_disabled("#upscale")
+        assert page.eval_on_selector_all("#model option", "els => els.length") == 0
+        page.fill("#prompt", "a red fox")
+        page.evaluate("document.querySelector('#job-form').requestSubmit()")  # Enter in a field submits too
+        assert page.text_content("#form-error") == notice
+        assert errors == [] and "destructure" not in page.content()
+    finally:
+        stop(proc)
+
+
+def test_pick_a_lora_with_a_scale_see_it_in_history_and_keep_it_on_rerun(page, server):
+    sign_in(page, server)
+    page.wait_for_selector("#lora-field:not([hidden])")
+    assert page.eval_on_selector_all("#loras .lora", "rows => rows.map(r => r.dataset.name)") == ["style"]
+    page.check("#lora-0")
+    page.fill("#lora-scale-0", "0.5")
+    fill_tiny_job(page, "a fox in the style", seed=11)
+    page.click("#submit")
+    current_status_is(page, "completed")
+    first = page.evaluate("localStorage.getItem('t2v.current')")
+    assert api_job(server, first)["params"]["loras"] == [{"name": "style", "scale": 0.5}]
+    item = page.locator(f"#history li[data-id='{first}']")
+    item.wait_for()
+    assert "LoRA style at 0.5" in item.text_content()
+
+    item.locator("button.rerun").click()
+    page.wait_for_function("first => localStorage.getItem('t2v.current') !== first", arg=first)
+    again = page.evaluate("localStorage.getItem('t2v.current')")
+    assert api_job(server, again)["params"]["loras"] == [{"name": "style", "scale": 0.5}]
+    current_status_is(page, "completed")
+
+    page.select_option("#model", "hunyuanvideo-1.5-480p")  # no LoRA loader in diffusers for it: none offered
+    assert page.is_hidden("#lora-field")
