@@ -112,7 +112,9 @@ def _components(job_schemas: dict) -> dict:
                                      "defaults": {"type": "object"}}},
             "Video": VIDEO,
             "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
-                       "properties": {"status": {"enum": ["ok", "unavailable"]}, "store": {"type": "string"},
+                       "properties": {"status": {"enum": ["ok", "degraded", "unavailable"]},
+                                      "reason": {"type": "string", "description": "why it is degraded"},
+                                      "store": {"type": "string"},
                                       "worker": {"enum": ["alive", "dead", "off"]},
                                       "model_loaded": {"type": "boolean"},
                                       "model_error": {"type": ["string", "null"]},
@@ -300,7 +302,9 @@ VIDEO = {
         "seconds": {"type": "string", "description": "the clip's length: its frames over its fps"},
         "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
         "error": {"type": ["object", "null"], "required": ["code", "message"], "properties": {
-            "code": {"type": "string"}, "message": {"type": "string"}}}}}
+            "code": {"type": "string"}, "message": {"type": "string"}}},
+        "events_url": {"type": "string", "description": "a t2v extension: the video's live event stream, "
+                                                       "signed when keys are on (for EventSource)"}}}
 V1_SIZE = {"type": "string", "pattern": "^[0-9]{1,5}x[0-9]{1,5}$",
            "description": "WIDTHxHEIGHT of the MP4, within the model's size rules (GET /models); not upscaled"}
 V1_SECONDS = {"description": "becomes the nearest frame count the model's frame rule allows, at its fps",
