@@ -112,6 +112,7 @@ def test_a_family_without_a_trim_keeps_its_mask(data_dir, tiny_model, monkeypatc
     from pipeline import generate
 
     monkeypatch.setattr(generate, "PROMPT_TRIMS", {})
+    monkeypatch.setattr(generate.models, "TRIMMED_PIPELINES", frozenset())
     gen = VideoGenerator("tiny", data_dir)
     assert gen.speed.mask_free is False
     assert gen.generate(params(num_inference_steps=1)).shape == (9, 64, 64, 3)

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import typing
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -51,6 +52,31 @@ def test_entry_is_well_formed(entry):
         if mode == "i2v":
             assert ("height" not in params) == entry.size_from_image
         assert (entry.default_guidance_2 is not None) <= ("guidance_scale_2" in params)
+
+
+def transformer_class(pipeline):
+    """The transformer class a pipeline class takes (Wan's is annotated `WanTransformer3DModel | None`)."""
+    annotation = inspect.signature(pipeline.__init__).parameters["transformer"].annotation
+    return next(c for c in (annotation, *typing.get_args(annotation)) if isinstance(c, type))
+
+
+@pytest.mark.parametrize("entry", models.ENTRIES, ids=lambda e: e.id)
+def test_the_speed_facts_are_what_diffusers_does(entry):
+    """First Block Cache needs every pipeline of the model to open a cache_context and its main block in diffusers'
+    TransformerBlockRegistry; regional compile needs `_repeated_blocks`. Checked against diffusers' own classes,
+    so a diffusers upgrade that changes one fails here."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    registered = {c.__name__ for c in TransformerBlockRegistry._registry}
+    classes = [pipeline_class(entry, mode) for mode in entry.modes]
+    transformers = {transformer_class(cls) for cls in classes}
+    takes_fbc = all("cache_context" in inspect.getsource(cls.__call__) for cls in classes) and all(
+        t._repeated_blocks[0] in registered for t in transformers)
+    assert ("fbc" in entry.caches) == takes_fbc
+    assert set(entry.caches) <= {"fbc", "magcache"} and ("magcache" in entry.caches) <= takes_fbc
+    assert all(bool(t._repeated_blocks) for t in transformers) == FAMILIES[entry.family].regional_compile
+    assert entry.fp8_share is None or 0 < entry.fp8_share <= 1
 
 
 @pytest.mark.parametrize("entry", models.ENTRIES, ids=lambda e: e.id)
