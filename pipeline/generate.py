@@ -173,9 +173,9 @@ PRESET_CACHES = {"HunyuanVideoPipeline": {"balanced": "fbc", "fast": "magcache"}
 
 
 def preset_choices(preset: str, family: str, device: str, memory_preset: str, mask_free: bool) -> dict:
-    """What a speed preset turns on for this family, device and memory preset. All of it works together:
-    compile runs with fullgraph=False under hooks, and fp8 only where weights travel (offload presets),
-    since with every weight resident it would only add a cast per layer."""
+    """What a speed preset turns on for this family, device and memory preset: fp8 only where weights travel
+    (offload presets), since with every weight resident it would only add a cast per layer; compile, which
+    `resolve_speed` then drops where fp8 or group offload would break its graph at every Linear."""
     if preset == "off":
         return {}
     cuda = device.startswith("cuda")
@@ -199,7 +199,7 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
 
     VAE tiling is on by default on CUDA with every memory preset (HunyuanVideo's VAE mid-block alone
     peaks near 34 GiB at 720p untiled); the `group` preset stores weights in fp8 unless told not to.
-    A cache the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is
+    No compile under fp8 casting or the `group` preset, whose hooks break the graph at every Linear. A cache the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is
     per worker, and the worker loads any model.
     """
     family = entry.pipelines[entry.modes[0]]
@@ -215,6 +215,12 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
                     entry.id, cache, ", ".join(entry.caches) or "none")
         cache = "off"
     fp8 = options.fp8 if options.fp8 is not None else (memory_preset == "group" or chosen.get("fp8", False))
+    compile_ = options.compile if options.compile is not None else chosen.get("compile", False)
+    if compile_ and (graph_breaker := "fp8 layerwise casting" if fp8 else
+                     "leaf-level group offload" if memory_preset == "group" else None):
+        log.warning("not compiling %s: %s breaks the graph at every Linear, so a compile would gain little",
+                    entry.id, graph_breaker)
+        compile_ = False
     return replace(
         options,
         fp8=fp8,
@@ -223,7 +229,7 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
         fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
         # Always named: diffusers also makes the last backend set the process-wide default.
         attention_backend=options.attention_backend or chosen.get("attention_backend") or "native",
-        compile=options.compile if options.compile is not None else chosen.get("compile", False),
+        compile=compile_,
         mask_free=mask_free,
     )
 
@@ -598,9 +604,10 @@ class VideoGenerator:
         return experts
 
     def warm_up(self, params: JobParams) -> None:
-        """Run one short job (one step) at `params`' size, so a compiled model compiles now and not in
-        the first user's job."""
-        log.info("warm-up: one step at %dx%d, %d frames", params.width, params.height, params.num_frames)
+        """Run one short job (one step) at `params`' size and prompt, so a compiled model compiles now and not
+        in the first user's job (`pipeline.run.warm_up_params`: two sizes, two prompt lengths)."""
+        log.info("warm-up: one step at %dx%d, %d frames, a %d-character prompt", params.width, params.height,
+                 params.num_frames, len(params.prompt))
         self.generate(params.model_copy(update={"num_inference_steps": 1}))
 
     def unload(self) -> None:
