@@ -199,8 +199,9 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
 
     VAE tiling is on by default on CUDA with every memory preset (HunyuanVideo's VAE mid-block alone
     peaks near 34 GiB at 720p untiled); the `group` preset stores weights in fp8 unless told not to.
-    No compile under fp8 casting or the `group` preset, whose hooks break the graph at every Linear. A cache the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is
-    per worker, and the worker loads any model.
+    No compile under fp8 casting or the `group` preset, whose hooks break the graph at every Linear. A cache
+    the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is per worker,
+    and the worker loads any model.
     """
     family = entry.pipelines[entry.modes[0]]
     never_masked = models.FAMILIES[entry.family].attention_mask == "never"
