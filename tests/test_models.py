@@ -3,6 +3,7 @@
 import inspect
 import json
 import typing
+from pathlib import Path
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -327,3 +328,17 @@ def test_a_folder_is_served_and_loaded_as_one_id(tmp_path):
     odd = shutil.copytree(built, tmp_path / "my-wan")
     with pytest.raises(ConfigError, match="name the folder as its Hub folder"):
         resolve_model(str(odd), tmp_path)
+
+
+def test_the_fp8_share_in_the_registry_is_what_bench_fp8_share_measures():
+    """Full-size transformers built on the meta device (no weights): the registry's figure is the measured one."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "fp8_share.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8_share", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    measured = {model_id: bench.fp8_share(*bench.CONFIGS[model_id])["fp8_share"]
+                for model_id in ("wan2.1-t2v-1.3b", "hunyuanvideo-1.5-480p-i2v-distilled", "hunyuanvideo")}
+    assert measured == {model_id: MODELS[model_id].fp8_share for model_id in measured}
+    assert measured["hunyuanvideo"] < 0.75  # the AdaLN modulation Linears stay in bf16 ("norm" skip pattern)
