@@ -3,8 +3,8 @@
 import inspect
 import json
 import typing
-from pathlib import Path
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import diffusers
