@@ -109,7 +109,16 @@ def _components(job_schemas: dict) -> dict:
                                      "installed": {"type": "boolean"}, "tiny": {"type": "boolean"},
                                      "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
                                      "presets": {"type": "array"}, "limits": {"type": "object"},
-                                     "defaults": {"type": "object"}}},
+                                     "defaults": {"type": "object"},
+                                     "speed": {"type": "object", "description": "the speed options the model "
+                                               "can take (T2V_CACHE values, mask-free attention, regional "
+                                               "compile, fp8 storage and the share of weights it covers)",
+                                               "properties": {"cache": {"type": "array",
+                                                                        "items": {"enum": ["fbc", "magcache"]}},
+                                                              "mask_free": {"type": "boolean"},
+                                                              "compile": {"type": "boolean"},
+                                                              "fp8": {"type": "boolean"},
+                                                              "fp8_share": {"type": ["number", "null"]}}}}},
             "Video": VIDEO,
             "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
                        "properties": {"status": {"enum": ["ok", "degraded", "unavailable"]},

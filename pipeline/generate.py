@@ -173,9 +173,9 @@ PRESET_CACHES = {"HunyuanVideoPipeline": {"balanced": "fbc", "fast": "magcache"}
 
 
 def preset_choices(preset: str, family: str, device: str, memory_preset: str, mask_free: bool) -> dict:
-    """What a speed preset turns on for this family, device and memory preset. All of it works together:
-    compile runs with fullgraph=False under hooks, and fp8 only where weights travel (offload presets),
-    since with every weight resident it would only add a cast per layer."""
+    """What a speed preset turns on for this family, device and memory preset: fp8 only where weights travel
+    (offload presets), since with every weight resident it would only add a cast per layer; compile, which
+    `resolve_speed` then drops where fp8 or group offload would break its graph at every Linear."""
     if preset == "off":
         return {}
     cuda = device.startswith("cuda")
@@ -194,27 +194,43 @@ def best_attention_backend(masked: bool) -> str:
     return next((name for name in candidates if attention_backend_problem(name, masked) is None), "native")
 
 
-def resolve_speed(options: SpeedOptions, family: str, device: str, memory_preset: str) -> SpeedOptions:
+def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, memory_preset: str) -> SpeedOptions:
     """Every knob concrete: an explicit setting wins, then the speed preset, then off.
 
     VAE tiling is on by default on CUDA with every memory preset (HunyuanVideo's VAE mid-block alone
     peaks near 34 GiB at 720p untiled); the `group` preset stores weights in fp8 unless told not to.
+    No compile under fp8 casting or the `group` preset, whose hooks break the graph at every Linear. A cache
+    the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is per worker,
+    and the worker loads any model.
     """
-    mask_free = options.mask_free and family in PROMPT_TRIMS
+    family = entry.pipelines[entry.modes[0]]
+    never_masked = models.FAMILIES[entry.family].attention_mask == "never"
+    mask_free = entry.mask_free and (options.mask_free or never_masked)
     chosen = preset_choices(options.preset, family, device, memory_preset, mask_free)
     cache = options.cache
     if cache is None and options.fbc_threshold is not None:
         cache = "fbc" if options.fbc_threshold > 0 else "off"
+    cache = cache or chosen.get("cache", "off")
+    if cache != "off" and cache not in entry.caches:
+        log.warning("%s cannot take the %s cache in diffusers 0.42.1 (it takes: %s); it runs without one",
+                    entry.id, cache, ", ".join(entry.caches) or "none")
+        cache = "off"
     fp8 = options.fp8 if options.fp8 is not None else (memory_preset == "group" or chosen.get("fp8", False))
+    compile_ = options.compile if options.compile is not None else chosen.get("compile", False)
+    if compile_ and (graph_breaker := "fp8 layerwise casting" if fp8 else
+                     "leaf-level group offload" if memory_preset == "group" else None):
+        log.warning("not compiling %s: %s breaks the graph at every Linear, so a compile would gain little",
+                    entry.id, graph_breaker)
+        compile_ = False
     return replace(
         options,
         fp8=fp8,
         vae_tiling=options.vae_tiling if options.vae_tiling is not None else device.startswith("cuda"),
-        cache=cache or chosen.get("cache", "off"),
+        cache=cache,
         fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
         # Always named: diffusers also makes the last backend set the process-wide default.
         attention_backend=options.attention_backend or chosen.get("attention_backend") or "native",
-        compile=options.compile if options.compile is not None else chosen.get("compile", False),
+        compile=compile_,
         mask_free=mask_free,
     )
 
@@ -246,20 +262,27 @@ def fit_cache_to_job(config, params: JobParams) -> None:
         config.mag_ratios = nearest_interp(torch.tensor(ratios), params.num_inference_steps)
 
 
+def denoisers(pipe) -> list:
+    """The pipeline's transformers: `transformer`, and the low-noise expert `transformer_2` of the two-expert
+    Wan 2.2 A14B models (it runs the later steps, so every speed option goes to both)."""
+    return [t for t in (getattr(pipe, name, None) for name in ("transformer", "transformer_2")) if t is not None]
+
+
 def apply_speed_options(pipe, options: SpeedOptions, device: str):
-    """Apply resolved speed options, before the memory preset places the components (compile comes
-    after it, see `compile_transformer`). Returns the cache config it enabled, if any."""
-    transformer = getattr(pipe, "transformer", None)
-    if options.fp8 and transformer is not None:
-        compute = torch.float32 if device == "cpu" else transformer.dtype
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    """Apply resolved speed options to every transformer, before the memory preset places the components
+    (compile comes after it, see `compile_transformer`). Returns the cache config it enabled, if any."""
+    transformers = denoisers(pipe)
     if options.vae_tiling and hasattr(pipe, "vae"):
         pipe.vae.enable_tiling()
-    config = cache_config(options, type(pipe).__name__) if transformer is not None else None
-    if config is not None:
-        transformer.enable_cache(config)
-    if options.attention_backend and transformer is not None:
-        transformer.set_attention_backend(options.attention_backend)
+    config = cache_config(options, type(pipe).__name__) if transformers else None
+    for transformer in transformers:
+        if options.fp8:
+            compute = torch.float32 if device == "cpu" else transformer.dtype
+            transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+        if config is not None:
+            transformer.enable_cache(config)  # one config: MagCache's fitted ratios reach every transformer
+        if options.attention_backend:
+            transformer.set_attention_backend(options.attention_backend)
     return config
 
 
@@ -271,6 +294,24 @@ def has_hooks(model: torch.nn.Module) -> bool:
         if (registry is not None and registry.hooks) or hasattr(module, "_hf_hook"):
             return True
     return False
+
+
+def lora_mismatch(state: dict, transformer) -> str | None:
+    """Why a LoRA state dict (diffusers' format, `transformer.<module>.lora_A.weight`) does not fit `transformer`:
+    a module it names that the transformer has not, or a shape that differs. None when every key fits."""
+    modules = dict(transformer.named_modules())
+    for key, tensor in sorted(state.items()):
+        if not key.startswith("transformer.") or ".lora" not in key:
+            return f"{key} is not a transformer LoRA weight"
+        path, _, part = key[len("transformer."):].partition(".lora")
+        module = modules.get(path)
+        if module is None:
+            return f"it has weights for {path}, which the model has not"
+        size, side = (tensor.shape[1], "in") if part.startswith("_A.") else (tensor.shape[0], "out")
+        expected = getattr(module, f"{side}_features", None)
+        if part.startswith(("_A.weight", "_B.weight")) and expected is not None and size != expected:
+            return f"{path} takes {expected} {side} features, the LoRA has {size}"
+    return None
 
 
 def compile_transformer(transformer) -> None:
@@ -423,7 +464,7 @@ class VideoGenerator:
         self.call_defaults = _folder_call_defaults(folder)
         self.is_tiny = _folder_config(folder).get("tiny", False)
         self.memory_preset = choose_memory_preset(memory, device, free_vram_bytes(device))
-        self.speed = resolve_speed(speed, self.family, device, self.memory_preset)
+        self.speed = resolve_speed(speed, self.entry, device, self.memory_preset)
         # Settings checked the backend by name; only here is it known whether this family passes a mask.
         problem = attention_backend_problem(self.speed.attention_backend, masked=not self.speed.mask_free)
         if problem:
@@ -442,8 +483,7 @@ class VideoGenerator:
     @property
     def transformers(self) -> list:
         """The denoisers: `transformer`, and the low-noise expert `transformer_2` of the two-expert Wan models."""
-        return [t for t in (getattr(self.pipe, name, None) for name in ("transformer", "transformer_2"))
-                if t is not None]
+        return denoisers(self.pipe)
 
     def output_size(self, params: JobParams, image=None) -> tuple[int, int]:
         """(width, height) of the frames `generate` makes: the job's, or the image's bucket where the model
@@ -503,8 +543,12 @@ class VideoGenerator:
     @contextlib.contextmanager
     def loras_applied(self, loras: list[tuple[str, Path, float]]):
         """Load each LoRA (name, .safetensors file, scale) with the pipeline's own diffusers loader for one job,
-        and always unload them after, on a failure or cancel too, so no job's LoRA reaches the next job.
-        The files are read from disk for every job; the time it takes is logged."""
+        into every expert it fits, and always unload them after, on a failure or cancel too, so no job's LoRA
+        reaches the next job. The files are read from disk for every job; the time it takes is logged.
+
+        diffusers' `load_lora_adapter` takes the accelerate offload hooks off before it loads and puts them back
+        only after a load that worked: the LoRA's keys are checked against the model first, and should a load
+        still fail, the memory preset is applied again, so no later job runs its transformer off the GPU."""
         if not loras:
             yield
             return
@@ -513,27 +557,58 @@ class VideoGenerator:
             raise LoraError(f"{self.entry.id}: {problem}")
         started = time.perf_counter()
         adapters = [f"lora{i}" for i in range(len(loras))]  # a LoRA's name may hold a dot; adapter names may not
+        hooked = self._offload_hooked()
         try:
             for adapter, (name, path, _) in zip(adapters, loras):
-                try:
-                    self.pipe.load_lora_weights(str(path), adapter_name=adapter)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as exc:  # a damaged file, or one made for another model
-                    detail = str(exc).replace(str(path), Path(path).name)[:300]  # no operator's path in a job record
-                    raise LoraError(f"LoRA {name!r} cannot be loaded into {self.entry.id}: "
-                                    f"{type(exc).__name__}: {detail}") from None
+                experts = self._load_lora(name, Path(path), adapter)
+                log.info("LoRA %s loaded into %s", name, " and ".join(experts))
             self.pipe.set_adapters(adapters, [scale for _, _, scale in loras])
             log.info("LoRAs %s loaded in %.2f s", ", ".join(f"{n}@{s:g}" for n, _, s in loras),
                      time.perf_counter() - started)
             yield
         finally:
             self.pipe.unload_lora_weights()
+            if hooked - self._offload_hooked():
+                log.warning("the LoRA loader left %s without its offload hook; applying the %s preset again",
+                            ", ".join(sorted(hooked - self._offload_hooked())), self.memory_preset)
+                apply_memory_preset(self.pipe, self.memory_preset, self.device)
+
+    def _offload_hooked(self) -> set[str]:
+        """The components carrying an accelerate offload hook (the `model` and `sequential` presets)."""
+        return {name for name, c in self.pipe.components.items() if hasattr(c, "_hf_hook")}
+
+    def _load_lora(self, name: str, path: Path, adapter: str) -> list[str]:
+        """Load one LoRA into each transformer its keys fit (both Wan 2.2 A14B experts: diffusers loads only into
+        `transformer` unless told `load_into_transformer_2`); return their names. LoraError names the LoRA."""
+        def failed(exc: Exception) -> LoraError:
+            detail = str(exc).replace(str(path), path.name)[:300]  # no operator's path in a job record
+            return LoraError(f"LoRA {name!r} cannot be loaded into {self.entry.id}: {type(exc).__name__}: {detail}")
+
+        try:
+            state = self.pipe.lora_state_dict(str(path))
+        except Exception as exc:  # a damaged file, or one in a format diffusers does not read
+            raise failed(exc) from None
+        experts = [n for n in ("transformer", "transformer_2") if getattr(self.pipe, n, None) is not None]
+        for expert in experts:
+            mismatch = lora_mismatch(state, getattr(self.pipe, expert))
+            if mismatch:
+                raise LoraError(f"LoRA {name!r} does not fit {self.entry.id}'s {expert} ({mismatch}); "
+                                "it was made for another model")
+        for expert in experts:
+            try:
+                self.pipe.load_lora_weights(str(path), adapter_name=adapter,
+                                            **({"load_into_transformer_2": True} if expert == "transformer_2" else {}))
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise failed(exc) from None
+        return experts
 
     def warm_up(self, params: JobParams) -> None:
-        """Run one short job (one step) at `params`' size, so a compiled model compiles now and not in
-        the first user's job."""
-        log.info("warm-up: one step at %dx%d, %d frames", params.width, params.height, params.num_frames)
+        """Run one short job (one step) at `params`' size and prompt, so a compiled model compiles now and not
+        in the first user's job (`pipeline.run.warm_up_params`: two sizes, two prompt lengths)."""
+        log.info("warm-up: one step at %dx%d, %d frames, a %d-character prompt", params.width, params.height,
+                 params.num_frames, len(params.prompt))
         self.generate(params.model_copy(update={"num_inference_steps": 1}))
 
     def unload(self) -> None:

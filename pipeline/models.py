@@ -42,14 +42,26 @@ class Family:
     # HunyuanVideo's guidance is embedded (distilled), so a negative prompt acts only under true CFG, at this
     # `true_cfg_scale` (twice the work per step). The others use it whenever their guidance is above 1.
     negative_prompt_cfg: float | None = None
+    # Whether its transformer's attention gets a mask: "padding" (the prompt's padding mask, none once t2v trims
+    # the prompt: `TRIMMED_PIPELINES`), "always" (built whatever the prompt) or "never". Mask-free attention
+    # backends (flash, sage, `_native_flash`) run only where none is passed.
+    attention_mask: str = "padding"
+    # Its transformer names `_repeated_blocks`, so diffusers' regional `compile_repeated_blocks` applies.
+    regional_compile: bool = True
 
+
+# The pipelines whose prompt padding t2v trims off (their functions: pipeline.generate.PROMPT_TRIMS).
+TRIMMED_PIPELINES = frozenset({"HunyuanVideoPipeline"})
 
 FAMILIES = {
     f.name: f for f in (
         Family("hunyuanvideo", guidance="guidance_scale", step_callback=True,
                lora_loader="HunyuanVideoLoraLoaderMixin", negative_prompt_cfg=6.0),
-        Family("hunyuanvideo15", guidance="guider", step_callback=False, lora_loader=None),
-        Family("wan", guidance="guidance_scale", step_callback=True, lora_loader="WanLoraLoaderMixin"),
+        # HunyuanVideo-1.5's attention processor pads and passes its mask whatever the prompt.
+        Family("hunyuanvideo15", guidance="guider", step_callback=False, lora_loader=None, attention_mask="always"),
+        # Wan's blocks call attention with no mask (diffusers transformer_wan.py, WanTransformerBlock.forward).
+        Family("wan", guidance="guidance_scale", step_callback=True, lora_loader="WanLoraLoaderMixin",
+               attention_mask="never"),
     )
 }
 
@@ -74,6 +86,13 @@ class ModelEntry:
     default_guidance_2: float | None = None  # two-expert Wan: guidance of the low-noise expert
     size_from_image: bool = False  # image-to-video output size is set by the image, not width/height
     frame_multiple: int = 4
+    # The caches (T2V_CACHE) its pipelines and blocks take in diffusers 0.42.1: "fbc" needs the pipeline to open
+    # a `cache_context` and its blocks in diffusers' TransformerBlockRegistry; "magcache" also needs magnitude
+    # ratios calibrated for the model (t2v has HunyuanVideo's). A model loads without a cache it cannot take.
+    caches: tuple[str, ...] = ()
+    # The share of the transformer's parameters that fp8 layerwise casting stores in fp8 (diffusers'
+    # `_skip_layerwise_casting_patterns` keep the rest in the compute dtype); bench/fp8_share.py, BENCHMARKS.md.
+    fp8_share: float | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -83,6 +102,13 @@ class ModelEntry:
     def lora(self) -> bool:
         """diffusers 0.42.1 has a LoRA loader for this model's pipelines (HunyuanVideo-1.5 has none)."""
         return FAMILIES[self.family].lora_loader is not None
+
+    @property
+    def mask_free(self) -> bool:
+        """Its transformer can run with no attention mask: never given one, or given only a prompt padding
+        mask that t2v trims away (with T2V_MASK_FREE on)."""
+        mask = FAMILIES[self.family].attention_mask
+        return mask == "never" or (mask == "padding" and self.pipelines[self.modes[0]] in TRIMMED_PIPELINES)
 
     @property
     def inputs(self) -> str:
@@ -158,7 +184,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo README, "Requirements": peak 60 GB at 720x1280x129f, 45 GB at 544x960x129f (with
         # --use-cpu-offload, which is model-level offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_hunyuan"),
+        tiny_builder=_tiny("build_tiny_hunyuan"), caches=("fbc", "magcache"), fp8_share=0.709,
         published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
                         "(HunyuanVideo README, xDiT latency table)",
     ),
@@ -171,6 +197,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo-I2V README, "Requirements": 60 GB peak at 720p (its commands use --use-cpu-offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
         tiny_builder=_tiny("build_tiny_hunyuan_i2v"),
+        caches=(),  # its pipeline opens no cache_context: a cache fails with "No cache context is set"
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p", family="hunyuanvideo15", hub_repo=_HV15 + "480p_t2v",
@@ -182,6 +209,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # group offloading); no figure without offloading.
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
+        fp8_share=0.654,
+        caches=(),  # HunyuanVideo15TransformerBlock is not in diffusers' TransformerBlockRegistry
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-720p", family="hunyuanvideo15", hub_repo=_HV15 + "720p_t2v",
@@ -190,6 +219,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,  # README: CFG 6, shift 9, 50 steps
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
+        fp8_share=0.654,
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
@@ -200,6 +230,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
+        fp8_share=0.654,
         published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
     ),
     ModelEntry(
@@ -210,6 +241,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
+        fp8_share=0.654,
     ),
     ModelEntry(
         id="wan2.2-ti2v-5b", family="wan", hub_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
@@ -221,7 +253,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 README: "at least 24GB VRAM (e.g, RTX 4090)" with --offload_model True --convert_model_dtype
         # --t5_cpu (model-level offload) at 1280x704.
         vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"), caches=("fbc",), fp8_share=0.982,
         published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
                          "'Efficient High-Definition Hybrid TI2V')",
     ),
@@ -233,7 +265,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=40, default_guidance=4.0, default_guidance_2=3.0, dtypes=_WAN_DTYPES,
         # Wan2.2 README: "at least 80GB VRAM" for 1280x720 with --offload_model True --convert_model_dtype.
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"), caches=("fbc",), fp8_share=0.984,
     ),
     ModelEntry(
         id="wan2.2-i2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
@@ -242,7 +274,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps, guide scale (3.5, 3.5), boundary 0.900.
         default_steps=40, default_guidance=3.5, default_guidance_2=3.5, dtypes=_WAN_DTYPES,
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"), caches=("fbc",), fp8_share=0.984,
     ),
     ModelEntry(
         id="wan2.1-t2v-1.3b", family="wan", hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -251,7 +283,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=5.0, dtypes=_WAN_DTYPES,  # diffusers' WanPipeline defaults, 480p
         # Wan2.1 README: "requires only 8.19 GB VRAM" (480p, with --offload_model True --t5_cpu).
         vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"),
+        tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"), caches=("fbc",), fp8_share=0.981,
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),
 )

@@ -28,7 +28,7 @@ from pipeline import models as registry
 from pipeline import preview
 from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, resolve_model,
                                use_device)
-from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
+from pipeline.spec import JobParams, Limits, Rules, model_rules
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
                             read_frames, write_poster)
@@ -136,7 +136,8 @@ class Models:
         generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
                                    models_dir=s.models_dir)
         if generator.speed.compile:
-            generator.warm_up(warm_up_params(s, generator.entry))
+            for params in warm_up_params(s, generator.entry, generator.is_tiny):
+                generator.warm_up(params)
         if registry.installed_loras(s.models_dir) and (problem := generator.lora_problem()):
             log.warning("jobs with LoRAs will fail on %s: %s", name, problem)
         return generator
@@ -172,16 +173,23 @@ class Models:
         return self._upscalers[name]
 
 
-def warm_up_params(settings: Settings, entry: registry.ModelEntry | None = None) -> JobParams:
-    """A job at the size most jobs use: the default size (within T2V_MAX_SIDE) and frame count; for a
-    model other than HunyuanVideo, its first size preset that fits T2V_MAX_SIDE and its native length."""
-    if entry is None or entry.id == registry.DEFAULT_MODEL:
-        width, height = (min(n, settings.max_side) for n in (DEFAULT_WIDTH, DEFAULT_HEIGHT))
-        return JobParams.from_dict({"prompt": "warm-up", "width": width, "height": height, "seed": 0},
-                                   Limits.from_settings(settings))
-    preset = next((p for p in entry.presets if max(p.width, p.height) <= settings.max_side), entry.default_preset)
-    frames = min(entry.default_frames, settings.max_frames)
-    return JobParams(prompt="warm-up", width=preset.width, height=preset.height, num_frames=frames, seed=0)
+# A long prompt for the second warm-up job: HunyuanVideo's trimmed prompt changes length per job (issue 18).
+WARM_UP_PROMPTS = ("warm-up", "a slow aerial shot over a misty pine forest at dawn, sunlight breaking through the "
+                              "fog, birds circling above a river that winds between the hills, cinematic, detailed")
+
+
+def warm_up_params(settings: Settings, entry: registry.ModelEntry | None = None,
+                   tiny: bool = False) -> list[JobParams]:
+    """Two one-step jobs a compiled model runs at load: at the size and length a job without them gets (the
+    model's default size preset and clip length within the caps; a tiny build's tiny size), then at its second
+    size with a long prompt. Sizes and trimmed prompts change the shapes per job; once Dynamo has seen two, it
+    compiles for dynamic shapes now, not in a user's job."""
+    entry = entry or registry.MODELS[registry.DEFAULT_MODEL]
+    rules = model_rules(Rules(limits=Limits.from_settings(settings), tiny=tiny), entry.id)
+    sizes = (rules.default_size, rules.presets[1] if len(rules.presets) > 1 else rules.default_size)
+    return [JobParams(prompt=prompt[:rules.max_prompt_chars], model=entry.id, width=size.width, height=size.height,
+                      num_frames=rules.default_frames, num_inference_steps=1, seed=0)
+            for size, prompt in zip(sizes, WARM_UP_PROMPTS)]
 
 
 def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,

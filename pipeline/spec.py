@@ -435,7 +435,15 @@ def describe(rules: Rules, model_id: str) -> dict:
                      "num_frames": m.default_frames, "fps": entry.fps, "num_inference_steps": m.default_steps,
                      "guidance_scale": entry.default_guidance},
         "vram_gb": entry.vram_gb, "published_speed": entry.published_speed,
+        "speed": speed_features(entry),
     }
+
+
+def speed_features(entry: registry.ModelEntry) -> dict:
+    """The speed options the model can take, whatever a worker turns on: its caches, whether it can run with no
+    attention mask (so mask-free backends apply), regional compile, and fp8 storage with the share it covers."""
+    return {"cache": list(entry.caches), "mask_free": entry.mask_free,
+            "compile": registry.FAMILIES[entry.family].regional_compile, "fp8": True, "fp8_share": entry.fp8_share}
 
 
 def job_fields() -> list[str]:

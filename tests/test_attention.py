@@ -112,6 +112,16 @@ def test_a_family_without_a_trim_keeps_its_mask(data_dir, tiny_model, monkeypatc
     from pipeline import generate
 
     monkeypatch.setattr(generate, "PROMPT_TRIMS", {})
+    monkeypatch.setattr(generate.models, "TRIMMED_PIPELINES", frozenset())
     gen = VideoGenerator("tiny", data_dir)
     assert gen.speed.mask_free is False
     assert gen.generate(params(num_inference_steps=1)).shape == (9, 64, 64, 3)
+
+
+def test_wan_takes_a_mask_free_backend_whatever_t2v_mask_free_says(data_dir):
+    # Before: mask_free was keyed on PROMPT_TRIMS, so Wan (which never passes a mask) was refused at load.
+    gen = VideoGenerator("tiny:wan2.2-ti2v-5b", data_dir,
+                         speed=SpeedOptions(attention_backend="_native_flash", mask_free=False))
+    assert gen.speed.mask_free is True
+    job = params(num_inference_steps=2, width=64, height=64, num_frames=5)
+    assert gen.generate(job.model_copy(update={"model": "wan2.2-ti2v-5b"})).shape == (5, 64, 64, 3)

@@ -23,7 +23,8 @@ from pipeline.video import read_frames
 from test_models_jobs import run
 from worker.errors import classify_error
 
-TRANSFORMERS = {"hunyuanvideo": "HunyuanVideoTransformer3DModel", "wan2.2-ti2v-5b": "WanTransformer3DModel"}
+TRANSFORMERS = {"hunyuanvideo": "HunyuanVideoTransformer3DModel", "wan2.2-ti2v-5b": "WanTransformer3DModel",
+                "wan2.2-t2v-a14b": "WanTransformer3DModel"}
 
 
 def make_lora(model_id: str, data_dir: Path, folder: Path, name: str) -> Path:
@@ -124,6 +125,72 @@ def test_a_damaged_lora_file_fails_the_job_by_name_and_unloads_the_ones_before_i
     assert classify_error(failed.value)[0] == "model_error"
     assert lora_layers(loaded.generator) == []
     assert np.array_equal(loaded.generator.generate(job()), plain)
+
+
+def offloaded(generator: VideoGenerator) -> VideoGenerator:
+    """`generator` under the `model` preset: accelerate's CpuOffload hook on each component, as on a GPU (diffusers
+    installs it on the CPU too when told the device; only its re-hook after a load asks for an accelerator)."""
+    from pipeline.generate import apply_memory_preset
+
+    apply_memory_preset(generator.pipe, "model", "cpu")
+    generator.memory_preset = "model"
+    return generator
+
+
+def cpu_offload_hooks(generator: VideoGenerator) -> dict[str, str]:
+    return {name: type(c._hf_hook).__name__ for name, c in generator.pipe.components.items() if hasattr(c, "_hf_hook")}
+
+
+def test_a_lora_made_for_another_model_is_refused_by_name_before_the_offload_hooks_are_touched(data_dir, models_dir):
+    # Before: peft raised NoMatchingPeftModuleError after diffusers had taken the hooks off, and nothing put them back.
+    generator = offloaded(VideoGenerator("tiny", data_dir))
+    hooks = cpu_offload_hooks(generator)
+    assert hooks["transformer"] == "CpuOffload"
+    with pytest.raises(LoraError, match=r"^LoRA 'wan.style' does not fit hunyuanvideo's transformer \(it has weights "
+                                        r"for blocks\.0\.attn1\.to_k, which the model has not\); it was made for "
+                                        r"another model$"):
+        with generator.loras_applied(lora_files(job(loras=[{"name": "wan.style"}]), models_dir)):
+            pytest.fail("ran with a LoRA for another model")
+    assert cpu_offload_hooks(generator) == hooks and lora_layers(generator) == []
+
+
+def test_a_lora_load_that_fails_inside_diffusers_gets_the_offload_hooks_back(data_dir, models_dir, monkeypatch):
+    # A failure the key check cannot foresee, raised where diffusers' loader has already removed the hooks.
+    import peft  # diffusers' load_lora_adapter imports it from here when it runs
+
+    generator = offloaded(VideoGenerator("tiny", data_dir))
+    hooks = cpu_offload_hooks(generator)
+
+    def broken(*args, **kwargs):
+        assert cpu_offload_hooks(generator) == {}  # diffusers took every hook off before loading
+        raise RuntimeError("no room for the LoRA")
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", broken)
+    with pytest.raises(LoraError, match="^LoRA 'style' cannot be loaded into hunyuanvideo: RuntimeError: no room"):
+        with generator.loras_applied(lora_files(job(loras=[{"name": "style"}]), models_dir)):
+            pytest.fail("ran with a LoRA that did not load")
+    assert cpu_offload_hooks(generator) == hooks and lora_layers(generator) == []
+    monkeypatch.undo()
+    assert generator.generate(job(num_inference_steps=1)).shape == (5, 64, 64, 3)
+
+
+def test_a_wan_a14b_lora_goes_into_both_experts(data_dir, tmp_path, caplog):
+    # Before: diffusers loaded it into `transformer` only (load_into_transformer_2 defaults to False).
+    make_lora("wan2.2-t2v-a14b", data_dir, tmp_path, "a14b")
+    generator = VideoGenerator("tiny:wan2.2-t2v-a14b", data_dir)
+    params = job("wan2.2-t2v-a14b", num_inference_steps=4)
+    fresh = generator.generate(params)
+    with caplog.at_level(logging.INFO, logger="pipeline.generate"):
+        with generator.loras_applied([("a14b", tmp_path / "a14b.safetensors", 1.0)]):
+            per_expert = [[n for n, m in t.named_modules() if isinstance(m, BaseTunerLayer)]
+                          for t in generator.transformers]
+            active = [t.active_adapters() for t in generator.transformers]
+            styled = generator.generate(params)
+    assert len(generator.transformers) == 2 and all(per_expert) and per_expert[0] == per_expert[1]
+    assert active == [["lora0"], ["lora0"]]  # the job's scale is set on both
+    assert "LoRA a14b loaded into transformer and transformer_2" in caplog.text
+    assert difference(styled, fresh) > 0.1
+    assert lora_layers(generator) == [] and np.array_equal(generator.generate(params), fresh)
 
 
 def test_a_lora_missing_on_the_workers_node_fails_before_any_model_work(models_dir):

@@ -2,7 +2,9 @@
 
 import inspect
 import json
+import typing
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import diffusers
@@ -51,6 +53,31 @@ def test_entry_is_well_formed(entry):
         if mode == "i2v":
             assert ("height" not in params) == entry.size_from_image
         assert (entry.default_guidance_2 is not None) <= ("guidance_scale_2" in params)
+
+
+def transformer_class(pipeline):
+    """The transformer class a pipeline class takes (Wan's is annotated `WanTransformer3DModel | None`)."""
+    annotation = inspect.signature(pipeline.__init__).parameters["transformer"].annotation
+    return next(c for c in (annotation, *typing.get_args(annotation)) if isinstance(c, type))
+
+
+@pytest.mark.parametrize("entry", models.ENTRIES, ids=lambda e: e.id)
+def test_the_speed_facts_are_what_diffusers_does(entry):
+    """First Block Cache needs every pipeline of the model to open a cache_context and its main block in diffusers'
+    TransformerBlockRegistry; regional compile needs `_repeated_blocks`. Checked against diffusers' own classes,
+    so a diffusers upgrade that changes one fails here."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    registered = {c.__name__ for c in TransformerBlockRegistry._registry}
+    classes = [pipeline_class(entry, mode) for mode in entry.modes]
+    transformers = {transformer_class(cls) for cls in classes}
+    takes_fbc = all("cache_context" in inspect.getsource(cls.__call__) for cls in classes) and all(
+        t._repeated_blocks[0] in registered for t in transformers)
+    assert ("fbc" in entry.caches) == takes_fbc
+    assert set(entry.caches) <= {"fbc", "magcache"} and ("magcache" in entry.caches) <= takes_fbc
+    assert all(bool(t._repeated_blocks) for t in transformers) == FAMILIES[entry.family].regional_compile
+    assert entry.fp8_share is None or 0 < entry.fp8_share <= 1
 
 
 @pytest.mark.parametrize("entry", models.ENTRIES, ids=lambda e: e.id)
@@ -311,3 +338,17 @@ def test_a_folder_is_served_and_loaded_as_one_id(tmp_path):
     odd = shutil.copytree(built, tmp_path / "my-wan")
     with pytest.raises(ConfigError, match="name the folder as its Hub folder"):
         resolve_model(str(odd), tmp_path)
+
+
+def test_the_fp8_share_in_the_registry_is_what_bench_fp8_share_measures():
+    """Full-size transformers built on the meta device (no weights): the registry's figure is the measured one."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "fp8_share.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8_share", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    measured = {model_id: bench.fp8_share(*bench.CONFIGS[model_id])["fp8_share"]
+                for model_id in ("wan2.1-t2v-1.3b", "hunyuanvideo-1.5-480p-i2v-distilled", "hunyuanvideo")}
+    assert measured == {model_id: MODELS[model_id].fp8_share for model_id in measured}
+    assert measured["hunyuanvideo"] < 0.75  # the AdaLN modulation Linears stay in bf16 ("norm" skip pattern)

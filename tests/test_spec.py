@@ -193,6 +193,17 @@ def test_describe_is_what_the_validation_does():
     assert describe(Rules(), "hunyuanvideo-1.5-480p")["lora"] is False
 
 
+@pytest.mark.parametrize("model_id, cache, mask_free", [
+    ("hunyuanvideo", ["fbc", "magcache"], True), ("hunyuanvideo-i2v", [], False),
+    ("hunyuanvideo-1.5-720p", [], False), ("wan2.2-t2v-a14b", ["fbc"], True), ("wan2.2-ti2v-5b", ["fbc"], True),
+])
+def test_describe_says_which_speed_features_each_model_gets(model_id, cache, mask_free):
+    speed = describe(Rules(), model_id)["speed"]
+    assert speed["cache"] == cache and speed["mask_free"] is mask_free
+    assert speed["compile"] is True and speed["fp8"] is True
+    assert speed["fp8_share"] == MODELS[model_id].fp8_share
+
+
 # --- the schema is generated from the same classes ---------------------------------------------------------------
 
 RULES = Rules(loras=("fast",), models=("hunyuanvideo", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "hunyuanvideo-1.5-480p"))

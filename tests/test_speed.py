@@ -6,11 +6,11 @@ import functools
 import pytest
 import torch
 
-from pipeline import generate
+from pipeline import generate, models
 from pipeline.generate import SpeedOptions, VideoGenerator, resolve_speed
 from pipeline.spec import JobParams
 
-HV = "HunyuanVideoPipeline"
+HV = models.MODELS["hunyuanvideo"]
 FBC_HOOKS = {"fbc_leader_block_hook", "fbc_block_hook"}
 MAGCACHE_HOOKS = {"mag_cache_leader_block_hook", "mag_cache_block_hook"}
 
@@ -38,8 +38,10 @@ def knobs(options: SpeedOptions) -> dict:
                                  vae_tiling=False)),
     ("fast", "cuda:0", "none", dict(attention_backend="native", compile=True, cache="magcache", fp8=False,
                                     vae_tiling=True)),
-    ("fast", "cuda:0", "model", dict(attention_backend="native", compile=True, cache="magcache", fp8=True,
-                                     vae_tiling=True)),
+    ("fast", "cuda:0", "model", dict(attention_backend="native", compile=False, cache="magcache", fp8=True,
+                                     vae_tiling=True)),  # fp8 casting would break a compiled graph at every Linear
+    ("balanced", "cuda:0", "group", dict(attention_backend="native", compile=False, cache="fbc", fp8=True,
+                                         vae_tiling=True)),
 ])
 def test_each_preset_picks_its_knobs_for_hunyuan_video(preset, device, memory, expected):
     # No flash-attn here, so SDPA ("native") is the fastest installed backend.
@@ -59,12 +61,44 @@ def test_a_threshold_alone_turns_first_block_cache_on_and_zero_turns_it_off():
     assert resolve_speed(SpeedOptions(fbc_threshold=0.08), HV, "cpu", "none").cache == "fbc"
     assert resolve_speed(SpeedOptions(preset="balanced", fbc_threshold=0), HV, "cpu", "none").cache == "off"
     balanced = resolve_speed(SpeedOptions(preset="balanced"), HV, "cpu", "none")
-    assert balanced.fbc_threshold == generate.FBC_THRESHOLDS[HV] == 0.06
+    assert balanced.fbc_threshold == generate.FBC_THRESHOLDS["HunyuanVideoPipeline"] == 0.06
 
 
-def test_a_family_without_published_settings_gets_no_cache_and_keeps_its_mask():
-    resolved = resolve_speed(SpeedOptions(preset="fast"), "WanPipeline", "cuda:0", "none")
-    assert resolved.cache == "off" and resolved.mask_free is False and resolved.compile is True
+def test_a_family_without_published_settings_gets_no_cache_from_the_preset():
+    resolved = resolve_speed(SpeedOptions(preset="fast"), models.MODELS["wan2.2-t2v-a14b"], "cuda:0", "none")
+    assert resolved.cache == "off" and resolved.compile is True
+
+
+@pytest.mark.parametrize("model_id, mask_free", [
+    ("hunyuanvideo", True), ("hunyuanvideo-i2v", False), ("hunyuanvideo-1.5-480p", False),
+    ("wan2.2-ti2v-5b", True), ("wan2.2-t2v-a14b", True), ("wan2.1-t2v-1.3b", True),
+])
+def test_only_a_model_that_passes_a_mask_is_kept_from_mask_free_backends(monkeypatch, model_id, mask_free):
+    # Before: mask_free was keyed on PROMPT_TRIMS, so every Wan model was treated as masked and refused flash.
+    monkeypatch.setattr(generate, "attention_backend_problem",
+                        lambda name, masked: "masked" if masked and name in ("_flash_3", "flash") else None)
+    resolved = resolve_speed(SpeedOptions(preset="balanced"), models.MODELS[model_id], "cuda:0", "none")
+    assert resolved.mask_free is mask_free
+    assert resolved.attention_backend == ("_flash_3" if mask_free else "_flash_varlen_3")
+    # Wan passes no mask even with T2V_MASK_FREE off (that setting only stops HunyuanVideo's prompt trim).
+    unset = resolve_speed(SpeedOptions(mask_free=False), models.MODELS[model_id], "cuda:0", "none")
+    assert unset.mask_free is (models.FAMILIES[models.MODELS[model_id].family].attention_mask == "never")
+
+
+def test_the_registry_names_exactly_the_pipelines_that_have_a_prompt_trim():
+    assert models.TRIMMED_PIPELINES == set(generate.PROMPT_TRIMS)
+
+
+@pytest.mark.parametrize("model_id, cache, kept", [
+    ("hunyuanvideo", "fbc", "fbc"), ("hunyuanvideo", "magcache", "magcache"),
+    ("hunyuanvideo-i2v", "fbc", "off"), ("hunyuanvideo-1.5-480p", "fbc", "off"),
+    ("hunyuanvideo-1.5-480p-i2v-distilled", "fbc", "off"), ("wan2.2-t2v-a14b", "fbc", "fbc"),
+    ("wan2.2-ti2v-5b", "magcache", "off"),  # no magnitude ratios calibrated for Wan
+])
+def test_a_cache_the_model_cannot_take_is_left_off_and_logged(caplog, model_id, cache, kept):
+    resolved = resolve_speed(SpeedOptions(cache=cache), models.MODELS[model_id], "cpu", "none")
+    assert resolved.cache == kept
+    assert (f"{model_id} cannot take the {cache} cache" in caplog.text) is (kept == "off")
 
 
 def test_the_preset_prefers_flash_attention_where_installed(monkeypatch):
@@ -109,7 +143,7 @@ def as_on_a_gpu(preset: str, memory: str) -> SpeedOptions:
     (SpeedOptions(preset="balanced"), FBC_HOOKS, False, False),
     (SpeedOptions(preset="fast"), MAGCACHE_HOOKS, False, False),
     (as_on_a_gpu("balanced", "none"), FBC_HOOKS, False, True),
-    (as_on_a_gpu("fast", "model"), MAGCACHE_HOOKS | {"layerwise_casting"}, True, True),
+    (as_on_a_gpu("fast", "model"), MAGCACHE_HOOKS | {"layerwise_casting"}, True, False),
 ], ids=["off", "balanced", "fast", "balanced-as-on-cuda", "fast-as-on-cuda-model-offload"])
 def test_each_preset_installs_exactly_its_hooks_and_a_job_runs(data_dir, tiny_model, eager_compile, options, hooks,
                                                                 fp8, compiled):
@@ -126,6 +160,19 @@ def test_each_preset_installs_exactly_its_hooks_and_a_job_runs(data_dir, tiny_mo
     assert second.shape == (9, 32, 48, 3)
 
 
+def test_every_speed_option_reaches_both_wan_a14b_experts(data_dir):
+    # Before: fp8, the cache and the backend went to `transformer` only; the low-noise steps ran without them.
+    options = SpeedOptions(fp8=True, cache="fbc", attention_backend="_native_math")
+    gen = VideoGenerator("tiny:wan2.2-t2v-a14b", data_dir, speed=options)
+    assert [type(t).__name__ for t in gen.transformers] == ["WanTransformer3DModel"] * 2
+    for transformer in gen.transformers:
+        assert FBC_HOOKS | {"layerwise_casting"} <= diffusers_hooks(transformer)
+        assert transformer.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+        assert backends(transformer) == {"_native_math"}
+    frames = gen.generate(params(num_frames=5, num_inference_steps=4))  # both experts run, under their caches
+    assert frames.shape == (5, 64, 64, 3) and frames.std() > 1
+
+
 def test_magcache_is_fitted_to_each_jobs_steps_and_skips_some(data_dir, tiny_model):
     gen = VideoGenerator("tiny", data_dir, speed=SpeedOptions(preset="fast"))
     tail = gen.pipe.transformer.single_transformer_blocks[-1].proj_mlp  # runs only when the blocks compute
@@ -139,17 +186,31 @@ def test_magcache_is_fitted_to_each_jobs_steps_and_skips_some(data_dir, tiny_mod
     assert gen.cache.num_inference_steps == 8 and 0 < len(computed) < 8
 
 
-def test_compile_warms_up_at_load_with_one_step_at_the_default_size(data_dir, tiny_model, eager_compile, monkeypatch,
-                                                                    tmp_path):
+@pytest.mark.parametrize("options, memory, why", [
+    (SpeedOptions(compile=True, fp8=True), "none", "fp8 layerwise casting"),
+    (SpeedOptions(compile=True, fp8=False), "group", "leaf-level group offload"),
+])
+def test_compile_is_dropped_where_hooks_break_the_graph_at_every_linear(caplog, options, memory, why):
+    resolved = resolve_speed(options, HV, "cuda:0", memory)
+    assert resolved.compile is False
+    assert f"not compiling hunyuanvideo: {why} breaks the graph at every Linear" in caplog.text
+    assert resolve_speed(SpeedOptions(compile=True), HV, "cuda:0", "model").compile is True
+
+
+def test_compile_warms_up_at_load_at_two_sizes_and_two_prompt_lengths(data_dir, tiny_model, eager_compile,
+                                                                      monkeypatch, tmp_path):
     from config import Settings
     from pipeline.run import Models
 
     calls = []
     real = VideoGenerator.generate
     monkeypatch.setattr(VideoGenerator, "generate", lambda self, p, *a, **k: calls.append(p) or real(self, p, *a, **k))
-    settings = Settings.from_env(env={}, model="tiny", data_dir=data_dir, compile=True, max_side=64, max_frames=9)
+    # Before: a tiny build warmed up at HunyuanVideo's full size (960x544, 129 frames) unless the caps said not.
+    settings = Settings.from_env(env={}, model="tiny", data_dir=data_dir, compile=True)
     assert Models(settings).generator.speed.compile is True
-    assert [(p.width, p.height, p.num_frames, p.num_inference_steps) for p in calls] == [(64, 64, 9, 1)]
+    assert [(p.width, p.height, p.num_frames, p.num_inference_steps) for p in calls] == [(64, 64, 9, 1),
+                                                                                         (128, 64, 9, 1)]
+    assert len(calls[0].prompt) < 10 < 100 < len(calls[1].prompt)
     calls.clear()
     Models(Settings.from_env(env={}, model="tiny", data_dir=data_dir)).generator  # noqa: B018
     assert calls == []  # no compile, no warm-up
