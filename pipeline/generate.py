@@ -122,14 +122,23 @@ def apply_memory_preset(pipe, preset: str, device: str) -> None:
     elif preset == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif preset == "group":
-        pipe.enable_group_offload(
-            onload_device=torch.device(device), offload_device=torch.device("cpu"),
-            offload_type="leaf_level", use_stream=True,
-        )
+        pipe.enable_group_offload(**group_offload_options(pipe, device))
     elif preset == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         raise ValueError(f"unknown memory preset {preset!r}")
+
+
+def group_offload_options(pipe, device: str) -> dict:
+    """`enable_group_offload` arguments. The VAE is left out (placed whole on the GPU): it runs through
+    `decode`, not `forward`, so the prefetch would never learn its order (a blocking copy per layer on every
+    decode), and diffusers warns against group offload over a tiled VAE. On CUDA the copies run on a side
+    stream, and `record_stream` lets the allocator reuse onloaded weights without a sync; the CPU (tests)
+    has no streams."""
+    stream = torch.device(device).type == "cuda"
+    return dict(onload_device=torch.device(device), offload_device=torch.device("cpu"), offload_type="leaf_level",
+                use_stream=stream, record_stream=stream,
+                exclude_modules=[name for name in ("vae",) if getattr(pipe, name, None) is not None])
 
 
 # ------------------------------------------------------------------------------------------ speed
@@ -564,21 +573,32 @@ class VideoGenerator:
             return pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
 
     def _decode(self, decode, latents: torch.Tensor) -> torch.Tensor:
-        """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits.
-        The VAE keeps the settings that worked, for later jobs."""
+        """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits. The smaller
+        tiles are for this job only: the VAE's own tiling settings are put back after it."""
         vae = self.pipe.vae
-        while True:
-            try:
-                return decode(self.pipe, latents)
-            except torch.OutOfMemoryError:
-                smaller = _next_tile(vae)
-                if smaller is None:
-                    raise
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+        saved = tiling_settings(vae)
+        try:
+            while True:
+                try:
+                    return decode(self.pipe, latents)
+                except torch.OutOfMemoryError:
+                    smaller = _next_tile(vae)
+                    if smaller is None:
+                        raise
+                # Past the except block the exception and its traceback are gone, and with them the frames
+                # that held the failed decode's tensors: only now can the cache give their memory back.
+                torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
                 log.warning("VAE decode ran out of memory; retrying with %dx%d-pixel tiles", smaller[0], smaller[0])
                 vae.enable_tiling(tile_sample_min_height=smaller[0], tile_sample_min_width=smaller[0],
                                   tile_sample_stride_height=smaller[1], tile_sample_stride_width=smaller[1])
+        finally:
+            for name, value in saved.items():
+                setattr(vae, name, value)
+
+
+def tiling_settings(vae) -> dict:
+    """The VAE's tiling switch and tile sizes (`use_tiling`, `tile_sample_*`), to put back after a job."""
+    return {name: value for name, value in vars(vae).items() if name == "use_tiling" or name.startswith("tile_")}
 
 
 def _next_tile(vae) -> tuple[int, int] | None:
