@@ -24,14 +24,12 @@ import numpy as np
 import torch
 
 from config import ConfigError, attention_backend_problem
-from pipeline import models, tiny
+from pipeline import memory, models, tiny
 from pipeline.spec import JobParams
 
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
-# Free VRAM needed by each preset for HunyuanVideo at 720p (DESIGN.md, GPU policy), largest first.
-PRESET_MIN_FREE = (("none", 75 * GiB), ("model", 45 * GiB), ("group", 16 * GiB), ("sequential", 0))
 OFFLOAD_PRESETS = ("model", "group", "sequential")
 # VAE tiles tried, in sample pixels, after a decode runs out of memory: (tile, stride), 25% overlap.
 DECODE_TILES = ((256, 192), (128, 96), (64, 48))
@@ -97,15 +95,24 @@ def use_device(device: str) -> None:
         torch.cuda.set_device(torch.device(device))
 
 
-def choose_memory_preset(requested: str, device: str, free_vram: int | None) -> str:
-    """Pick the memory preset. `auto` goes by free VRAM; on the CPU there is nothing to offload."""
+def choose_memory_preset(requested: str, device: str, free_vram: int | None, entry: models.ModelEntry,
+                         job: tuple[int, int, int], **plan) -> str:
+    """Pick the memory preset. `auto`: the fastest whose plan (`pipeline.memory`) for this model and job
+    (width, height, frames) fits the free VRAM, else `sequential`. On the CPU there is nothing to offload."""
     if device == "cpu":
         if requested in OFFLOAD_PRESETS:
             log.warning("memory preset %r needs a GPU; on the CPU every model stays in RAM", requested)
         return "none"
     if requested != "auto":
         return requested
-    return next(name for name, need in PRESET_MIN_FREE if (free_vram or 0) >= need)
+    return memory.choose_preset(entry.memory, *job, free_vram or 0, **plan) or memory.PRESETS[-1]
+
+
+def job_shape(params: JobParams | None, entry: models.ModelEntry) -> tuple[int, int, int]:
+    """(width, height, frames) a memory plan is made for: the job's, or the entry's default size and length."""
+    if params is None:
+        return entry.default_preset.width, entry.default_preset.height, entry.default_frames
+    return params.width, params.height, params.num_frames
 
 
 def free_vram_bytes(device: str) -> int | None:
@@ -211,6 +218,10 @@ def resolve_speed(options: SpeedOptions, family: str, device: str, memory_preset
     """
     mask_free = options.mask_free and family in PROMPT_TRIMS
     chosen = preset_choices(options.preset, family, device, memory_preset, mask_free)
+    # A family whose attention takes dense (N, N) masks gets a varlen kernel even with the speed preset off:
+    # SDPA would expand each mask to the query's dtype (`pipeline.memory.mask_bytes`).
+    dense = family in DENSE_MASK_PIPELINES and device.startswith("cuda")
+    default_backend = best_attention_backend(masked=True) if dense else "native"
     cache = options.cache
     if cache is None and options.fbc_threshold is not None:
         cache = "fbc" if options.fbc_threshold > 0 else "off"
@@ -222,7 +233,7 @@ def resolve_speed(options: SpeedOptions, family: str, device: str, memory_preset
         cache=cache or chosen.get("cache", "off"),
         fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
         # Always named: diffusers also makes the last backend set the process-wide default.
-        attention_backend=options.attention_backend or chosen.get("attention_backend") or "native",
+        attention_backend=options.attention_backend or chosen.get("attention_backend") or default_backend,
         compile=options.compile if options.compile is not None else chosen.get("compile", False),
         mask_free=mask_free,
     )
@@ -326,6 +337,10 @@ def decode_hunyuan_video(pipe, latents: torch.Tensor) -> torch.Tensor:
 # one, a pipeline decodes inside its own call and its padded prompt keeps its mask.
 PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
 LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video}
+# Pipelines whose transformer builds dense (B, 1, N, N) masks in every block (HunyuanVideo-1.5). Never give
+# them a prompt trim: their processor pads the mask and passes it whatever the prompt.
+DENSE_MASK_PIPELINES = frozenset(name for entry in models.ENTRIES if entry.memory.dense_mask
+                                 for name in entry.pipelines.values())
 
 
 # ----------------------------------------------------------------------------------- generator
@@ -416,7 +431,8 @@ class VideoGenerator:
     """
 
     def __init__(self, model: str, data_dir: Path, device: str = "cpu", memory: str = "auto",
-                 speed: SpeedOptions = SpeedOptions(), progress_bar: bool = False, models_dir: Path | None = None):
+                 speed: SpeedOptions = SpeedOptions(), progress_bar: bool = False, models_dir: Path | None = None,
+                 job: JobParams | None = None):
         import diffusers
 
         self.entry, folder = resolve_model(model, data_dir, models_dir)
@@ -431,7 +447,12 @@ class VideoGenerator:
         self.family = type(self.pipe).__name__
         self.call_defaults = _folder_call_defaults(folder)
         self.is_tiny = _folder_config(folder).get("tiny", False)
-        self.memory_preset = choose_memory_preset(memory, device, free_vram_bytes(device))
+        # `auto` plans for the job that loads the model (or the model's default job); `preset_for` tells
+        # whether a later job needs a smaller preset (`pipeline.run.Models` then reloads).
+        self.memory_requested, self.vram_budget = memory, free_vram_bytes(device)  # before any weight is placed
+        backend = resolve_speed(speed, self.family, device, "none").attention_backend
+        self.plan_options = dict(fp8=bool(speed.fp8), varlen="varlen" in backend)
+        self.memory_preset = self.preset_for(job)
         self.speed = resolve_speed(speed, self.family, device, self.memory_preset)
         # Settings checked the backend by name; only here is it known whether this family passes a mask.
         problem = attention_backend_problem(self.speed.attention_backend, masked=not self.speed.mask_free)
@@ -453,6 +474,16 @@ class VideoGenerator:
         """The denoisers: `transformer`, and the low-noise expert `transformer_2` of the two-expert Wan models."""
         return [t for t in (getattr(self.pipe, name, None) for name in ("transformer", "transformer_2"))
                 if t is not None]
+
+    def preset_for(self, params: JobParams | None) -> str:
+        """The memory preset this model's setting gives a job (`auto`: by the plan for its size and frames)."""
+        return choose_memory_preset(self.memory_requested, self.device, self.vram_budget, self.entry,
+                                    job_shape(params, self.entry), **self.plan_options)
+
+    def needs_smaller_preset(self, params: JobParams) -> bool:
+        """Whether `params` needs a preset below the loaded one to fit this GPU. A smaller job keeps the loaded
+        (slower) preset: re-placing a pipeline means reloading it."""
+        return memory.PRESETS.index(self.preset_for(params)) > memory.PRESETS.index(self.memory_preset)
 
     def output_size(self, params: JobParams, image=None) -> tuple[int, int]:
         """(width, height) of the frames `generate` makes: the job's, or the image's bucket where the model

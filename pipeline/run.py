@@ -92,20 +92,24 @@ class Models:
         """The model name whose pipeline is loaded now, or None."""
         return self._loaded
 
-    def generator_for(self, model: str | None) -> VideoGenerator:
+    def generator_for(self, model: str | None, job: JobParams | None = None) -> VideoGenerator:
         """The generator of `model` (a registry id, `tiny:<id>`, or None for the configured model), loaded on
         first use; a compiled model also runs one warm-up step then, not in the first job. Another model
-        resident is unloaded first, and the switch is logged with its time."""
+        resident is unloaded first, and the switch is logged with its time. Under T2V_MEMORY=auto the memory
+        preset is planned for `job`; a later job that needs a smaller preset reloads the model with it."""
         name = self.source_of(model)
         generator = self._generator
-        if generator is not None and self._loaded == name:  # no wait while another thread's job runs
-            return generator
+        if generator is not None and self._loaded == name and not (job and generator.needs_smaller_preset(job)):
+            return generator  # no wait while another thread's job runs
         with self.lock:
             if self._generator is not None and self._loaded == name:
-                return self._generator
+                if not (job and self._generator.needs_smaller_preset(job)):
+                    return self._generator
+                log.info("%dx%d, %d frames needs the %s memory preset: reloading %s", job.width, job.height,
+                         job.num_frames, self._generator.preset_for(job), name)
             started, previous = time.perf_counter(), self._loaded
             self.unload()
-            generator = self._load(name)
+            generator = self._load(name, job)
             self._generator, self._loaded = generator, name
             if previous is not None:
                 log.info("switched model %s -> %s in %.1f s", previous, name, time.perf_counter() - started)
@@ -128,13 +132,13 @@ class Models:
         except (OSError, ValueError):  # not there (yet): ids load from their own folders
             return None
 
-    def _load(self, name: str) -> VideoGenerator:
+    def _load(self, name: str, job: JobParams | None = None) -> VideoGenerator:
         s = self.settings
         speed = SpeedOptions(preset=s.speed, fp8=s.fp8, vae_tiling=s.vae_tiling, cache=s.cache,
                              fbc_threshold=s.fbc_threshold, attention_backend=s.attention_backend,
                              compile=s.compile, mask_free=s.mask_free)
         generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
-                                   models_dir=s.models_dir)
+                                   models_dir=s.models_dir, job=job)
         if generator.speed.compile:
             generator.warm_up(warm_up_params(s, generator.entry))
         if registry.installed_loras(s.models_dir) and (problem := generator.lora_problem()):
@@ -204,7 +208,7 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
     latents = output.with_suffix(".latents.pt") if settings.keep_latents else None
     loras = lora_files(params, settings.models_dir)
     with models.lock:
-        generator = models.generator_for(model)
+        generator = models.generator_for(model, params)
         previews = (preview.every_n_steps(settings.preview_every, generator.entry.family, on_preview)
                     if on_preview and settings.preview_every else None)
         with generator.loras_applied(loras):

@@ -78,7 +78,8 @@ class JobStore(Protocol):
     def job_counts(self) -> list[tuple[str, str, str | None, int]]: ...
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]: ...
 
-    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None: ...
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
+                    gpu_bytes: int | None = None) -> None: ...
     def worker_stopped(self, worker_id: str) -> None: ...
     def live_workers(self, within_s: float) -> list[dict]: ...
 
@@ -179,7 +180,7 @@ BEGIN DELETE FROM job_events WHERE reference_id = OLD.reference_id; END;
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
-                                    last_seen REAL NOT NULL);
+                                    last_seen REAL NOT NULL, gpu_bytes INTEGER);
 """
 # /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
 _SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
@@ -310,11 +311,14 @@ END;
 
 
 def _create_webhook_tables(db: sqlite3.Connection) -> None:
-    """The outbox, the idempotency keys and the trigger that fills the outbox; `jobs.webhook` on older files."""
+    """The outbox, the idempotency keys and the trigger that fills the outbox; `jobs.webhook` and
+    `workers.gpu_bytes` on older files."""
     db.execute("BEGIN IMMEDIATE")  # another process starting at the same time waits here
     try:
         if "webhook" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
             db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+        if "gpu_bytes" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
+            db.execute("ALTER TABLE workers ADD COLUMN gpu_bytes INTEGER")
         for statement in _statements(_WEBHOOK_SCHEMA):
             db.execute(statement)
         db.execute("COMMIT")
@@ -676,12 +680,15 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
 
     # --- workers: what each takes, and when it was last seen
 
-    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None:
-        """Record that this worker is alive and what it claims; forget workers silent for WORKER_FORGET_S."""
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
+                    gpu_bytes: int | None = None) -> None:
+        """Record that this worker is alive, what it claims and its GPU's memory (None: no GPU); forget
+        workers silent for WORKER_FORGET_S."""
         now = time.time()
         with self._tx(write=True) as db:
-            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen) VALUES (?, ?, ?, ?)",
-                       (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)), now))
+            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen, gpu_bytes) "
+                       "VALUES (?, ?, ?, ?, ?)", (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)),
+                                                  now, gpu_bytes))
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_FORGET_S,))
 
     def worker_stopped(self, worker_id: str) -> None:
@@ -1100,11 +1107,12 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
 
     # --- workers: what each takes, and when it was last seen (same contract as SqliteJobStore)
 
-    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None:
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
+                    gpu_bytes: int | None = None) -> None:
         now = time.time()
         self._guard(lambda: self.workers.update_one(
-            {"_id": worker_id}, {"$set": {"kinds": list(kinds), "models": sorted(models), "last_seen": now}},
-            upsert=True))
+            {"_id": worker_id}, {"$set": {"kinds": list(kinds), "models": sorted(models), "last_seen": now,
+                                          "gpu_bytes": gpu_bytes}}, upsert=True))
         self._guard(lambda: self.workers.delete_many({"last_seen": {"$lt": now - WORKER_FORGET_S}}))
 
     def worker_stopped(self, worker_id: str) -> None:
@@ -1113,8 +1121,8 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
     def live_workers(self, within_s: float) -> list[dict]:
         docs = self._guard(lambda: list(self.workers.find({"last_seen": {"$gte": time.time() - within_s}})
                                         .sort("_id", 1)))
-        return [{"worker_id": d["_id"], "kinds": d["kinds"], "models": d["models"], "last_seen": d["last_seen"]}
-                for d in docs]
+        return [{"worker_id": d["_id"], "kinds": d["kinds"], "models": d["models"], "last_seen": d["last_seen"],
+                 "gpu_bytes": d.get("gpu_bytes")} for d in docs]
 
     def close(self) -> None:
         self.client.close()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry
 
-from pipeline import generate
+from pipeline import generate, models
 from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, apply_memory_preset,
                                choose_memory_preset, component_dtypes)
 from pipeline.spec import JobParams
@@ -80,12 +80,13 @@ def test_cpu_runs_float32_and_gpu_dtypes_follow_the_policy(generator):
     ("none", 8 * GiB, "none"),
 ])
 def test_memory_preset_decision_on_a_gpu(requested, free, expected):
-    assert choose_memory_preset(requested, "cuda:0", free) == expected
+    # HunyuanVideo's default job, 960x544 and 129 frames (pipeline.memory plans it; tests/test_memory_plan.py)
+    assert choose_memory_preset(requested, "cuda:0", free, models.MODELS["hunyuanvideo"], (960, 544, 129)) == expected
 
 
 @pytest.mark.parametrize("requested", ["auto", "none", "model", "group", "sequential"])
 def test_memory_preset_on_the_cpu_keeps_everything_in_ram(requested):
-    assert choose_memory_preset(requested, "cpu", None) == "none"
+    assert choose_memory_preset(requested, "cpu", None, models.MODELS["hunyuanvideo"], (960, 544, 129)) == "none"
 
 
 @pytest.mark.parametrize("preset, method, kwargs", [
