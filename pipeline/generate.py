@@ -512,7 +512,7 @@ class VideoGenerator:
         try:
             with torch.inference_mode():
                 self._blocks.should_cancel = should_cancel
-                image = image.convert("RGB") if image is not None else None
+                image = fit_image(image, self.entry, params.width, params.height) if image is not None else None
                 output = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None,
                                        on_latents=on_latents)
                 self._blocks.should_cancel = None
@@ -638,6 +638,18 @@ def _next_tile(vae) -> tuple[int, int] | None:
         return DECODE_TILES[0]
     current = min(vae.tile_sample_min_height, vae.tile_sample_min_width)
     return next((tile for tile in DECODE_TILES if tile[0] < current), None)
+
+
+def fit_image(image, entry: models.ModelEntry, width: int, height: int):
+    """The image as the pipeline should get it: RGB, centre-cropped to the video's aspect and sized to it, since
+    the Wan and HunyuanVideo-I2V pipelines resize to width x height and would stretch it. A model that sizes its
+    video by the image (HunyuanVideo-1.5) gets it whole: its own bucket keeps the aspect."""
+    from PIL import Image, ImageOps
+
+    image = image.convert("RGB")
+    if entry.size_from_image or image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
 def save_latents(latents: torch.Tensor, params: JobParams, path: Path) -> None:

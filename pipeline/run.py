@@ -54,6 +54,7 @@ class VideoResult:
     sha256: str
     poster_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    rendered: tuple[int, int] | None = None  # (width, height) the model made, before any upscale
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -236,6 +237,7 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         path=output, width=width, height=height, frames=total, fps=params.fps,
         duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+        rendered=(frames.shape[2], frames.shape[1]),
     )
 
 
