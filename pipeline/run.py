@@ -214,7 +214,8 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
                     if on_preview and settings.preview_every else None)
         with generator.loras_applied(loras):
             frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
-                                        image=image, on_latents=previews)
+                                        image=image, on_latents=previews,
+                                        on_decode=lambda i, n: on_progress("decoding", i, n))
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None
