@@ -72,18 +72,19 @@ HUNYUAN_VIDEO = MemoryModel(12.82e9, 7.63e9, 0.25e9, width=3072, tokens_per_side
 # The I2V text encoder is LLaVA (Llama-3-8B with CLIP-L vision and the LM head): about 8.4e9 with CLIP-L text.
 HUNYUAN_VIDEO_I2V = MemoryModel(12.82e9, 8.5e9, 0.25e9, width=3072, tokens_per_side=16, text_tokens=256,
                                 fp8_share=FP8_SHARE["hunyuanvideo"])
-# HunyuanVideo-1.5: 8.33e9 transformer; Qwen2.5-VL-7B's text model 7.07e9, ByT5-small 0.22e9, SigLIP 0.43e9;
-# VAE 1.26e9; 16x VAE, patch 1; 1000 + 256 + 729 text, glyph and image tokens (its pipeline's maxima).
-HUNYUAN_VIDEO_15 = MemoryModel(8.33e9, 7.72e9, 1.26e9, width=2048, tokens_per_side=16, text_tokens=1985,
+# HunyuanVideo-1.5: 8.33e9 transformer; Qwen2.5-VL-7B's text model 7.07e9, ByT5-small's encoder 0.15e9, SigLIP
+# 0.43e9 (image-to-video); VAE 1.26e9; 16x VAE, patch 1; 1000 + 256 + 729 text, glyph and image tokens (its
+# pipeline's maxima).
+HUNYUAN_VIDEO_15 = MemoryModel(8.33e9, 7.65e9, 1.26e9, width=2048, tokens_per_side=16, text_tokens=1985,
                                fp8_share=FP8_SHARE["hunyuanvideo15"], dense_mask=True)
 # Wan 2.2 TI2V-5B: 5.00e9 transformer; UMT5-XXL encoder 5.68e9; Wan 2.2 VAE 0.70e9 (fp32); 16x VAE, patch 2.
 WAN_TI2V_5B = MemoryModel(5.00e9, 5.68e9, 0.70e9, width=3072, tokens_per_side=32, text_tokens=0,
                           fp8_share=FP8_SHARE["wan"], vae_bytes=4)
-# Wan 2.2 A14B: two 14.29e9 experts; UMT5-XXL 5.68e9; Wan 2.1 VAE 0.13e9 (fp32); 8x VAE, patch 2.
-WAN_A14B = MemoryModel(14.29e9, 5.68e9, 0.13e9, width=5120, tokens_per_side=16, text_tokens=0,
+# Wan 2.2 A14B: two 14.29e9 experts; UMT5-XXL 5.68e9; Wan 2.1 VAE 0.127e9 (fp32); 8x VAE, patch 2.
+WAN_A14B = MemoryModel(14.29e9, 5.68e9, 0.127e9, width=5120, tokens_per_side=16, text_tokens=0,
                        fp8_share=FP8_SHARE["wan"], denoisers=2, vae_bytes=4)
 # Wan 2.1 T2V-1.3B: 1.42e9 transformer (width 1536, 30 layers); UMT5-XXL; Wan 2.1 VAE.
-WAN_1_3B = MemoryModel(1.42e9, 5.68e9, 0.13e9, width=1536, tokens_per_side=16, text_tokens=0,
+WAN_1_3B = MemoryModel(1.42e9, 5.68e9, 0.127e9, width=1536, tokens_per_side=16, text_tokens=0,
                        fp8_share=FP8_SHARE["wan"], vae_bytes=4)
 
 
