@@ -151,7 +151,8 @@ def tiny_pipeline(model_id: str, data_dir: Path):
 
 def run_one(model_id: str, preset: str, device: str, smoke: bool = False) -> dict:
     """Child process: build, place with `preset`, run one short job; the peak and the time. `smoke`: the tiny
-    configs rebuilt the same way at 64x64 and 5 frames, so the CPU runs this very code (tests/test_bench_families.py)."""
+    configs rebuilt the same way at 64x64 and 5 frames, so the CPU runs this very code
+    (tests/test_bench_families.py)."""
     import torch
     from PIL import Image
 

@@ -175,7 +175,8 @@ def what_fits(entry, width: int, height: int, frames: int, budget: int) -> str:
                if p.width * p.height < width * height and choose_preset(model, p.width, p.height, frames, budget)]
     if smaller:
         p = smaller[0]
-        hints.append(f"{p.width}x{p.height} at {frames} frames ({choose_preset(model, p.width, p.height, frames, budget)})")
+        preset = choose_preset(model, p.width, p.height, frames, budget)
+        hints.append(f"{p.width}x{p.height} at {frames} frames ({preset})")
     fits = "; it would fit with " + " or ".join(hints) if hints else "; no size or length of this model fits"
     return (f"{entry.id} at {width}x{height}, {frames} frames needs about {need.peak / GB:.0f} GB of GPU memory "
             f"even with the {last} preset (peak in {need.phase}), and the largest GPU of a live worker has "

@@ -560,7 +560,8 @@ function paramsText(job) {
   const upscaled = p.upscale ? `, upscaled ${p.outscale}x` : "";
   const source = p.model ? `${p.model}${p.image_key ? " from an image" : ""}, ` : "";
   const size = (job.result && job.result.rendered) || p; // a model may size its video by the image
-  return `${source}${size.width}x${size.height}, ${p.num_frames} frames at ${p.fps} fps, ${p.num_inference_steps} steps, `
+  return `${source}${size.width}x${size.height}, ${p.num_frames} frames at ${p.fps} fps, `
+    + `${p.num_inference_steps} steps, `
     + `guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}`;
 }
 

@@ -129,4 +129,5 @@ def test_dense_mask_pipelines_get_a_varlen_kernel_and_never_a_prompt_trim(monkey
         assert generate.resolve_speed(SpeedOptions(attention_backend="native"), family, "cuda:0",
                                       "model").attention_backend == "native"  # an explicit setting wins
         assert generate.resolve_speed(SpeedOptions(), family, "cpu", "none").attention_backend == "native"
-    assert generate.resolve_speed(SpeedOptions(), "HunyuanVideoPipeline", "cuda:0", "model").attention_backend == "native"
+    plain = generate.resolve_speed(SpeedOptions(), "HunyuanVideoPipeline", "cuda:0", "model")
+    assert plain.attention_backend == "native"
