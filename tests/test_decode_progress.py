@@ -5,7 +5,8 @@ import pytest
 
 from config import Settings
 from pipeline import tiny
-from pipeline.generate import VideoGenerator, decoder_calls
+from pipeline.decoding import decoder_calls
+from pipeline.generate import VideoGenerator
 from pipeline.run import Models, run_job
 from pipeline.spec import JobParams
 from worker import STAGE_SPANS
