@@ -26,11 +26,12 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings
-from pipeline import models
+from pipeline import memory, models
 from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
 from pipeline.upscale import UpscalerLoadError, resolve_upscaler
 from storage.blobs import BlobMissing, BlobStore, StorageError
-from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavailable, new_job, waiting_reason
+from storage.jobs import (COMPLETED, TERMINAL, WORKER_LIVE_S, JobStore, QueueFull, StoreUnavailable, can_take, new_job,
+                          waiting_reason)
 from pipeline.video import VideoInputError, inspect_video, write_spritesheet
 from webhooks import EVENTS, WebhookRefused, check_url
 from webhooks import job_view as plain_job_view
@@ -174,6 +175,7 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str,
         params = JobParams.from_dict(body, job_rules(), image_key=image_key)
     except ParamError as exc:
         raise ApiError(400, "invalid_parameter", str(exc.renamed(field_names))) from None
+    check_fits_a_gpu(params)
     if image is not None:
         try:
             check_image(image, settings.max_image_pixels)
@@ -187,6 +189,20 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str,
             with contextlib.suppress(StorageError):
                 svc().blobs.delete(image_key)  # no job will read it
         raise
+
+
+def check_fits_a_gpu(params: JobParams) -> None:
+    """Refuse (400) a job that fits the GPU of no live worker serving its model in any memory preset, by
+    `pipeline.memory`'s plan, naming what would fit. With no such GPU worker seen (CPU workers, tiny builds,
+    or none yet) nothing is refused for memory."""
+    job = {"kind": "generate", "params": params.to_dict()}
+    gpus = [w["gpu_bytes"] for w in svc().jobs.live_workers(WORKER_LIVE_S) if w.get("gpu_bytes") and can_take(w, job)]
+    entry = models.get(params.model)
+    if not gpus or any(memory.choose_preset(entry.memory, params.width, params.height, params.num_frames, gpu)
+                       for gpu in gpus):
+        return
+    raise ApiError(400, "too_large_for_gpu",
+                   memory.what_fits(entry, params.width, params.height, params.num_frames, max(gpus)))
 
 
 def job_rules() -> Rules:

@@ -18,12 +18,19 @@ The default matrix should take about 18 minutes on one H100 (the estimate is in 
 --budget-min (20) skips the rows left once that time is spent, and --parts/--sizes split the run.
 Out of memory in a row is reported in that row. `--smoke` runs the same code on tiny configs on the CPU.
 
+- families (`--parts families`, not in the default matrix): every registry family (HunyuanVideo t2v and i2v,
+  HunyuanVideo-1.5, Wan 2.2 TI2V-5B and A14B) under every memory preset the plan says fits this GPU, one
+  short job each in a subprocess, the memory plan's estimate beside the measured peak (bench/gpu_families.py).
+  `--list` prints those rows and their estimates without running anything (no GPU needed).
+
 Without --random-weights it runs whole jobs (generate, upscale 4x, encode) with the real weights,
 one memory preset per subprocess, each size warmed up at its own shape first.
 
     python bench/gpu.py --random-weights                      # the default matrix, about 18 minutes
     python bench/gpu.py --random-weights --parts transformer --sizes 720x1280 --json gpu-720p.json
     python bench/gpu.py --random-weights --smoke              # tiny configs on the CPU: the code path only
+    python bench/gpu.py --random-weights --parts families --budget-min 9   # every family x preset, ~10 minutes
+    python bench/gpu.py --list                                # what that runs, with the plan's estimates
     python download.py && python bench/gpu.py                 # whole jobs: presets none, model, group at 544x960
 """
 
@@ -46,7 +53,8 @@ import torch  # noqa: E402
 
 GiB = 1024**3
 PRESETS = ("none", "model", "group", "sequential")
-PARTS = ("transformer", "vae", "upscale")
+PARTS = ("transformer", "vae", "upscale", "families")
+DEFAULT_PARTS = PARTS[:3]  # "families" (bench/gpu_families.py) is its own run of about 10 minutes
 
 # The published configs (HunyuanVideo's transformer/config.json and vae/config.json).
 TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
@@ -445,12 +453,19 @@ def cuda_device() -> torch.device | None:
     return device
 
 
+def argv_names(argv: list[str] | None, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--random-weights", action="store_true", help="full-size random weights (no download)")
     parser.add_argument("--smoke", action="store_true", help="--random-weights on tiny configs on the CPU")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="--random-weights: what to time")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS),
+                        help="--random-weights: what to time ('families' runs alone)")
+    parser.add_argument("--list", action="store_true", help="print what --parts families runs, with the memory "
+                                                            "plan's estimate for each family and preset, and exit")
     parser.add_argument("--backends", nargs="+", help="attention backends to time (default: every one usable)")
     parser.add_argument("--compile", action="store_true", help="--random-weights: regional torch.compile")
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=["none", "model", "group"],
@@ -467,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if "families" in args.parts and len(args.parts) > 1:
+        parser.error("--parts families runs alone (it is a run of its own, about 10 minutes)")
+    args.presets_given = args.presets if argv_names(argv, "--presets") else None  # families: every preset unless named
 
     if args.child:
         print(json.dumps(run_preset(args.child, args.sizes, args.frames, args.steps, args.model, args.upscaler,
@@ -474,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from config import ConfigError
 
+    if args.list:
+        import gpu_families
+
+        cuda = torch.cuda.is_available()
+        total = torch.cuda.get_device_properties(cuda_device()).total_memory if cuda else None
+        gpu_families.print_plan(gpu_families.plan_rows(total))
+        return 0
     try:
         device = None if args.smoke else cuda_device()
     except ConfigError as exc:
@@ -483,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu.py: error: no CUDA GPU here; this benchmark is for GPU machines "
               "(--random-weights --smoke or --allow-cpu for a smoke run on the CPU)", file=sys.stderr)
         return 2
+    if args.random_weights and args.parts == ["families"] and device is not None:
+        import gpu_families
+
+        return gpu_families.bench(str(device), args.budget_min, args.presets_given, args.json)
     if args.random_weights or args.smoke:
         matrix = SMOKE if args.smoke else FULL
         overrides = {"frames": args.frames} if not args.smoke else {}

@@ -24,14 +24,12 @@ import numpy as np
 import torch
 
 from config import ConfigError, attention_backend_problem
-from pipeline import models, tiny
+from pipeline import decoding, memory, models, tiny
 from pipeline.spec import JobParams
 
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
-# Free VRAM needed by each preset for HunyuanVideo at 720p (DESIGN.md, GPU policy), largest first.
-PRESET_MIN_FREE = (("none", 75 * GiB), ("model", 45 * GiB), ("group", 16 * GiB), ("sequential", 0))
 OFFLOAD_PRESETS = ("model", "group", "sequential")
 # VAE tiles tried, in sample pixels, after a decode runs out of memory: (tile, stride), 25% overlap.
 DECODE_TILES = ((256, 192), (128, 96), (64, 48))
@@ -97,15 +95,24 @@ def use_device(device: str) -> None:
         torch.cuda.set_device(torch.device(device))
 
 
-def choose_memory_preset(requested: str, device: str, free_vram: int | None) -> str:
-    """Pick the memory preset. `auto` goes by free VRAM; on the CPU there is nothing to offload."""
+def choose_memory_preset(requested: str, device: str, free_vram: int | None, entry: models.ModelEntry,
+                         job: tuple[int, int, int], **plan) -> str:
+    """Pick the memory preset. `auto`: the fastest whose plan (`pipeline.memory`) for this model and job
+    (width, height, frames) fits the free VRAM, else `sequential`. On the CPU there is nothing to offload."""
     if device == "cpu":
         if requested in OFFLOAD_PRESETS:
             log.warning("memory preset %r needs a GPU; on the CPU every model stays in RAM", requested)
         return "none"
     if requested != "auto":
         return requested
-    return next(name for name, need in PRESET_MIN_FREE if (free_vram or 0) >= need)
+    return memory.choose_preset(entry.memory, *job, free_vram or 0, **plan) or memory.PRESETS[-1]
+
+
+def job_shape(params: JobParams | None, entry: models.ModelEntry) -> tuple[int, int, int]:
+    """(width, height, frames) a memory plan is made for: the job's, or the entry's default size and length."""
+    if params is None:
+        return entry.default_preset.width, entry.default_preset.height, entry.default_frames
+    return params.width, params.height, params.num_frames
 
 
 def free_vram_bytes(device: str) -> int | None:
@@ -122,14 +129,23 @@ def apply_memory_preset(pipe, preset: str, device: str) -> None:
     elif preset == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif preset == "group":
-        pipe.enable_group_offload(
-            onload_device=torch.device(device), offload_device=torch.device("cpu"),
-            offload_type="leaf_level", use_stream=True,
-        )
+        pipe.enable_group_offload(**group_offload_options(pipe, device))
     elif preset == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         raise ValueError(f"unknown memory preset {preset!r}")
+
+
+def group_offload_options(pipe, device: str) -> dict:
+    """`enable_group_offload` arguments. The VAE is left out (placed whole on the GPU): it runs through
+    `decode`, not `forward`, so the prefetch would never learn its order (a blocking copy per layer on every
+    decode), and diffusers warns against group offload over a tiled VAE. On CUDA the copies run on a side
+    stream, and `record_stream` lets the allocator reuse onloaded weights without a sync; the CPU (tests)
+    has no streams."""
+    stream = torch.device(device).type == "cuda"
+    return dict(onload_device=torch.device(device), offload_device=torch.device("cpu"), offload_type="leaf_level",
+                use_stream=stream, record_stream=stream,
+                exclude_modules=[name for name in ("vae",) if getattr(pipe, name, None) is not None])
 
 
 # ------------------------------------------------------------------------------------------ speed
@@ -207,6 +223,10 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
     never_masked = models.FAMILIES[entry.family].attention_mask == "never"
     mask_free = entry.mask_free and (options.mask_free or never_masked)
     chosen = preset_choices(options.preset, family, device, memory_preset, mask_free)
+    # A family whose attention takes dense (N, N) masks gets a varlen kernel even with the speed preset off:
+    # SDPA would expand each mask to the query's dtype (`pipeline.memory.mask_bytes`).
+    dense = family in DENSE_MASK_PIPELINES and device.startswith("cuda")
+    default_backend = best_attention_backend(masked=True) if dense else "native"
     cache = options.cache
     if cache is None and options.fbc_threshold is not None:
         cache = "fbc" if options.fbc_threshold > 0 else "off"
@@ -229,7 +249,7 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
         cache=cache,
         fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
         # Always named: diffusers also makes the last backend set the process-wide default.
-        attention_backend=options.attention_backend or chosen.get("attention_backend") or "native",
+        attention_backend=options.attention_backend or chosen.get("attention_backend") or default_backend,
         compile=compile_,
         mask_free=mask_free,
     )
@@ -358,6 +378,10 @@ def decode_hunyuan_video(pipe, latents: torch.Tensor) -> torch.Tensor:
 # one, a pipeline decodes inside its own call and its padded prompt keeps its mask.
 PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
 LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video}
+# Pipelines whose transformer builds dense (B, 1, N, N) masks in every block (HunyuanVideo-1.5). Never give
+# them a prompt trim: their processor pads the mask and passes it whatever the prompt.
+DENSE_MASK_PIPELINES = frozenset(name for entry in models.ENTRIES if entry.memory.dense_mask
+                                 for name in entry.pipelines.values())
 
 
 # ----------------------------------------------------------------------------------- generator
@@ -448,7 +472,8 @@ class VideoGenerator:
     """
 
     def __init__(self, model: str, data_dir: Path, device: str = "cpu", memory: str = "auto",
-                 speed: SpeedOptions = SpeedOptions(), progress_bar: bool = False, models_dir: Path | None = None):
+                 speed: SpeedOptions = SpeedOptions(), progress_bar: bool = False, models_dir: Path | None = None,
+                 job: JobParams | None = None):
         import diffusers
 
         self.entry, folder = resolve_model(model, data_dir, models_dir)
@@ -463,7 +488,12 @@ class VideoGenerator:
         self.family = type(self.pipe).__name__
         self.call_defaults = _folder_call_defaults(folder)
         self.is_tiny = _folder_config(folder).get("tiny", False)
-        self.memory_preset = choose_memory_preset(memory, device, free_vram_bytes(device))
+        # `auto` plans for the job that loads the model (or the model's default job); `preset_for` tells
+        # whether a later job needs a smaller preset (`pipeline.run.Models` then reloads).
+        self.memory_requested, self.vram_budget = memory, free_vram_bytes(device)  # before any weight is placed
+        backend = resolve_speed(speed, self.entry, device, "none").attention_backend
+        self.plan_options = dict(fp8=bool(speed.fp8), varlen="varlen" in backend)
+        self.memory_preset = self.preset_for(job)
         self.speed = resolve_speed(speed, self.entry, device, self.memory_preset)
         # Settings checked the backend by name; only here is it known whether this family passes a mask.
         problem = attention_backend_problem(self.speed.attention_backend, masked=not self.speed.mask_free)
@@ -485,6 +515,16 @@ class VideoGenerator:
         """The denoisers: `transformer`, and the low-noise expert `transformer_2` of the two-expert Wan models."""
         return denoisers(self.pipe)
 
+    def preset_for(self, params: JobParams | None) -> str:
+        """The memory preset this model's setting gives a job (`auto`: by the plan for its size and frames)."""
+        return choose_memory_preset(self.memory_requested, self.device, self.vram_budget, self.entry,
+                                    job_shape(params, self.entry), **self.plan_options)
+
+    def needs_smaller_preset(self, params: JobParams) -> bool:
+        """Whether `params` needs a preset below the loaded one to fit this GPU. A smaller job keeps the loaded
+        (slower) preset: re-placing a pipeline means reloading it."""
+        return memory.PRESETS.index(self.preset_for(params)) > memory.PRESETS.index(self.memory_preset)
+
     def output_size(self, params: JobParams, image=None) -> tuple[int, int]:
         """(width, height) of the frames `generate` makes: the job's, or the image's bucket where the model
         sizes its video by the image (HunyuanVideo-1.5 image-to-video)."""
@@ -492,7 +532,8 @@ class VideoGenerator:
 
     def generate(self, params: JobParams, on_step: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None, latents_path: Path | None = None,
-                 image=None, on_latents: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
+                 image=None, on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
+                 on_decode: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Denoise and decode; return uint8 frames (F, H, W, 3). With `image` (a PIL image), image-to-video.
 
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
@@ -500,7 +541,7 @@ class VideoGenerator:
         tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
         text-to-video decodes here (`LATENT_DECODERS`); the other pipelines decode inside their own call
         (output_type="pt"), so for them `latents_path` is not written. `on_latents(step, total, latents)` sees
-        the latents after every step (for previews).
+        the latents after every step (for previews); `on_decode(done, total)` follows the VAE decode.
         """
         mode = "i2v" if image is not None else "t2v"
         pipe = self.pipes.get(mode)
@@ -510,9 +551,9 @@ class VideoGenerator:
             raise JobCanceled()
         decode = LATENT_DECODERS.get(type(pipe).__name__)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decoding.reported(getattr(self.pipe, "vae", None), on_decode):
                 self._blocks.should_cancel = should_cancel
-                image = image.convert("RGB") if image is not None else None
+                image = fit_image(image, self.entry, params.width, params.height) if image is not None else None
                 output = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None,
                                        on_latents=on_latents)
                 self._blocks.should_cancel = None
@@ -639,21 +680,32 @@ class VideoGenerator:
             return pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
 
     def _decode(self, decode, latents: torch.Tensor) -> torch.Tensor:
-        """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits.
-        The VAE keeps the settings that worked, for later jobs."""
+        """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits. The smaller
+        tiles are for this job only: the VAE's own tiling settings are put back after it."""
         vae = self.pipe.vae
-        while True:
-            try:
-                return decode(self.pipe, latents)
-            except torch.OutOfMemoryError:
-                smaller = _next_tile(vae)
-                if smaller is None:
-                    raise
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+        saved = tiling_settings(vae)
+        try:
+            while True:
+                try:
+                    return decode(self.pipe, latents)
+                except torch.OutOfMemoryError:
+                    smaller = _next_tile(vae)
+                    if smaller is None:
+                        raise
+                # Past the except block the exception and its traceback are gone, and with them the frames
+                # that held the failed decode's tensors: only now can the cache give their memory back.
+                torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
                 log.warning("VAE decode ran out of memory; retrying with %dx%d-pixel tiles", smaller[0], smaller[0])
                 vae.enable_tiling(tile_sample_min_height=smaller[0], tile_sample_min_width=smaller[0],
                                   tile_sample_stride_height=smaller[1], tile_sample_stride_width=smaller[1])
+        finally:
+            for name, value in saved.items():
+                setattr(vae, name, value)
+
+
+def tiling_settings(vae) -> dict:
+    """The VAE's tiling switch and tile sizes (`use_tiling`, `tile_sample_*`), to put back after a job."""
+    return {name: value for name, value in vars(vae).items() if name == "use_tiling" or name.startswith("tile_")}
 
 
 def _next_tile(vae) -> tuple[int, int] | None:
@@ -662,6 +714,18 @@ def _next_tile(vae) -> tuple[int, int] | None:
         return DECODE_TILES[0]
     current = min(vae.tile_sample_min_height, vae.tile_sample_min_width)
     return next((tile for tile in DECODE_TILES if tile[0] < current), None)
+
+
+def fit_image(image, entry: models.ModelEntry, width: int, height: int):
+    """The image as the pipeline should get it: RGB, centre-cropped to the video's aspect and sized to it, since
+    the Wan and HunyuanVideo-I2V pipelines resize to width x height and would stretch it. A model that sizes its
+    video by the image (HunyuanVideo-1.5) gets it whole: its own bucket keeps the aspect."""
+    from PIL import Image, ImageOps
+
+    image = image.convert("RGB")
+    if entry.size_from_image or image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
 def save_latents(latents: torch.Tensor, params: JobParams, path: Path) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import memory as plans
+
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
@@ -93,6 +95,7 @@ class ModelEntry:
     # The share of the transformer's parameters that fp8 layerwise casting stores in fp8 (diffusers'
     # `_skip_layerwise_casting_patterns` keep the rest in the compute dtype); bench/fp8_share.py, BENCHMARKS.md.
     fp8_share: float | None = None
+    memory: plans.MemoryModel | None = None  # what `pipeline.memory` plans a job's GPU memory from
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -184,6 +187,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo README, "Requirements": peak 60 GB at 720x1280x129f, 45 GB at 544x960x129f (with
         # --use-cpu-offload, which is model-level offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
+        memory=plans.HUNYUAN_VIDEO,
         tiny_builder=_tiny("build_tiny_hunyuan"), caches=("fbc", "magcache"), fp8_share=0.709,
         published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
                         "(HunyuanVideo README, xDiT latency table)",
@@ -196,6 +200,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN_DTYPES,
         # HunyuanVideo-I2V README, "Requirements": 60 GB peak at 720p (its commands use --use-cpu-offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
+        memory=plans.HUNYUAN_VIDEO_I2V,
         tiny_builder=_tiny("build_tiny_hunyuan_i2v"),
         caches=(),  # its pipeline opens no cache_context: a cache fails with "No cache context is set"
     ),
@@ -208,6 +213,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo-1.5 README, "Hardware Requirements": 14 GB minimum with offloading (its default is
         # group offloading); no figure without offloading.
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
+        memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
         fp8_share=0.654,
         caches=(),  # HunyuanVideo15TransformerBlock is not in diffusers' TransformerBlockRegistry
@@ -218,6 +224,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         presets=_HUNYUAN15_720P,
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,  # README: CFG 6, shift 9, 50 steps
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
         fp8_share=0.654,
     ),
@@ -228,6 +235,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the step-distilled model uses CFG 1, shift 7, "8 or 12 (recommended)" steps.
         default_steps=8, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
         fp8_share=0.654,
@@ -240,6 +248,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the CFG-distilled models use CFG 1 and "must use 50 steps"; shift 7.
         default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
         fp8_share=0.654,
     ),
@@ -253,6 +262,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 README: "at least 24GB VRAM (e.g, RTX 4090)" with --offload_model True --convert_model_dtype
         # --t5_cpu (model-level offload) at 1280x704.
         vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
+        memory=plans.WAN_TI2V_5B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"), caches=("fbc",), fp8_share=0.982,
         published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
                          "'Efficient High-Definition Hybrid TI2V')",
@@ -265,6 +275,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=40, default_guidance=4.0, default_guidance_2=3.0, dtypes=_WAN_DTYPES,
         # Wan2.2 README: "at least 80GB VRAM" for 1280x720 with --offload_model True --convert_model_dtype.
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
+        memory=plans.WAN_A14B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"), caches=("fbc",), fp8_share=0.984,
     ),
     ModelEntry(
@@ -274,6 +285,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps, guide scale (3.5, 3.5), boundary 0.900.
         default_steps=40, default_guidance=3.5, default_guidance_2=3.5, dtypes=_WAN_DTYPES,
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
+        memory=plans.WAN_A14B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"), caches=("fbc",), fp8_share=0.984,
     ),
     ModelEntry(
@@ -283,6 +295,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=5.0, dtypes=_WAN_DTYPES,  # diffusers' WanPipeline defaults, 480p
         # Wan2.1 README: "requires only 8.19 GB VRAM" (480p, with --offload_model True --t5_cpu).
         vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
+        memory=plans.WAN_1_3B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"), caches=("fbc",), fp8_share=0.981,
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),

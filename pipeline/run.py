@@ -54,6 +54,7 @@ class VideoResult:
     sha256: str
     poster_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    rendered: tuple[int, int] | None = None  # (width, height) the model made, before any upscale
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -92,20 +93,24 @@ class Models:
         """The model name whose pipeline is loaded now, or None."""
         return self._loaded
 
-    def generator_for(self, model: str | None) -> VideoGenerator:
+    def generator_for(self, model: str | None, job: JobParams | None = None) -> VideoGenerator:
         """The generator of `model` (a registry id, `tiny:<id>`, or None for the configured model), loaded on
         first use; a compiled model also runs one warm-up step then, not in the first job. Another model
-        resident is unloaded first, and the switch is logged with its time."""
+        resident is unloaded first, and the switch is logged with its time. Under T2V_MEMORY=auto the memory
+        preset is planned for `job`; a later job that needs a smaller preset reloads the model with it."""
         name = self.source_of(model)
         generator = self._generator
-        if generator is not None and self._loaded == name:  # no wait while another thread's job runs
-            return generator
+        if generator is not None and self._loaded == name and not (job and generator.needs_smaller_preset(job)):
+            return generator  # no wait while another thread's job runs
         with self.lock:
             if self._generator is not None and self._loaded == name:
-                return self._generator
+                if not (job and self._generator.needs_smaller_preset(job)):
+                    return self._generator
+                log.info("%dx%d, %d frames needs the %s memory preset: reloading %s", job.width, job.height,
+                         job.num_frames, self._generator.preset_for(job), name)
             started, previous = time.perf_counter(), self._loaded
             self.unload()
-            generator = self._load(name)
+            generator = self._load(name, job)
             self._generator, self._loaded = generator, name
             if previous is not None:
                 log.info("switched model %s -> %s in %.1f s", previous, name, time.perf_counter() - started)
@@ -128,13 +133,13 @@ class Models:
         except (OSError, ValueError):  # not there (yet): ids load from their own folders
             return None
 
-    def _load(self, name: str) -> VideoGenerator:
+    def _load(self, name: str, job: JobParams | None = None) -> VideoGenerator:
         s = self.settings
         speed = SpeedOptions(preset=s.speed, fp8=s.fp8, vae_tiling=s.vae_tiling, cache=s.cache,
                              fbc_threshold=s.fbc_threshold, attention_backend=s.attention_backend,
                              compile=s.compile, mask_free=s.mask_free)
         generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
-                                   models_dir=s.models_dir)
+                                   models_dir=s.models_dir, job=job)
         if generator.speed.compile:
             for params in warm_up_params(s, generator.entry, generator.is_tiny):
                 generator.warm_up(params)
@@ -212,12 +217,13 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
     latents = output.with_suffix(".latents.pt") if settings.keep_latents else None
     loras = lora_files(params, settings.models_dir)
     with models.lock:
-        generator = models.generator_for(model)
+        generator = models.generator_for(model, params)
         previews = (preview.every_n_steps(settings.preview_every, generator.entry.family, on_preview)
                     if on_preview and settings.preview_every else None)
         with generator.loras_applied(loras):
             frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
-                                        image=image, on_latents=previews)
+                                        image=image, on_latents=previews,
+                                        on_decode=lambda i, n: on_progress("decoding", i, n))
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None
@@ -241,6 +247,7 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         path=output, width=width, height=height, frames=total, fps=params.fps,
         duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+        rendered=(frames.shape[2], frames.shape[1]),
     )
 
 

@@ -616,8 +616,10 @@ function paramsText(job) {
   const upscaled = p.upscale ? `, upscaled ${p.outscale}x` : "";
   const loras = (p.loras || []).map((l) => `${l.name} at ${l.scale}`);
   const source = p.model ? `${p.model}${p.image_key ? " from an image" : ""}, ` : "";
-  return `${source}${p.width}x${p.height}, ${p.num_frames} frames at ${p.fps} fps, ${p.num_inference_steps} steps, `
-    + `guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}${loras.length ? `, LoRA ${loras.join(", ")}` : ""}`;
+  const size = (job.result && job.result.rendered) || p; // a model may size its video by the image
+  return `${source}${size.width}x${size.height}, ${p.num_frames} frames at ${p.fps} fps, `
+    + `${p.num_inference_steps} steps, guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}`
+    + `${loras.length ? `, LoRA ${loras.join(", ")}` : ""}`;
 }
 
 function historyItem(job) {

@@ -60,7 +60,7 @@ BEGIN DELETE FROM job_events WHERE reference_id = OLD.reference_id; END;
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
-                                    last_seen REAL NOT NULL);
+                                    last_seen REAL NOT NULL, gpu_bytes INTEGER);
 """
 # /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
 _SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
@@ -152,6 +152,8 @@ def _create_webhook_tables(db: sqlite3.Connection) -> None:
     try:
         if "webhook" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
             db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+        if "gpu_bytes" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
+            db.execute("ALTER TABLE workers ADD COLUMN gpu_bytes INTEGER")
         for statement in _statements(_WEBHOOK_SCHEMA):
             db.execute(statement)
         db.execute("COMMIT")
@@ -534,12 +536,15 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
 
     # --- workers: what each takes, and when it was last seen
 
-    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str]) -> None:
-        """Record that this worker is alive and what it claims; forget workers silent for WORKER_FORGET_S."""
+    def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
+                    gpu_bytes: int | None = None) -> None:
+        """Record that this worker is alive, what it claims and its GPU's memory (None: no GPU); forget
+        workers silent for WORKER_FORGET_S."""
         now = time.time()
         with self._tx(write=True) as db:
-            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen) VALUES (?, ?, ?, ?)",
-                       (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)), now))
+            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen, gpu_bytes) "
+                       "VALUES (?, ?, ?, ?, ?)", (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)),
+                                                  now, gpu_bytes))
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_FORGET_S,))
 
     def worker_stopped(self, worker_id: str) -> None:

@@ -95,7 +95,8 @@ def test_the_stream_follows_a_job_from_progress_and_previews_to_its_end(served):
     assert [e["id"] for e in log] == list(range(1, len(log) + 1))  # every logged event, in order
     progress = [e["data"]["progress"] for e in log if e["event"] == "progress"]
     assert len(progress) >= 3 and progress == sorted(progress) and progress[0] < progress[-1]
-    assert [e["data"]["stage"] for e in log if e["event"] == "stage"] == ["denoising", "upscaling", "uploading"]
+    assert [e["data"]["stage"] for e in log if e["event"] == "stage"] == ["denoising", "decoding", "upscaling",
+                                                                        "uploading"]
 
     previews = [e["data"] for e in log if e["event"] == "preview"]
     steps = [p["step"] for p in previews]

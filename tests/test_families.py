@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from config import Settings
-from pipeline import models
+from pipeline.models import tiny_model_dir
 from pipeline.generate import JobCanceled, VideoGenerator
 from pipeline.run import Models, run_job
 from pipeline.spec import JobParams
@@ -56,7 +56,7 @@ def settings(tmp_path_factory):
     """T2V_MODEL=tiny: every registry id is served by its tiny build, each built once for this module."""
     data_dir = tmp_path_factory.mktemp("families")
     for model_id in (HV15, WAN, HV_I2V):
-        models.tiny_model_dir(data_dir, model_id)
+        tiny_model_dir(data_dir, model_id)
     return Settings.from_env(env={}, model="tiny", upscaler="none", data_dir=data_dir,
                              output_dir=data_dir / "out", models_dir=data_dir / "models")
 

@@ -132,12 +132,16 @@ class Worker:
         return tuple(served_models(self.settings))
 
     def _report_presence(self) -> None:
-        """Every few seconds while the worker runs, record in the job store what it takes, so the API can tell
-        why a queued job waits; the record is removed when the worker stops."""
+        """Every few seconds while the worker runs, record in the job store what it takes and its GPU's memory,
+        so the API can tell why a queued job waits and refuse one no GPU fits; the record is removed when the
+        worker stops."""
+        from pipeline.memory import gpu_total_bytes
+
         while True:
             try:
                 self.served = self.served_models()
-                self.jobs.worker_seen(self.worker_id, self.job_kinds, self.served)
+                self.jobs.worker_seen(self.worker_id, self.job_kinds, self.served,
+                                      gpu_total_bytes(self.settings))
             except StoreUnavailable as exc:
                 log.debug("worker record not written: %s", exc)
             except Exception:  # a bad model folder must not silence the worker's record for good
@@ -336,6 +340,7 @@ class Worker:
             "video_key": video_key, "poster_key": poster_key, "size_bytes": result.size_bytes,
             "sha256": result.sha256, "width": result.width, "height": result.height, "frames": result.frames,
             "fps": result.fps, "duration_s": result.duration_s, "seed": result.seed, "timings_s": timings,
+            **({"rendered": {"width": result.rendered[0], "height": result.rendered[1]}} if result.rendered else {}),
         }
 
 

@@ -15,8 +15,9 @@ log = logging.getLogger("t2v.worker")
 
 # Share of the whole job each stage covers, for the progress bar and the ETA.
 STAGE_SPANS = {
-    "generate+upscale": {"denoising": (0.0, 0.7), "upscaling": (0.7, 0.97), "uploading": (0.97, 1.0)},
-    "generate": {"denoising": (0.0, 0.9), "encoding": (0.9, 0.97), "uploading": (0.97, 1.0)},
+    "generate+upscale": {"denoising": (0.0, 0.6), "decoding": (0.6, 0.7), "upscaling": (0.7, 0.97),
+                         "uploading": (0.97, 1.0)},
+    "generate": {"denoising": (0.0, 0.8), "decoding": (0.8, 0.9), "encoding": (0.9, 0.97), "uploading": (0.97, 1.0)},
     "upscale": {"fetching": (0.0, 0.01), "upscaling": (0.01, 0.97), "uploading": (0.97, 1.0)},
 }
 PROGRESS_EVERY_S = 0.5
@@ -42,7 +43,7 @@ class ProgressReporter:
         self.stage, self.last_write = stage, now
         elapsed = now - self.started
         eta = round(elapsed / progress * (1 - progress), 1) if progress > 0.02 else None
-        label = f"{stage} {done}/{total}" if stage in ("denoising", "upscaling", "encoding") else stage
+        label = f"{stage} {done}/{total}" if stage in ("denoising", "decoding", "upscaling", "encoding") else stage
         fields = {"stage": label, "progress": round(progress, 4), "eta_s": eta}
         try:
             self.jobs.update_progress(self.ref, self.worker_id, **fields)
