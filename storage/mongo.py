@@ -206,7 +206,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         import pymongo
 
         self._pymongo = pymongo
-        self.client = client or pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
+        self.client = client or pymongo.MongoClient(uri, tz_aware=False, **_default_timeout(uri))
         self.jobs = self.client[database]["jobs"]
         self.workers = self.client[database]["workers"]  # one document per worker, keyed by its id
         self.events = self.client[database]["job_events"]
@@ -460,3 +460,12 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         return [(d["kind"], _model_of(d["kind"], d.get("params", {}).get("model")),
                  (d.get("result") or {}).get("timings_s") or {}, (d.get("result") or {}).get("gpu_peak_bytes"))
                 for d in docs]
+
+
+def _default_timeout(uri: str | None) -> dict:
+    """A 5 s server selection timeout, unless the URI sets its own: pymongo lets a keyword argument
+    override the URI's options, so passing it always would ignore `?serverSelectionTimeoutMS=` there."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    options = {name.lower() for name, _ in parse_qsl(urlsplit(uri or "").query)}
+    return {} if "serverselectiontimeoutms" in options else {"serverSelectionTimeoutMS": 5000}

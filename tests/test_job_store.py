@@ -376,6 +376,13 @@ def test_sqlite_errors_become_store_unavailable(tmp_path):
         store.get("ref00001")
 
 
+def test_a_uris_own_server_selection_timeout_is_kept():
+    """pymongo lets a keyword override the URI: the 5 s default must not replace the URI's 200 ms."""
+    assert MongoJobStore("mongodb://127.0.0.1:1/t2v?serverSelectionTimeoutMS=200").client.options \
+        .server_selection_timeout == 0.2
+    assert MongoJobStore("mongodb://127.0.0.1:1/t2v").client.options.server_selection_timeout == 5
+
+
 def test_unreachable_mongodb_is_store_unavailable(caplog):
     store = MongoJobStore("mongodb://user:hunter2@127.0.0.1:1/t2v?serverSelectionTimeoutMS=200")  # starts anyway
     for call in (store.ping, store.count_queued, lambda: store.get("abc")):
