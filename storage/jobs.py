@@ -31,6 +31,9 @@ QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "compl
 TERMINAL = (COMPLETED, FAILED, CANCELED)
 JOB_KINDS = ("generate", "upscale")
 EVENTS_PER_READ = 500  # events_after reads at most this many at once; the caller reads on from the last seq
+# A deleted job leaves a tombstone (its owner and place in the order) this long, so a listing whose cursor is
+# that job's id goes on from its place: the openai SDK pages with `after=<the last id it saw>`.
+CURSOR_KEEP_S = 24 * 3600.0
 
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ import random
 import time
 from typing import Any, Collection
 
-from storage.jobs import (CANCELED, COMPLETED, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
-                          PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull,
-                          StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of, _Outcomes,
-                          _worker_lost, delivery_id, job_model)
+from storage.jobs import (CANCELED, COMPLETED, CURSOR_KEEP_S, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED,
+                          JOB_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL, UNNAMED_MODEL,
+                          WORKER_FORGET_S, QueueFull, StoreUnavailable, _claimable_kinds, _counts, _counts_by_model,
+                          _model_of, _Outcomes, _worker_lost, delivery_id, job_model)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         self.jobs = self.client[database]["jobs"]
         self.workers = self.client[database]["workers"]  # one document per worker, keyed by its id
         self.events = self.client[database]["job_events"]
+        self.tombstones = self.client[database]["job_tombstones"]  # a deleted job's place, for list_jobs
         self.totals = self.client[database]["job_totals"]  # monotonic counters (job_totals), one document each
         self._indexed = False
         try:
@@ -362,6 +363,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         """Remove the record (and with it any queue slot it held), its events and the idempotency keys that name
         it (as on SQLite); False when there was none. Deliveries still in its outbox move to the deliveries
         collection first; a record that gained one meanwhile is not deleted yet."""
+        self._leave_tombstone(reference_id)
         while True:
             self._relay_outbox({"reference_id": reference_id})
             deleted = self._guard(lambda: self.jobs.delete_one(
@@ -370,6 +372,17 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
                 self._guard(lambda: self.events.delete_many({"reference_id": reference_id}))
                 self._guard(lambda: self._idempotency.delete_many({"reference_id": reference_id}))
                 return deleted
+
+    def _leave_tombstone(self, reference_id: str) -> None:
+        """Before a delete: the job's owner and place in the order, for a cursor naming it (list_jobs), written
+        first so that a listing in another process finds the job or its tombstone, never neither."""
+        now = time.time()
+        self._guard(lambda: self.tombstones.delete_many({"deleted_at": {"$lt": now - CURSOR_KEEP_S}}))
+        doc = self._guard(lambda: self.jobs.find_one({"reference_id": reference_id}, {"owner": 1, "created_at": 1}))
+        if doc is not None:
+            self._guard(lambda: self.tombstones.replace_one(
+                {"_id": reference_id}, {"owner": doc["owner"], "created_at": doc["created_at"], "job_id": doc["_id"],
+                                        "deleted_at": now}, upsert=True))
 
     def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
         """Same rules as SqliteJobStore.requeue_expired; returns (requeued, ended)."""
@@ -425,8 +438,11 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         if after is not None:
             mark = self._guard(lambda: self.jobs.find_one({"reference_id": after, "owner": owner},
                                                           {"created_at": 1}))
-            if mark is None:
-                raise KeyError(after)
+            if mark is None:  # deleted: its tombstone keeps its place
+                tomb = self._guard(lambda: self.tombstones.find_one({"_id": after, "owner": owner}))
+                if tomb is None:
+                    raise KeyError(after)
+                mark = {"created_at": tomb["created_at"], "_id": tomb["job_id"]}
             beyond = "$gt" if oldest_first else "$lt"
             query["$or"] = [{"created_at": {beyond: mark["created_at"]}},
                             {"created_at": mark["created_at"], "_id": {beyond: mark["_id"]}}]

@@ -16,10 +16,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Collection
 
-from storage.jobs import (CANCELED, COMPLETED, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED, JOB_KINDS, PENDING,
-                          PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S, QueueFull,
-                          StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of, _Outcomes,
-                          _worker_lost, delivery_id)
+from storage.jobs import (CANCELED, COMPLETED, CURSOR_KEEP_S, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED,
+                          JOB_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S,
+                          QueueFull, StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of,
+                          _Outcomes, _worker_lost, delivery_id)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS job_events (
 ) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS job_events_go_with_their_job AFTER DELETE ON jobs
 BEGIN DELETE FROM job_events WHERE reference_id = OLD.reference_id; END;
+CREATE TABLE IF NOT EXISTS job_tombstones (reference_id TEXT PRIMARY KEY, owner TEXT NOT NULL, seq INTEGER NOT NULL,
+                                           deleted_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS jobs_leave_a_tombstone AFTER DELETE ON jobs BEGIN
+    INSERT OR REPLACE INTO job_tombstones VALUES (OLD.reference_id, OLD.owner, OLD.seq,
+                                                  (julianday('now') - 2440587.5) * 86400.0);
+END;
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
@@ -462,6 +468,7 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
         """Remove the record and free the idempotency keys that name it (a retry with one makes a new job, and
         waits on no job that is gone); False when there was none."""
         with self._tx(write=True) as db:
+            db.execute("DELETE FROM job_tombstones WHERE deleted_at < ?", (time.time() - CURSOR_KEEP_S,))
             db.execute("DELETE FROM idempotency_keys WHERE reference_id = ?", (reference_id,))
             return db.execute("DELETE FROM jobs WHERE reference_id = ?", (reference_id,)).rowcount == 1
 
@@ -495,14 +502,17 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
     def list_jobs(self, owner: str, kind: str | None = None, after: str | None = None, limit: int = 20,
                   oldest_first: bool = False) -> list[dict]:
         """Up to `limit` of the owner's jobs (of one kind, if given), newest first (or oldest first), starting
-        after the job `after`. KeyError when `after` names no job of this owner."""
+        after the job `after`, or where it was if it was deleted (its tombstone, for CURSOR_KEEP_S). KeyError
+        when `after` names no job of this owner."""
         where, args = ["owner = ?"], [owner]
         if kind is not None:
             where.append("kind = ?")
             args.append(kind)
         with self._tx() as db:
             if after is not None:
-                row = db.execute("SELECT seq FROM jobs WHERE reference_id = ? AND owner = ?", (after, owner)).fetchone()
+                row = db.execute("SELECT seq FROM jobs WHERE reference_id = ? AND owner = ? UNION ALL SELECT seq "
+                                 "FROM job_tombstones WHERE reference_id = ? AND owner = ?",
+                                 (after, owner, after, owner)).fetchone()
                 if row is None:
                     raise KeyError(after)
                 where.append("seq > ?" if oldest_first else "seq < ?")

@@ -636,6 +636,30 @@ def test_list_jobs_pages_one_owners_jobs_of_one_kind_with_a_cursor(store):
             store.list_jobs("a", after=foreign)
 
 
+def test_a_cursor_keeps_its_place_when_its_job_is_deleted(store):
+    """The openai SDK asks for the page after the last id it saw, which its caller may have deleted meanwhile."""
+    for i in range(1, 6):
+        add(store, f"ref0000{i}", owner="a")
+    add(store, "other001", owner="b")
+
+    def ids(**kw):
+        return [j["reference_id"] for j in store.list_jobs("a", limit=2, **kw)]
+
+    assert ids() == ["ref00005", "ref00004"]
+    store.delete("ref00005")
+    store.delete("ref00004")  # deleted between pages, by this caller or another process
+    assert ids(after="ref00004") == ["ref00003", "ref00002"]
+    assert ids(after="ref00005") == ["ref00003", "ref00002"]
+    assert ids(after="ref00004", oldest_first=True) == []
+    store.delete("ref00002")
+    assert ids(after="ref00003") == ["ref00001"]
+    store.delete("other001")
+    with pytest.raises(KeyError):  # another owner's deleted job is no cursor for this one either
+        store.list_jobs("a", after="other001")
+    with pytest.raises(KeyError):
+        store.list_jobs("a", after="never001")
+
+
 def test_job_counts_group_every_record_by_status_kind_and_model(store):
     add(store, "ref00001", model="hunyuanvideo")
     add(store, "ref00002", model="hunyuanvideo")

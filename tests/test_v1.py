@@ -289,3 +289,22 @@ def test_the_sdks_headers_poll_after_while_unfinished_and_no_retry_on_a_final_4x
               client.get("/v1/videos/nope1234"), client.get("/v1/nowhere")):
         assert 400 <= r.status_code < 500 and r.headers["x-should-retry"] == "false", r.status_code
     assert "x-should-retry" not in client.get(f"/v1/videos/{queued}").headers
+
+
+def test_the_openai_sdk_can_delete_while_it_pages(make_app):
+    """`for v in client.videos.list(limit=2): client.videos.delete(v.id)`: the SDK asks for the page after an id
+    it has just deleted, and the listing goes on from where that video was."""
+    import httpx2
+    import openai
+
+    app, svc = make_app(worker=False, api_keys=("key-a",))
+    web = app.test_client()
+    made = [create(web, Authorization="Bearer key-a")["id"] for _ in range(5)]
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="key-a", max_retries=0,
+                           http_client=httpx2.Client(transport=httpx2.WSGITransport(app=app)))
+    deleted = []
+    for video in client.videos.list(limit=2):
+        client.videos.delete(video.id)
+        deleted.append(video.id)
+    assert deleted == made[::-1], "every video, newest first, each once"
+    assert web.get("/v1/videos", headers={"Authorization": "Bearer key-a"}).json["data"] == []

@@ -5,8 +5,8 @@ It runs as a thread inside the API process (`T2V_WORKER=thread`, the default), o
 `python worker.py --gpus all` runs one such worker process per GPU, and restarts one that dies.
 The models load once per worker and are reused for every job.
 
-One module per reason to change, as in Celery's and RQ's workers: `loop` (the job loop, `Worker`), `lease`
-(the running job's lease), `progress` (progress and preview reporters), `errors` (a failure's code and message),
-`files` (where a job's files live), `gpus` (GPU slots and peaks), `supervisor` (one worker process per slot)
-and `cli` (`python worker.py`).
+One module per reason to change, as in Celery's and RQ's workers: `loop` (the job loop, `Worker`), `sweeps`
+(its housekeeping), `lease` (the running job's lease), `progress` (progress and preview reporters), `errors`
+(a failure's code and message), `files` (where a job's files live), `gpus` (GPU slots and peaks), `supervisor`
+(one worker process per slot) and `cli` (`python worker.py`).
 """
