@@ -30,8 +30,8 @@ from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, V
                                use_device)
 from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
 from pipeline.upscale import Upscaler, resolve_upscaler
-from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
-                            read_frames, write_poster)
+from pipeline.video import (Audio, VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
+                            mux_waveform, read_frames, write_poster)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class VideoResult:
     sha256: str
     poster_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    audio: dict | None = None  # the soundtrack's sample rate, channels and duration (`Audio.record`); None: silent
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -210,6 +211,7 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         with generator.loras_applied(loras):
             frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
                                         image=image, on_latents=previews)
+            audio = generator.last_audio
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None
@@ -222,9 +224,12 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         stream = _bar(stream, total, stage)
     poster = write_poster(frames[len(frames) // 2], output.with_suffix(".jpg"))
     stream = _progressed(stream, stage, total, on_progress, should_cancel)
-    encode_s, upscale_s = encode_stream(stream, output, params.fps, settings.crf)
+    video_only = output.with_name(f".{output.stem}.video.mp4") if audio else output
+    encode_s, upscale_s = encode_stream(stream, video_only, params.fps, settings.crf)
     timings["upscale" if upscaler else "encode"] = upscale_s
     timings["encode_thread"] = encode_s
+    if audio:
+        timings["audio_mux"] = with_soundtrack(video_only, audio, output)
     timings["total"] = time.perf_counter() - started
 
     height, width = frames.shape[1] * outscale, frames.shape[2] * outscale
@@ -232,7 +237,22 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         path=output, width=width, height=height, frames=total, fps=params.fps,
         duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+        audio=audio.record() if audio else None,
     )
+
+
+def with_soundtrack(video_only: Path, audio: Audio, output: Path) -> float:
+    """Mux `audio` (AAC) beside the video of `video_only` into `output`, atomically; `video_only` is removed.
+    Returns the seconds it took."""
+    started = time.perf_counter()
+    tmp = output.with_name(f".{output.name}.part")
+    try:
+        mux_waveform(video_only, audio, tmp)
+        os.replace(tmp, output)
+    finally:
+        video_only.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return time.perf_counter() - started
 
 
 def lora_files(params: JobParams, models_dir: Path) -> list[tuple[str, Path, float]]:
