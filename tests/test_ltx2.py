@@ -2,6 +2,8 @@
 rate, as long as the clip), `audio: false` for a silent MP4, the sound kept through a 4x upscale, image-to-video
 starting from the image, the family's frame and size rules, and its registry entries."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,83 @@ def test_the_sound_survives_a_4x_upscale_unchanged_in_length(settings, models, t
     assert (probe(result.path)["width"], probe(result.path)["height"]) == (256, 256)
     assert streams(result.path) == [("audio", "aac"), ("video", "h264")]
     assert probe_audio(result.path)["duration_s"] == pytest.approx(9 / FPS, abs=1e-6)
+
+
+def gradient(kind: str, width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width] / np.array([height - 1, width - 1])[:, None, None]
+    rgb = np.stack([x, y, 1 - x], -1) if kind == "a" else np.stack([1 - y, 1 - x, y * x], -1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def image_latents(pipe, image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The image's latent as LTX2ImageToVideoPipeline makes it: re-compressed at the training CRF, encoded
+    (argmax), normalized: (C, H, W)."""
+    from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf, resolve_default_image_crf
+
+    crf = resolve_default_image_crf(pipe.text_encoder)
+    image = Image.fromarray(apply_image_conditioning_crf(np.array(image), crf))
+    x = pipe.video_processor.preprocess(image, height=height, width=width).unsqueeze(2)
+    with torch.inference_mode():
+        latent = pipe.vae.encode(x).latent_dist.mode()
+    return pipe._normalize_latents(latent, pipe.vae.latents_mean, pipe.vae.latents_std)[0, :, 0]
+
+
+def test_image_to_video_keeps_the_images_latent_as_the_first_frame_through_every_step(settings, models, tmp_path):
+    generator = models.generator_for(LTX)
+    image, other = gradient("a", 64, 64), gradient("b", 64, 64)
+    seen = []
+    frames = generator.generate(params(), image=image, on_latents=lambda step, total, latents: seen.append(latents))
+    assert frames.shape == (9, 64, 64, 3) and generator.last_audio is not None
+    assert len(seen) == 2 and seen[0].shape == (1, 4, 2, 2, 2)  # unpacked for previews: (B, C, F, H, W)
+    own, another = image_latents(generator.pipe, image, 64, 64), image_latents(generator.pipe, other, 64, 64)
+    assert not torch.allclose(own, another, atol=1e-3)
+    for latents in seen:
+        torch.testing.assert_close(latents[0, :, 0].float(), own, atol=1e-5, rtol=1e-5)
+    # The video's later latent frame is denoised, not the image's.
+    assert not torch.allclose(seen[-1][0, :, 1].float(), own, atol=1e-3)
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("num_frames", 17 - 4, "num_frames must be of the form 8k+1"),
+    ("width", 48, "width must be a multiple of 32"),
+    ("height", 80, "height must be a multiple of 32"),
+])
+def test_the_frame_rule_and_size_multiple_are_refused_naming_the_model(field, value, rule):
+    for model_id in ("ltx-2", "ltx-2.3", "ltx-2.3-distilled", "ltx-2.5"):
+        with pytest.raises(ParamError, match=f"^{re.escape(model_id)}: {re.escape(rule)}") as raised:
+            JobParams.from_dict({"model": model_id, "prompt": "a fox", field: value})
+        assert raised.value.field == field
+
+
+def test_asking_a_silent_model_for_sound_is_refused_naming_it():
+    with pytest.raises(ParamError, match="^wan2.2-ti2v-5b: audio is not made by this model") as raised:
+        JobParams.from_dict({"model": "wan2.2-ti2v-5b", "prompt": "a fox", "audio": True})
+    assert raised.value.field == "audio"
+    assert JobParams.from_dict({"model": "wan2.2-ti2v-5b", "prompt": "a fox"}).audio is False
+    assert JobParams.from_dict({"model": "wan2.2-ti2v-5b", "prompt": "a fox", "audio": False}).audio is False
+    assert JobParams.from_dict({"model": LTX, "prompt": "a fox"}).audio is True
+
+
+def test_the_registry_takes_its_rules_from_the_pipelines():
+    from diffusers import LTX2Pipeline
+    from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
+
+    defaults = {k: p.default for k, p in __import__("inspect").signature(LTX2Pipeline.__call__).parameters.items()}
+    for model_id in ("ltx-2", "ltx-2.3", "ltx-2.5"):
+        entry = registry.MODELS[model_id]
+        assert (entry.default_steps, entry.default_guidance) == (defaults["num_inference_steps"],
+                                                                 defaults["guidance_scale"])
+        assert (entry.default_preset.width, entry.default_preset.height) == (defaults["width"], defaults["height"])
+        assert entry.fps == defaults["frame_rate"] and entry.call_args == ()
+    distilled = registry.MODELS["ltx-2.3-distilled"]
+    assert dict(distilled.call_args)["sigmas"] == tuple(DISTILLED_SIGMA_VALUES)
+    assert all(e.audio and e.modes == ("t2v", "i2v") and e.lora for e in registry.ENTRIES if e.family == "ltx2")
+
+
+def test_the_distilled_schedule_applies_at_its_own_step_count():
+    entry = registry.MODELS["ltx-2.3-distilled"]
+    call = dict(prompt="a fox", num_frames=9, generator=None, width=64, height=64, fps=24)
+    at_eight = registry.prepare_call(None, entry, steps=8, **call)
+    assert at_eight["sigmas"] == list(entry.call_args[0][1]) and at_eight["stg_scale"] == 0.0
+    assert at_eight["frame_rate"] == 24.0 and at_eight["guidance_scale"] == 1.0
+    assert "sigmas" not in registry.prepare_call(None, entry, steps=4, **call)
