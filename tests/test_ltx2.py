@@ -186,3 +186,29 @@ def test_a_lora_goes_through_ltx2s_own_loader_for_one_job_and_is_unloaded_after(
     assert not any("lora" in name for name, _ in generator.pipe.transformer.named_modules())
     assert np.array_equal(generator.generate(job), fresh)
     assert np.array_equal(generator.last_audio.samples, fresh_audio)
+
+
+def test_an_ltx2_job_through_the_api_records_its_sound_and_serves_it_from_both_faces(make_app, tmp_path):
+    from test_models_jobs import run
+
+    app, _ = make_app()
+    client = app.test_client()
+    job = run(client, {"prompt": "a red fox barks", "model": LTX, "width": 64, "height": 64, "num_frames": 9,
+                       "num_inference_steps": 2, "upscale": False})
+    assert job["status"] == "completed", job["error"]
+    assert job["params"]["audio"] is True
+    assert job["result"]["audio"] == {"sample_rate": 16000, "channels": 2, "duration_s": 9 / FPS}
+    ref = job["reference_id"]
+    classic, v1 = client.get(f"/jobs/{ref}/video"), client.get(f"/v1/videos/{ref}/content")
+    assert classic.status_code == v1.status_code == 200 and classic.data == v1.data
+    path = tmp_path / "got.mp4"
+    path.write_bytes(v1.data)
+    assert streams(path) == [("audio", "aac"), ("video", "h264")]
+
+    silent = run(client, {"prompt": "a red fox", "model": LTX, "width": 64, "height": 64, "num_frames": 9,
+                          "num_inference_steps": 2, "upscale": False, "audio": False})
+    assert silent["status"] == "completed" and silent["result"]["audio"] is None
+
+    r = client.post("/generate_video", json={"prompt": "a fox", "model": "wan2.2-ti2v-5b", "audio": True})
+    assert r.status_code == 400
+    assert r.json["error"]["message"].startswith("wan2.2-ti2v-5b: audio is not made by this model")
