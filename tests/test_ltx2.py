@@ -212,3 +212,26 @@ def test_an_ltx2_job_through_the_api_records_its_sound_and_serves_it_from_both_f
     r = client.post("/generate_video", json={"prompt": "a fox", "model": "wan2.2-ti2v-5b", "audio": True})
     assert r.status_code == 400
     assert r.json["error"]["message"].startswith("wan2.2-ti2v-5b: audio is not made by this model")
+
+
+@pytest.mark.parametrize("flag,tracks", [((), [("audio", "aac"), ("video", "h264")]),
+                                         (("--no-audio",), [("video", "h264")])])
+def test_the_command_line_writes_the_sound_unless_told_not_to(tmp_path, data_dir, flag, tracks):
+    from test_cli_models import run_script
+
+    tiny.tiny_model_dir(data_dir, LTX)
+    proc = run_script("test.py", "--model", f"tiny:{LTX}", "--prompt", "a red fox barks", "--steps", "2",
+                      "--output", "clip.mp4", *flag, cwd=tmp_path, T2V_DATA_DIR=str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert streams(tmp_path / "clip.mp4") == tracks
+    assert ("sound at 16000 Hz" in proc.stdout) == bool(len(tracks) == 2)
+
+
+def test_the_command_line_refuses_sound_from_a_silent_model(tmp_path, data_dir):
+    from test_cli_models import run_script
+
+    proc = run_script("test.py", "--model", "tiny:wan2.2-ti2v-5b", "--prompt", "a fox", "--audio", cwd=tmp_path,
+                      T2V_DATA_DIR=str(data_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("test.py: error: wan2.2-ti2v-5b: --audio is not made by this model: "
+                                                    "it makes silent video (LTX-2 models make sound)")
