@@ -1,6 +1,6 @@
 """Tiny random-weight models in the real file formats, for tests and offline smoke runs.
 
-Every model folder (HunyuanVideo, HunyuanVideo-I2V, HunyuanVideo-1.5, Wan 2.1 and 2.2) is written by
+Every model folder (HunyuanVideo, HunyuanVideo-I2V, HunyuanVideo-1.5, Wan 2.1 and 2.2, LTX-2) is written by
 `save_pretrained` from the real diffusers and transformers classes (sizes from diffusers' own pipeline
 tests, `tests/pipelines/<family>/`), with tokenizers trained offline by the `tokenizers` package.
 Each accepts every frame count (4k+1) and size (its size multiple) that its real model does.
