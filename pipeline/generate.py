@@ -1,6 +1,6 @@
 """Load one registry model's pipeline once, apply the memory and speed options, and denoise.
 
-Any registry entry loads (HunyuanVideo, HunyuanVideo-1.5, Wan; `pipeline.models`): from its folder, a
+Any registry entry loads (HunyuanVideo, HunyuanVideo-1.5, Wan, LTX-2; `pipeline.models`): from its folder, a
 `tiny:<id>` build, or a diffusers folder whose pipeline class is a registry entry's. The call is built
 by the registry's adapter (`models.prepare_call`), so nothing here names a model. Frames come out as a
 uint8 array (frames, height, width, 3).
@@ -492,8 +492,9 @@ class VideoGenerator:
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
         tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
-        text-to-video decodes here (`LATENT_DECODERS`); the other pipelines decode inside their own call
-        (output_type="pt"), so for them `latents_path` is not written. `on_latents(step, total, latents)` sees
+        text-to-video and LTX-2 decode here (`LATENT_DECODERS`; for LTX-2 the video's latents are kept, not the
+        sound's); the other pipelines decode inside their own call (output_type="pt"), so for them `latents_path`
+        is not written. `on_latents(step, total, latents)` sees
         the latents after every step (for previews). A model that makes sound (LTX-2) leaves the job's soundtrack,
         cut to the clip's length, in `last_audio`, unless the job says `audio: false` (then it is never decoded).
         """

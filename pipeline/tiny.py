@@ -3,7 +3,7 @@
 Every model folder (HunyuanVideo, HunyuanVideo-I2V, HunyuanVideo-1.5, Wan 2.1 and 2.2, LTX-2) is written by
 `save_pretrained` from the real diffusers and transformers classes (sizes from diffusers' own pipeline
 tests, `tests/pipelines/<family>/`), with tokenizers trained offline by the `tokenizers` package.
-Each accepts every frame count (4k+1) and size (its size multiple) that its real model does.
+Each accepts every frame count (4k+1; 8k+1 for LTX-2) and size (its size multiple) that its real model does.
 The Real-ESRGAN files are `.pth` state dicts in the release key layout: basicsr RRDBNet names under
 `params_ema`, SRVGGNetCompact names under `params`.
 Their output is noise: they prove the code paths, not the pictures.

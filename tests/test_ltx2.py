@@ -235,3 +235,16 @@ def test_the_command_line_refuses_sound_from_a_silent_model(tmp_path, data_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("test.py: error: wan2.2-ti2v-5b: --audio is not made by this model: "
                                                     "it makes silent video (LTX-2 models make sound)")
+
+
+def test_an_ltx2_clip_uploaded_for_upscaling_keeps_its_sound_as_it_was(settings, models, tmp_path):
+    """upscale.py's path copies the AAC packets as they are, the priming packet before zero included, so the
+    upscaled clip plays exactly as much sound as the clip it was made from."""
+    from pipeline.run import upscale_file
+
+    made = run_job(params(), settings, models=models, output=tmp_path / "made.mp4", model=LTX)
+    result = upscale_file(made.path, tmp_path / "up.mp4", models.upscaler, 4, crf=18)
+    assert (result.width, result.height) == (256, 256)
+    assert streams(result.path) == [("audio", "aac"), ("video", "h264")]
+    assert probe_audio(result.path) == probe_audio(made.path)
+    assert result.timings_s.get("audio_copy") is not None
