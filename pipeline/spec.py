@@ -427,11 +427,11 @@ def request_schema(rules: Rules, ref_template: str = "#/$defs/{model}") -> dict:
 
 
 def describe(rules: Rules, model_id: str) -> dict:
-    """One model as a client sees it: inputs, presets, limits, defaults, LoRA support."""
+    """One model as a client sees it: inputs, presets, limits, defaults, LoRA support, whether it makes sound."""
     m = model_rules(rules, model_id)
     entry = m.entry
     return {
-        "id": entry.id, "inputs": entry.inputs, "tiny": m.tiny, "lora": entry.lora,
+        "id": entry.id, "inputs": entry.inputs, "tiny": m.tiny, "lora": entry.lora, "audio": entry.audio,
         "size_from_image": entry.size_from_image, "fps": entry.fps, "hub_repo": entry.hub_repo,
         "presets": [{"label": p.label, "width": p.width, "height": p.height} for p in m.presets],
         "limits": {"max_side": m.max_side, "size_multiple": entry.size_multiple, "max_frames": m.max_frames,

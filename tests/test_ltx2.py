@@ -248,3 +248,12 @@ def test_an_ltx2_clip_uploaded_for_upscaling_keeps_its_sound_as_it_was(settings,
     assert streams(result.path) == [("audio", "aac"), ("video", "h264")]
     assert probe_audio(result.path) == probe_audio(made.path)
     assert result.timings_s.get("audio_copy") is not None
+
+
+def test_the_model_listing_says_which_models_make_sound():
+    from pipeline.spec import Rules, describe
+
+    assert describe(Rules(), LTX)["audio"] is True
+    assert describe(Rules(), "wan2.2-ti2v-5b")["audio"] is False
+    limits = describe(Rules(), LTX)["limits"]
+    assert (limits["size_multiple"], limits["frame_multiple"]) == (32, 8)
