@@ -31,7 +31,7 @@ from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, V
 from pipeline.spec import DEFAULT_HEIGHT, DEFAULT_WIDTH, JobParams, Limits
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (Audio, VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
-                            mux_waveform, read_frames, write_poster)
+                            mux_waveform, probe_audio, read_frames, write_poster)
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,17 @@ def upscale_file(source: Path, output: Path, upscaler: Upscaler, outscale: int, 
         path=output, width=info.width * outscale, height=info.height * outscale, frames=decoded[0], fps=info.fps,
         duration_s=decoded[0] / info.fps, seed=None, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+        audio=audio_record(output) if info.audio_codec else None,
     )
+
+
+def audio_record(path: Path) -> dict | None:
+    """What a job's result says of a written MP4's sound, as `Audio.record` says it of a made one."""
+    sound = probe_audio(path)
+    if sound is None:
+        return None
+    return {"sample_rate": sound["sample_rate"], "channels": sound["channels"],
+            "duration_s": round(sound["duration_s"], 4)}
 
 
 def _progressed(frames: Iterable[np.ndarray], stage: str, total: int, on_progress: ProgressFn,

@@ -248,6 +248,7 @@ def test_an_ltx2_clip_uploaded_for_upscaling_keeps_its_sound_as_it_was(settings,
     assert streams(result.path) == [("audio", "aac"), ("video", "h264")]
     assert probe_audio(result.path) == probe_audio(made.path)
     assert result.timings_s.get("audio_copy") is not None
+    assert result.audio == made.audio  # the upscale job's record says the same of its sound
 
 
 def test_the_model_listing_says_which_models_make_sound():
