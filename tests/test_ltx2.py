@@ -233,8 +233,9 @@ def test_the_command_line_refuses_sound_from_a_silent_model(tmp_path, data_dir):
     proc = run_script("test.py", "--model", "tiny:wan2.2-ti2v-5b", "--prompt", "a fox", "--audio", cwd=tmp_path,
                       T2V_DATA_DIR=str(data_dir))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("test.py: error: wan2.2-ti2v-5b: --audio is not made by this model: "
-                                                    "it makes silent video (LTX-2 models make sound)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "test.py: error: wan2.2-ti2v-5b: --audio is not made by this model: it makes silent video "
+        "(LTX-2 models make sound)")
 
 
 def test_an_ltx2_clip_uploaded_for_upscaling_keeps_its_sound_as_it_was(settings, models, tmp_path):
