@@ -35,7 +35,8 @@ class DownloadError(RuntimeError):
 
 def allow_patterns(entry: ModelEntry) -> list[str]:
     """The files the entry's pipelines load, as Hub patterns: model_index.json; per component its JSON configs
-    and safetensors (with their index), or every file of a tokenizer. No .bin, no sample videos, no README."""
+    and safetensors (with their index), or every file of a tokenizer or processor (LTX-2's Gemma processor keeps
+    its tokenizer and chat template there). No .bin, no sample videos, no README."""
     import diffusers
 
     components = set()
@@ -45,7 +46,8 @@ def allow_patterns(entry: ModelEntry) -> list[str]:
                        if name != "self" and (p.default is inspect.Parameter.empty or name in cls._optional_components)}
     patterns = ["model_index.json"]
     for name in sorted(components):
-        patterns += [f"{name}/*"] if name.startswith("tokenizer") else [f"{name}/*.json", f"{name}/*.safetensors"]
+        whole = name.startswith("tokenizer") or name == "processor"
+        patterns += [f"{name}/*"] if whole else [f"{name}/*.json", f"{name}/*.safetensors"]
     return patterns
 
 

@@ -107,7 +107,8 @@ def _components(job_schemas: dict) -> dict:
             "Model": {"type": "object", "required": ["id", "inputs", "installed", "presets", "limits", "defaults"],
                       "properties": {"id": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
                                      "installed": {"type": "boolean"}, "tiny": {"type": "boolean"},
-                                     "lora": {"type": "boolean"}, "size_from_image": {"type": "boolean"},
+                                     "lora": {"type": "boolean"}, "audio": {"type": "boolean"},
+                                     "size_from_image": {"type": "boolean"},
                                      "presets": {"type": "array"}, "limits": {"type": "object"},
                                      "defaults": {"type": "object"},
                                      "speed": {"type": "object", "description": "the speed options the model "

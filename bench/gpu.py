@@ -31,6 +31,7 @@ one memory preset per subprocess, each size warmed up at its own shape first.
     python bench/gpu.py --random-weights --smoke              # tiny configs on the CPU: the code path only
     python bench/gpu.py --random-weights --parts families --budget-min 9   # every family x preset, ~10 minutes
     python bench/gpu.py --list                                # what that runs, with the plan's estimates
+    python bench/gpu.py --random-weights --parts ltx2         # LTX-2's transformer (48 layers, 19B) alone
     python download.py && python bench/gpu.py                 # whole jobs: presets none, model, group at 544x960
 """
 
@@ -53,8 +54,8 @@ import torch  # noqa: E402
 
 GiB = 1024**3
 PRESETS = ("none", "model", "group", "sequential")
-PARTS = ("transformer", "vae", "upscale", "families")
-DEFAULT_PARTS = PARTS[:3]  # "families" (bench/gpu_families.py) is its own run of about 10 minutes
+PARTS = ("transformer", "vae", "upscale", "families", "ltx2")
+DEFAULT_PARTS = PARTS[:3]  # "families" (bench/gpu_families.py, about 10 minutes) and "ltx2" run when named
 
 # The published configs (HunyuanVideo's transformer/config.json and vae/config.json).
 TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
@@ -69,6 +70,22 @@ TINY_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, at
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                 norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
                 mid_block_add_attention=True)
+
+# LTX-2's transformer, as huggingface.co/Lightricks/LTX-2 transformer/config.json has it (the keys diffusers
+# 0.42.1's LTX2VideoTransformer3DModel takes), and the tiny one of pipeline/tiny.py for --smoke.
+LTX2_TRANSFORMER = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=128,
+    cross_attention_dim=4096, audio_in_channels=128, audio_out_channels=128, audio_num_attention_heads=32,
+    audio_attention_head_dim=64, audio_cross_attention_dim=2048, num_layers=48, caption_channels=3840,
+    qk_norm="rms_norm_across_heads", rope_theta=10000.0, rope_double_precision=True, rope_type="split",
+)
+TINY_LTX2_TRANSFORMER = dict(
+    in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+    cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+    audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, caption_channels=32,
+    qk_norm="rms_norm_across_heads", rope_double_precision=False, rope_type="split",
+)
+LTX2_AUDIO_LATENTS_PER_S = 16000 / 160 / 4  # the audio VAE's rate, hop and 4x compression (LTX2Pipeline's sizing)
 
 # Attention backends to time, per mode: the mask-capable ones with the mask, the fastest kernels without.
 # A backend is timed where diffusers' own requirement check passes (its package imports).
@@ -93,6 +110,9 @@ class Matrix:
     upscale_size: tuple = (544, 960)
     upscale_frames: int = 129
     batches: tuple = (1, 4, 8)
+    ltx2: dict = field(default_factory=lambda: LTX2_TRANSFORMER)
+    ltx2_sizes: tuple = ((512, 768), (704, 1216))  # LTX2Pipeline's default; the LTX-2.5 docstring example's
+    ltx2_frames: int = 121  # about 5 s at 24 fps, the pipelines' default length
 
 
 FULL = Matrix()
@@ -100,7 +120,8 @@ SMOKE = Matrix(transformer=TINY_TRANSFORMER, vae=TINY_VAE, rrdb=dict(num_feat=8,
                compact=dict(num_feat=8, num_conv=2), sizes=((32, 48),), frames=9, text_tokens=16, real_tokens=4,
                warmup=1, steps=1, vae_tile=dict(tile_sample_min_height=16, tile_sample_min_width=16,
                                                 tile_sample_min_num_frames=4),
-               upscale_size=(24, 32), upscale_frames=9)
+               upscale_size=(24, 32), upscale_frames=9, ltx2=TINY_LTX2_TRANSFORMER, ltx2_sizes=((64, 64),),
+               ltx2_frames=9)
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -333,6 +354,43 @@ def upscale_rows(m: Matrix, device, folder: Path, budget: Budget) -> list[dict]:
     return rows
 
 
+def ltx2_rows(m: Matrix, device, dtype, budget: Budget) -> list[dict]:
+    """One LTX-2 transformer forward (video and audio together, one guidance branch), per size, with the audio
+    tokens of a clip that long; text as 128 connector tokens."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    transformer = build_random(LTX2VideoTransformer3DModel, m.ltx2, device, dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    frames = (m.ltx2_frames - 1) // 8 + 1
+    audio_frames = round(m.ltx2_frames / 24 * LTX2_AUDIO_LATENTS_PER_S)
+    text = torch.randn(1, 128, m.ltx2["caption_channels"], generator=gen, device=device, dtype=dtype)
+    rows = []
+    for height, width in m.ltx2_sizes:
+        h, w = height // 32, width // 32
+        inputs = dict(
+            hidden_states=torch.randn(1, frames * h * w, m.ltx2["in_channels"], generator=gen, device=device,
+                                      dtype=dtype),
+            audio_hidden_states=torch.randn(1, audio_frames, m.ltx2["audio_in_channels"], generator=gen,
+                                            device=device, dtype=dtype),
+            encoder_hidden_states=text, audio_encoder_hidden_states=text,
+            timestep=torch.tensor([999.0], device=device), sigma=torch.tensor([999.0], device=device),
+            num_frames=frames, height=h, width=w, fps=24.0, audio_num_frames=audio_frames, return_dict=False,
+        )
+
+        def measure():
+            with torch.inference_mode():
+                for _ in range(m.warmup):
+                    timed(lambda: transformer(**inputs), device)
+                seconds = [timed(lambda: transformer(**inputs), device) for _ in range(m.steps)]
+            return {"seconds": significant(sum(seconds) / len(seconds)), "per": f"forward (mean of {m.steps})"}
+
+        rows.append(run_row({"part": "ltx2 transformer", "shape": f"{height}x{width}x{m.ltx2_frames}",
+                             "variant": f"{frames * h * w} video + {audio_frames} audio tokens", "backend": "native"},
+                            measure, device, budget))
+    del transformer
+    return rows
+
+
 def random_weight_rows(m: Matrix, device: torch.device, parts: list[str], backends: list[str] | None,
                        compile_blocks: bool, budget: Budget) -> list[dict]:
     from diffusers.utils import logging as diffusers_logging
@@ -352,6 +410,8 @@ def random_weight_rows(m: Matrix, device: torch.device, parts: list[str], backen
     if "upscale" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             rows += upscale_rows(m, device, Path(tmp), budget)
+    if "ltx2" in parts:
+        rows += ltx2_rows(m, device, torch.bfloat16 if cuda else torch.float32, budget)
     return rows
 
 

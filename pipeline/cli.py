@@ -27,7 +27,7 @@ EXIT_USAGE = 2
 PARAM_FLAGS = {
     "prompt": "--prompt", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
     "num_frames": "--num-frames", "fps": "--fps", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-    "seed": "--seed", "outscale": "--outscale",
+    "seed": "--seed", "outscale": "--outscale", "audio": "--audio",
 }
 # Every field an error may name, as its flag: the job parameters, the image and the LoRAs ("loras[0].scale").
 FIELD_FLAGS = {**PARAM_FLAGS, "image": "--image", "loras": "--lora"}
@@ -119,6 +119,8 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
     param("seed", "random seed (default: picked at random and printed)", type=int)
     if upscale:
         param("outscale", "output size over generated size (default: 4)", type=int, choices=(2, 4))
+    param("audio", "the clip's own sound as an AAC track, for a model that makes it (LTX-2); --no-audio writes a "
+          "silent MP4 (default: on for such a model)", action=argparse.BooleanOptionalAction)
     job.add_argument("--image", type=Path, metavar="FILE",
                      help="a PNG, JPEG or WebP to start the video from, for a model that takes an image "
                           "(at most $T2V_MAX_IMAGE_MB MB and $T2V_MAX_IMAGE_PIXELS pixels)")
@@ -186,7 +188,8 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
     except LoraError as exc:  # a file that does not load into this model, or a setting LoRAs cannot go with
         print(f"{prog}: error: {parser.explain(exc, overrides)}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames at {result.fps} fps, "
+    sound = f", sound at {result.audio['sample_rate']} Hz" if result.audio else ""
+    print(f"wrote {result.path} ({result.width}x{result.height}, {result.frames} frames at {result.fps} fps{sound}, "
           f"{human_size(result.size_bytes)})")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items()))
     return 0

@@ -1,6 +1,6 @@
 """Load one registry model's pipeline once, apply the memory and speed options, and denoise.
 
-Any registry entry loads (HunyuanVideo, HunyuanVideo-1.5, Wan; `pipeline.models`): from its folder, a
+Any registry entry loads (HunyuanVideo, HunyuanVideo-1.5, Wan, LTX-2; `pipeline.models`): from its folder, a
 `tiny:<id>` build, or a diffusers folder whose pipeline class is a registry entry's. The call is built
 by the registry's adapter (`models.prepare_call`), so nothing here names a model. Frames come out as a
 uint8 array (frames, height, width, 3).
@@ -26,6 +26,7 @@ import torch
 from config import ConfigError, attention_backend_problem
 from pipeline import decoding, memory, models, tiny
 from pipeline.spec import JobParams
+from pipeline.video import Audio
 
 log = logging.getLogger(__name__)
 
@@ -374,10 +375,42 @@ def decode_hunyuan_video(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
 
 
+def decode_ltx2_video(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> (F, C, H, W) floats in [0, 1], as LTX2Pipeline decodes them at its default decode_timestep
+    of 0 (no noise is mixed in; a timestep-conditioned VAE is told 0)."""
+    vae = pipe.vae
+    timestep = None
+    if vae.config.timestep_conditioning:
+        timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=vae.dtype)
+    video = vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
+
+
+def decode_ltx2_audio(pipe, audio_latents: torch.Tensor) -> Audio:
+    """Audio latents -> the waveform, as LTX2Pipeline decodes them: the audio VAE makes a mel spectrogram, the
+    vocoder the samples, at the vocoder's own rate (`output_sampling_rate`)."""
+    mel = pipe.audio_vae.decode(audio_latents.to(pipe.audio_vae.dtype), return_dict=False)[0]
+    waveform = pipe.vocoder(mel.to(pipe.vocoder.dtype))[0]  # (channels, samples)
+    return Audio(waveform.float().cpu().numpy(), int(pipe.vocoder.config.output_sampling_rate))
+
+
+def unpack_ltx2_latents(pipe, params: JobParams, latents: torch.Tensor) -> torch.Tensor:
+    """LTX-2's step latents are packed into tokens (B, sequence, C): back to (B, C, F, H, W) for a preview."""
+    frames = (params.num_frames - 1) // pipe.vae_temporal_compression_ratio + 1
+    height, width = (side // pipe.vae_spatial_compression_ratio for side in (params.height, params.width))
+    return pipe._unpack_latents(latents, frames, height, width, pipe.transformer_spatial_patch_size,
+                                pipe.transformer_temporal_patch_size)
+
+
 # Keyed by the pipeline's class name. Other families (Wan, HunyuanVideo-1.5) could add theirs here; without
 # one, a pipeline decodes inside its own call and its padded prompt keeps its mask.
 PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
-LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video}
+LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video, "LTX2Pipeline": decode_ltx2_video,
+                   "LTX2ImageToVideoPipeline": decode_ltx2_video}
+# Pipelines that denoise a soundtrack with the video (returned as latents beside the video's, then decoded here).
+AUDIO_DECODERS = {"LTX2Pipeline": decode_ltx2_audio, "LTX2ImageToVideoPipeline": decode_ltx2_audio}
+# Pipelines whose step latents are packed: the unpacking a preview needs.
+LATENT_UNPACKERS = {"LTX2Pipeline": unpack_ltx2_latents, "LTX2ImageToVideoPipeline": unpack_ltx2_latents}
 # Pipelines whose transformer builds dense (B, 1, N, N) masks in every block (HunyuanVideo-1.5). Never give
 # them a prompt trim: their processor pads the mask and passes it whatever the prompt.
 DENSE_MASK_PIPELINES = frozenset(name for entry in models.ENTRIES if entry.memory.dense_mask
@@ -501,6 +534,7 @@ class VideoGenerator:
             raise ConfigError(problem)
         self.cache = apply_speed_options(self.pipe, self.speed, device)
         apply_memory_preset(self.pipe, self.memory_preset, device)
+        self.last_audio: Audio | None = None  # the soundtrack of the last `generate`; None when it made none
         self._blocks = _BlockHook()
         for transformer in self.transformers:
             self._blocks.install(transformer)
@@ -539,10 +573,14 @@ class VideoGenerator:
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
         tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
-        text-to-video decodes here (`LATENT_DECODERS`); the other pipelines decode inside their own call
-        (output_type="pt"), so for them `latents_path` is not written. `on_latents(step, total, latents)` sees
-        the latents after every step (for previews); `on_decode(done, total)` follows the VAE decode.
+        text-to-video and LTX-2 decode here (`LATENT_DECODERS`; for LTX-2 the video's latents are kept, not the
+        sound's); the other pipelines decode inside their own call (output_type="pt"), so for them `latents_path`
+        is not written. `on_latents(step, total, latents)` sees the latents after every step (for previews);
+        `on_decode(done, total)` follows the VAE decode. A model that makes sound (LTX-2) leaves the job's
+        soundtrack, cut to the clip's length, in `last_audio`, unless the job says `audio: false` (then it is
+        never decoded).
         """
+        self.last_audio = None
         mode = "i2v" if image is not None else "t2v"
         pipe = self.pipes.get(mode)
         if pipe is None:
@@ -554,14 +592,17 @@ class VideoGenerator:
             with torch.inference_mode(), decoding.reported(getattr(self.pipe, "vae", None), on_decode):
                 self._blocks.should_cancel = should_cancel
                 image = fit_image(image, self.entry, params.width, params.height) if image is not None else None
-                output = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None,
+                result = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None,
                                        on_latents=on_latents)
                 self._blocks.should_cancel = None
+                output = result.frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
                 if decode is None:
                     return to_uint8_frames(output[0])  # (F, C, H, W) floats in [0, 1]
                 if latents_path is not None:
                     save_latents(output, params, Path(latents_path))
-                return to_uint8_frames(self._decode(decode, output))
+                frames = to_uint8_frames(self._decode(decode, output))
+                self.last_audio = self._audio(pipe, result, params, len(frames), should_cancel)
+                return frames
         finally:
             # The pipeline resets its cache hooks and offload placement only when its call ends normally;
             # after an exception (a cancel included) they would hold this job's state into the next one.
@@ -667,7 +708,7 @@ class VideoGenerator:
             pipe, self.entry, prompt=params.prompt, num_frames=params.num_frames, steps=params.num_inference_steps,
             generator=torch.Generator("cpu").manual_seed(params.seed), width=params.width, height=params.height,
             guidance=params.guidance_scale, negative_prompt=params.negative_prompt, image=image,
-            output_type="latent" if latent else "pt",
+            output_type="latent" if latent else "pt", fps=params.fps,
         )
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs.update({k: v for k, v in self.call_defaults.items() if k in accepted})
@@ -676,8 +717,22 @@ class VideoGenerator:
             kwargs.update(trim(pipe, params.prompt, params.negative_prompt, kwargs))
             self._blocks.drop_mask = True
         fit_cache_to_job(self.cache, params)
+        unpack = LATENT_UNPACKERS.get(type(pipe).__name__)
+        if on_latents is not None and unpack is not None:
+            shown = on_latents
+            on_latents = lambda step, total, latents: shown(step, total, unpack(pipe, params, latents))  # noqa: E731
         with _steps_reported(pipe, kwargs, params.num_inference_steps, on_step, should_cancel, on_latents):
-            return pipe(**kwargs).frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
+            return pipe(**kwargs)
+
+    def _audio(self, pipe, result, params: JobParams, frames: int, should_cancel) -> Audio | None:
+        """Decode the soundtrack the pipeline denoised with the video, fitted to the clip; None when the model
+        makes none or the job asked for none."""
+        decode = AUDIO_DECODERS.get(type(pipe).__name__)
+        if decode is None or not params.audio:
+            return None
+        if should_cancel and should_cancel():
+            raise JobCanceled()
+        return decode(pipe, result.audio).fitted(frames, params.fps)
 
     def _decode(self, decode, latents: torch.Tensor) -> torch.Tensor:
         """Decode; on out-of-memory turn VAE tiling on, then shrink the tiles, until one fits. The smaller

@@ -50,6 +50,8 @@ class Family:
     attention_mask: str = "padding"
     # Its transformer names `_repeated_blocks`, so diffusers' regional `compile_repeated_blocks` applies.
     regional_compile: bool = True
+    # The pipeline makes the clip's sound with it (LTX-2): its call takes `frame_rate`, and it returns a waveform.
+    audio: bool = False
 
 
 # The pipelines whose prompt padding t2v trims off (their functions: pipeline.generate.PROMPT_TRIMS).
@@ -64,6 +66,9 @@ FAMILIES = {
         # Wan's blocks call attention with no mask (diffusers transformer_wan.py, WanTransformerBlock.forward).
         Family("wan", guidance="guidance_scale", step_callback=True, lora_loader="WanLoraLoaderMixin",
                attention_mask="never"),
+        # LTX-2's pipelines pass the prompt's attention mask to the transformer's cross-attention whatever it is.
+        Family("ltx2", guidance="guidance_scale", step_callback=True, lora_loader="LTX2LoraLoaderMixin", audio=True,
+               attention_mask="always"),
     )
 }
 
@@ -96,6 +101,9 @@ class ModelEntry:
     # `_skip_layerwise_casting_patterns` keep the rest in the compute dtype); bench/fp8_share.py, BENCHMARKS.md.
     fp8_share: float | None = None
     memory: plans.MemoryModel | None = None  # what `pipeline.memory` plans a job's GPU memory from
+    # Pipeline-call arguments of the model's own published recipe, as (name, value) pairs. A `sigmas` schedule
+    # applies only to a job with as many steps as it has sigmas.
+    call_args: tuple[tuple[str, Any], ...] = ()
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -112,6 +120,11 @@ class ModelEntry:
         mask that t2v trims away (with T2V_MASK_FREE on)."""
         mask = FAMILIES[self.family].attention_mask
         return mask == "never" or (mask == "padding" and self.pipelines[self.modes[0]] in TRIMMED_PIPELINES)
+
+    @property
+    def audio(self) -> bool:
+        """The model makes the clip's sound with its video (LTX-2)."""
+        return FAMILIES[self.family].audio
 
     @property
     def inputs(self) -> str:
@@ -173,6 +186,23 @@ _WAN_A14B_PRESETS = _presets(("720p 16:9", 1280, 720), ("720p 9:16", 720, 1280),
                              ("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
 _WAN_TI2V_PRESETS = _presets(("720p 16:9", 1280, 704), ("720p 9:16", 704, 1280))
 _WAN21_PRESETS = _presets(("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
+
+# LTX-2: LTX2Pipeline's own defaults (diffusers 0.42.1, pipelines/ltx2/pipeline_ltx2.py): width 768, height 512
+# (check_inputs: both multiples of 32), 121 frames at frame_rate 24, 30 steps, guidance_scale 3.0; its VAE
+# compresses time 8x (latent frames = (num_frames - 1) // 8 + 1), so frame counts are 8k+1. The examples load it
+# in bfloat16. The longest clip is the pipeline's own duration range, max_seconds=20.0 (481 frames at 24 fps).
+_LTX2_PRESETS = _presets(("480p 3:2", 768, 512), ("480p 2:3", 512, 768))
+_LTX2_PIPELINES = {"t2v": "LTX2Pipeline", "i2v": "LTX2ImageToVideoPipeline"}
+_LTX2 = dict(family="ltx2", pipelines=_LTX2_PIPELINES, fps=24, default_frames=121, max_frames=481, size_multiple=32,
+             frame_multiple=8, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
+             vram_gb={"none": None, "model": None, "group": None, "sequential": None},
+             tiny_builder=_tiny("build_tiny_ltx2"))
+# The distilled checkpoint: "8 steps, CFG=1" (huggingface.co/Lightricks/LTX-2.3 README, model table), on the
+# distilled sigma schedule (diffusers.pipelines.ltx2.utils.DISTILLED_SIGMA_VALUES, as its docstring examples pass
+# it), with no spatio-temporal or modality guidance (their extra passes are for the guided model).
+_LTX2_DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)
+_LTX2_DISTILLED_CALL = (("sigmas", _LTX2_DISTILLED_SIGMAS), ("stg_scale", 0.0), ("audio_stg_scale", 0.0),
+                        ("modality_scale", 1.0), ("audio_modality_scale", 1.0), ("audio_guidance_scale", 1.0))
 
 _HV15 = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
 _HV15_SOURCE = "github.com/Tencent-Hunyuan/HunyuanVideo-1.5 README"
@@ -299,6 +329,13 @@ ENTRIES: tuple[ModelEntry, ...] = (
         tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"), caches=("fbc",), fp8_share=0.981,
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),
+    # The LTX-2 family: one folder each, text-to-video and image-to-video, video with its sound. No VRAM or speed
+    # figure of diffusers' pipelines is published for them.
+    ModelEntry(id="ltx-2", hub_repo="Lightricks/LTX-2", default_steps=30, default_guidance=3.0, **_LTX2),
+    ModelEntry(id="ltx-2.3", hub_repo="diffusers/LTX-2.3-Diffusers", default_steps=30, default_guidance=3.0, **_LTX2),
+    ModelEntry(id="ltx-2.3-distilled", hub_repo="diffusers/LTX-2.3-Distilled-Diffusers", default_steps=8,
+               default_guidance=1.0, call_args=_LTX2_DISTILLED_CALL, **_LTX2),
+    ModelEntry(id="ltx-2.5", hub_repo="Lightricks/LTX-2.5-Diffusers", default_steps=30, default_guidance=3.0, **_LTX2),
 )
 
 MODELS: dict[str, ModelEntry] = {entry.id: entry for entry in ENTRIES}
@@ -474,11 +511,12 @@ def size_for_image(pipe, entry: ModelEntry, image, width: int, height: int) -> t
 def prepare_call(pipe, entry: ModelEntry, *, prompt: str, num_frames: int, steps: int, generator,
                  width: int | None = None, height: int | None = None, guidance: float | None = None,
                  guidance_2: float | None = None, negative_prompt: str | None = None, image=None,
-                 output_type: str = "pt") -> dict:
+                 output_type: str = "pt", fps: int | None = None) -> dict:
     """Keyword arguments for `pipe(...)` with what differs per family applied.
 
     HunyuanVideo-1.5 takes guidance through its `guider` component, so that is set on `pipe` here.
     Its image-to-video pipeline has no width/height: the image's aspect and the model's size tier set them.
+    A family that makes sound (LTX-2) is told the frame rate: its audio lasts num_frames / frame_rate.
     """
     family = FAMILIES[entry.family]
     guidance = entry.default_guidance if guidance is None else guidance
@@ -498,6 +536,10 @@ def prepare_call(pipe, entry: ModelEntry, *, prompt: str, num_frames: int, steps
         kwargs["guidance_scale"] = guidance
     if entry.default_guidance_2 is not None:
         kwargs["guidance_scale_2"] = entry.default_guidance_2 if guidance_2 is None else guidance_2
+    if family.audio:
+        kwargs["frame_rate"] = float(fps or entry.fps)
+    kwargs.update((name, list(value) if name == "sigmas" else value) for name, value in entry.call_args
+                  if name != "sigmas" or len(value) == steps)
     return kwargs
 
 

@@ -30,8 +30,8 @@ from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, V
                                use_device)
 from pipeline.spec import JobParams, Limits, Rules, model_rules
 from pipeline.upscale import Upscaler, resolve_upscaler
-from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
-                            read_frames, write_poster)
+from pipeline.video import (Audio, VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
+                            mux_waveform, probe_audio, read_frames, write_poster)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class VideoResult:
     poster_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     rendered: tuple[int, int] | None = None  # (width, height) the model made, before any upscale
+    audio: dict | None = None  # the soundtrack's sample rate, channels and duration (`Audio.record`); None: silent
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -224,6 +225,7 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
             frames = generator.generate(params, lambda i, n: on_progress("denoising", i, n), should_cancel, latents,
                                         image=image, on_latents=previews,
                                         on_decode=lambda i, n: on_progress("decoding", i, n))
+            audio = generator.last_audio
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None
@@ -237,9 +239,12 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
     poster = output.with_suffix(".jpg")
     stream = _poster_at(stream, total // 2, poster)  # the middle frame as the MP4 shows it: upscaled, if it is
     stream = _progressed(stream, stage, total, on_progress, should_cancel)
-    encode_s, upscale_s = encode_stream(stream, output, params.fps, settings.crf)
+    video_only = output.with_name(f".{output.stem}.video.mp4") if audio else output
+    encode_s, upscale_s = encode_stream(stream, video_only, params.fps, settings.crf)
     timings["upscale" if upscaler else "encode"] = upscale_s
     timings["encode_thread"] = encode_s
+    if audio:
+        timings["audio_mux"] = with_soundtrack(video_only, audio, output)
     timings["total"] = time.perf_counter() - started
 
     height, width = frames.shape[1] * outscale, frames.shape[2] * outscale
@@ -248,7 +253,22 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         duration_s=total / params.fps, seed=params.seed, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
         rendered=(frames.shape[2], frames.shape[1]),
+        audio=audio.record() if audio else None,
     )
+
+
+def with_soundtrack(video_only: Path, audio: Audio, output: Path) -> float:
+    """Mux `audio` (AAC) beside the video of `video_only` into `output`, atomically; `video_only` is removed.
+    Returns the seconds it took."""
+    started = time.perf_counter()
+    tmp = output.with_name(f".{output.name}.part")
+    try:
+        mux_waveform(video_only, audio, tmp)
+        os.replace(tmp, output)
+    finally:
+        video_only.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return time.perf_counter() - started
 
 
 def lora_files(params: JobParams, models_dir: Path) -> list[tuple[str, Path, float]]:
@@ -326,7 +346,17 @@ def upscale_file(source: Path, output: Path, upscaler: Upscaler, outscale: int, 
         path=output, width=info.width * outscale, height=info.height * outscale, frames=decoded[0], fps=info.fps,
         duration_s=decoded[0] / info.fps, seed=None, size_bytes=output.stat().st_size,
         sha256=file_sha256(output), poster_path=poster, timings_s={k: round(v, 3) for k, v in timings.items()},
+        audio=audio_record(output) if info.audio_codec else None,
     )
+
+
+def audio_record(path: Path) -> dict | None:
+    """What a job's result says of a written MP4's sound, as `Audio.record` says it of a made one."""
+    sound = probe_audio(path)
+    if sound is None:
+        return None
+    return {"sample_rate": sound["sample_rate"], "channels": sound["channels"],
+            "duration_s": round(sound["duration_s"], 4)}
 
 
 def _progressed(frames: Iterable[np.ndarray], stage: str, total: int, on_progress: ProgressFn,

@@ -63,6 +63,7 @@ IMAGE_KEY_PATTERN = r"^inputs/[A-Za-z0-9_-]{1,128}$"
 PROMPT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank, no NUL
 TEXT_PATTERN = r"^[^\x00]*$"
 
+AUDIO_NOTE = "the clip's own sound as an AAC track, for a model that makes it (LTX-2); false writes a silent MP4"
 INPUTS = {"text": "text", "image": "image", "both": "text or image"}
 # Fields where JSON null means "not given"; anywhere else null is a type error.
 NULLABLE = {"seed", "negative_prompt"}
@@ -167,6 +168,7 @@ class JobParams(BaseModel):
     upscale: bool = True
     outscale: Annotated[Literal[OUTSCALES], BeforeValidator(_integral)] = 4
     loras: list[Lora] = Field(default_factory=list, description="LoRAs to apply, for models with a LoRA loader")
+    audio: bool = Field(True, description=AUDIO_NOTE)
     image_key: SkipJsonSchema[str | None] = Field(None, pattern=IMAGE_KEY_PATTERN)  # set by the server only
 
     @field_validator("loras")
@@ -192,7 +194,7 @@ class JobParams(BaseModel):
         values = {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}  # null there = absent
         named = values.get("model")
         entry = _served_entry(rules, values.get("model", rules.default_model))
-        _check_inputs(entry, with_image or image_key is not None, values.get("loras"))
+        _check_inputs(entry, with_image or image_key is not None, values.get("loras"), values.get("audio"))
         if "seed" not in values:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         job = job_class(rules, entry.id)
@@ -218,8 +220,11 @@ def _served_entry(rules: Rules, name: Any) -> ModelEntry:
     return MODELS[name]
 
 
-def _check_inputs(entry: ModelEntry, has_image: bool, loras: Any) -> None:
-    """The rules of what a model takes: an image or not, LoRAs or not."""
+def _check_inputs(entry: ModelEntry, has_image: bool, loras: Any, audio: Any = None) -> None:
+    """The rules of what a model takes: an image or not, LoRAs or not, sound or not."""
+    if audio is True and not entry.audio:
+        raise ParamError("audio", "is not made by this model: it makes silent video (LTX-2 models make sound)",
+                         entry.id)
     if has_image and entry.inputs == "text":
         raise ParamError("image", "is not taken: this model makes video from text only", entry.id)
     if not has_image and entry.inputs == "image":
@@ -329,6 +334,7 @@ def job_class(rules: Rules, model_id: str) -> type[JobParams]:
         num_inference_steps=(Int, Field(m.default_steps, ge=1, le=m.max_steps)),
         guidance_scale=(float, Field(entry.default_guidance, ge=1.0, le=30.0)),
         loras=loras,
+        audio=(bool, Field(entry.audio, description=AUDIO_NOTE)),
     )
 
 
@@ -421,11 +427,11 @@ def request_schema(rules: Rules, ref_template: str = "#/$defs/{model}") -> dict:
 
 
 def describe(rules: Rules, model_id: str) -> dict:
-    """One model as a client sees it: inputs, presets, limits, defaults, LoRA support."""
+    """One model as a client sees it: inputs, presets, limits, defaults, LoRA support, whether it makes sound."""
     m = model_rules(rules, model_id)
     entry = m.entry
     return {
-        "id": entry.id, "inputs": entry.inputs, "tiny": m.tiny, "lora": entry.lora,
+        "id": entry.id, "inputs": entry.inputs, "tiny": m.tiny, "lora": entry.lora, "audio": entry.audio,
         "size_from_image": entry.size_from_image, "fps": entry.fps, "hub_repo": entry.hub_repo,
         "presets": [{"label": p.label, "width": p.width, "height": p.height} for p in m.presets],
         "limits": {"max_side": m.max_side, "size_multiple": entry.size_multiple, "max_frames": m.max_frames,

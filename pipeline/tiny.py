@@ -1,9 +1,9 @@
 """Tiny random-weight models in the real file formats, for tests and offline smoke runs.
 
-Every model folder (HunyuanVideo, HunyuanVideo-I2V, HunyuanVideo-1.5, Wan 2.1 and 2.2) is written by
+Every model folder (HunyuanVideo, HunyuanVideo-I2V, HunyuanVideo-1.5, Wan 2.1 and 2.2, LTX-2) is written by
 `save_pretrained` from the real diffusers and transformers classes (sizes from diffusers' own pipeline
 tests, `tests/pipelines/<family>/`), with tokenizers trained offline by the `tokenizers` package.
-Each accepts every frame count (4k+1) and size (its size multiple) that its real model does.
+Each accepts every frame count (4k+1; 8k+1 for LTX-2) and size (its size multiple) that its real model does.
 The Real-ESRGAN files are `.pth` state dicts in the release key layout: basicsr RRDBNet names under
 `params_ema`, SRVGGNetCompact names under `params`.
 Their output is noise: they prove the code paths, not the pictures.
@@ -36,6 +36,8 @@ _QWEN_CHAT_TEMPLATE = (
 )
 # Wan's UMT5 prompt length; the real default is 512 tokens.
 TINY_WAN_CALL_DEFAULTS = {"max_sequence_length": 16}
+# LTX-2's Gemma prompt length; the real default is 1024 tokens.
+TINY_LTX2_CALL_DEFAULTS = {"max_sequence_length": 16}
 WAN_VARIANTS = ("2.1-t2v", "2.2-ti2v", "2.2-t2v-a14b", "2.2-i2v-a14b")
 # Sizes shared by the tiny Llama and CLIP text encoders (diffusers' HunyuanVideo tests).
 _TINY_LLAMA = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, intermediate_size=37,
@@ -370,3 +372,72 @@ def _write_atomically(folder: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def build_tiny_ltx2(folder: Path) -> Path:
+    """A tiny LTX-2 folder (`LTX2Pipeline`; `LTX2ImageToVideoPipeline` shares its modules): the video transformer
+    with its audio branch, the video VAE, the audio VAE (mel spectrogram latents), the vocoder (mel -> waveform),
+    a Gemma 3 text encoder and the text connectors. Sizes from diffusers' tests (`tests/pipelines/ltx2/`); the
+    Gemma 3 is built here (theirs is downloaded). The VAE keeps the real 32x spatial and 8x temporal compression, so
+    sizes are multiples of 32 and frame counts 8k+1, as for the real models. The vocoder writes stereo at 16 kHz
+    (100 mel frames a second, upsampled 160x)."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=64,
+                bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4, image_token_index=5,
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+    ))
+    torch.manual_seed(0)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+        caption_channels=32, rope_double_precision=False, rope_type="split",
+    )
+    torch.manual_seed(0)
+    connectors = LTX2TextConnectors(
+        caption_channels=32, text_proj_in_factor=text["num_hidden_layers"] + 1,
+        video_connector_num_attention_heads=4, video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTX2Video(  # three space-time downsamples after a 4x4 patchify: 32x in space, 8x in time
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8), layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+        spatio_temporal_scaling=(True,) * 3, decoder_spatio_temporal_scaling=(True,) * 3,
+        decoder_inject_noise=(False,) * 4, downsample_type=("spatiotemporal",) * 3,
+        upsample_type=("spatiotemporal",) * 3, upsample_residual=(False,) * 3, upsample_factor=(1,) * 3,
+        timestep_conditioning=False, patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    )
+    torch.manual_seed(0)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    )
+    torch.manual_seed(0)
+    vocoder = LTX2Vocoder(
+        in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[20, 16, 4],
+        upsample_factors=[10, 8, 2],
+        resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    )
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(), connectors=connectors, transformer=transformer, vocoder=vocoder,
+    )
+    return _save_pipeline(pipe, folder, TINY_LTX2_CALL_DEFAULTS)

@@ -218,6 +218,92 @@ def _packet_time(packet) -> float:
     return float((packet.dts if packet.dts is not None else packet.pts or 0) * packet.time_base)
 
 
+# ---------------------------------------------------------------------------------------- a made soundtrack
+
+@dataclass(frozen=True)
+class Audio:
+    """A model's soundtrack (LTX-2's vocoder output): float32 samples (channels, samples) in [-1, 1]."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.shape[1] / self.sample_rate
+
+    def fitted(self, frames: int, fps: float) -> "Audio":
+        """Cut or pad (with silence) to exactly the clip's length: the causal audio decode ends a few mel frames
+        short of the video (a third of a frame at 121 frames; more, relatively, in a short clip)."""
+        want = round(frames / fps * self.sample_rate)
+        samples = self.samples[:, :want]
+        if samples.shape[1] < want:
+            samples = np.pad(samples, ((0, 0), (0, want - samples.shape[1])))
+        return Audio(np.ascontiguousarray(samples, dtype=np.float32), self.sample_rate)
+
+    def record(self) -> dict:
+        """What a job's result says of its sound."""
+        return {"sample_rate": self.sample_rate, "channels": int(self.samples.shape[0]),
+                "duration_s": round(self.duration_s, 4)}
+
+
+AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}
+AUDIO_BLOCK = 4096  # samples per frame handed to the encoder (PyAV re-blocks them to AAC's 1024)
+
+
+def mux_waveform(video_only: Path, audio: Audio, output: Path, bitrate: int = 192_000) -> None:
+    """Write `output`: the video of `video_only` (stream-copied) plus `audio` encoded to AAC at its own
+    sample rate, packets interleaved by time."""
+    channels = audio.samples.shape[0]
+    if channels not in AUDIO_LAYOUTS:
+        raise ValueError(f"audio with {channels} channels cannot be written; 1 or 2 can")
+    with av.open(str(video_only)) as vin, \
+            av.open(str(output), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        v_in = vin.streams.video[0]
+        v_out = out.add_stream_from_template(v_in)
+        a_out = out.add_stream("aac", rate=audio.sample_rate)
+        a_out.layout = AUDIO_LAYOUTS[channels]
+        a_out.bit_rate = bitrate
+        video = _copied(vin.demux(v_in), v_out)
+        for packet in heapq.merge(video, _encoded_from_zero(_audio_frames(audio), a_out), key=_packet_time):
+            out.mux(packet)
+
+
+def _encoded_from_zero(frames, stream):
+    """Encode frames numbered by their first sample, so the encoder's priming packets come before zero and the
+    MP4's edit list hides them: the track then plays exactly the samples given."""
+    for frame in frames:
+        yield from stream.encode(frame)
+    yield from stream.encode(None)
+
+
+def _audio_frames(audio: Audio):
+    samples = np.clip(audio.samples, -1.0, 1.0).astype(np.float32)
+    layout = AUDIO_LAYOUTS[samples.shape[0]]
+    for start in range(0, samples.shape[1], AUDIO_BLOCK):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + AUDIO_BLOCK]),
+                                           format="fltp", layout=layout)
+        frame.sample_rate = audio.sample_rate
+        frame.pts, frame.time_base = start, Fraction(1, audio.sample_rate)
+        yield frame
+
+
+def probe_audio(path: Path) -> dict | None:
+    """Codec, sample rate, channels and duration of the first audio stream, or None when the file has none.
+    The duration is what a player plays: the track's length after its edit list (the encoder's priming
+    samples hidden), from the container, or from the decoded samples where the container does not say."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        if stream.duration:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = sum(frame.samples for frame in container.decode(stream)) / rate
+        return {"codec": _codec_name(stream), "sample_rate": rate, "channels": stream.codec_context.channels,
+                "duration_s": duration}
+
+
 # ---------------------------------------------------------------------------------------- spritesheet
 
 def write_spritesheet(video: Path, path: Path, max_tiles: int = 25, tile_side: int = 160) -> tuple[int, int]:

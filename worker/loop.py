@@ -279,6 +279,7 @@ class Worker(Sweeps):
             "video_key": video_key, "poster_key": poster_key, "size_bytes": result.size_bytes,
             "sha256": result.sha256, "width": result.width, "height": result.height, "frames": result.frames,
             "fps": result.fps, "duration_s": result.duration_s, "seed": result.seed, "timings_s": timings,
+            "audio": result.audio,  # the soundtrack's sample rate, channels and duration; None for a silent MP4
             **({"rendered": {"width": result.rendered[0], "height": result.rendered[1]}} if result.rendered else {}),
         }
 
