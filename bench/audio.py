@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import tiny  # noqa: E402
+from pipeline.models import tiny_model_dir  # noqa: E402
 from pipeline.generate import decode_ltx2_audio, decode_ltx2_video, to_uint8_frames  # noqa: E402
 from pipeline.run import encode_stream  # noqa: E402
 from pipeline.video import Audio, mux_waveform  # noqa: E402
@@ -50,7 +50,7 @@ def median_s(fn, repeats: int) -> float:
 def tiny_row(folder: Path, frames: int, size: int, repeats: int) -> dict:
     from diffusers import LTX2Pipeline
 
-    pipe = LTX2Pipeline.from_pretrained(tiny.tiny_model_dir(folder, "ltx-2.3"))
+    pipe = LTX2Pipeline.from_pretrained(tiny_model_dir(folder, "ltx-2.3"))
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         out = pipe(prompt="a red fox barks", width=size, height=size, num_frames=frames, frame_rate=float(FPS),

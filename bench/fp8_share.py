@@ -17,6 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu import LTX2_TRANSFORMER  # noqa: E402  (the published config, defined once in bench/gpu.py)
 
 # Transformer configs at full size. The class defaults of diffusers 0.42.1 are HunyuanVideo's (13B), HunyuanVideo-1.5's
 # (8.3B) and Wan 2.2 A14B's (one 14B expert); the other Wan sizes from the Wan2.1/Wan2.2 configs
@@ -30,6 +33,7 @@ CONFIGS = {
     "wan2.2-ti2v-5b": ("WanTransformer3DModel", {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30,
                                                  "in_channels": 48, "out_channels": 48}),
     "wan2.1-t2v-1.3b": ("WanTransformer3DModel", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
+    "ltx-2": ("LTX2VideoTransformer3DModel", LTX2_TRANSFORMER),  # Lightricks/LTX-2's published config
 }
 
 

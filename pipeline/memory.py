@@ -36,10 +36,6 @@ VAE_TILE = (256, 16)  # (pixels a side, frames): AutoencoderKL*.enable_tiling() 
 # A streaming preset still holds a few layers at once (the one running, the one prefetched) and the
 # non-offloaded buffers: 1 GB, pending the GPU bench.
 STREAMING_RESIDENT = 1 * GB
-# Fraction of the transformer's parameters that fp8 layerwise casting stores in fp8 (issue 18, item 9: the
-# "norm" skip pattern also skips the AdaLN modulation Linears). The registry's `fp8_share` (branch gpu-fixes)
-# is to replace these.
-FP8_SHARE = {"hunyuanvideo": 0.71, "hunyuanvideo15": 0.65, "wan": 0.98}
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,9 @@ class MemoryModel:
     width: int  # transformer hidden size
     tokens_per_side: int  # pixels per latent token a side: the VAE's spatial compression x the patch
     text_tokens: int  # tokens that join the video tokens in attention (0: cross-attention only)
+    # The share of the transformer's parameters that fp8 layerwise casting stores in fp8 (diffusers'
+    # `_skip_layerwise_casting_patterns` keep the rest, the AdaLN modulation Linears among them, in the compute
+    # dtype): measured by bench/fp8_share.py on the full-size configs (BENCHMARKS.md).
     fp8_share: float
     denoisers: int = 1  # Wan 2.2 A14B: a high-noise and a low-noise expert
     frames_per_token: int = 4  # the VAE's temporal compression
@@ -68,24 +67,30 @@ class MemoryModel:
 # HunyuanVideo: 12.82e9 transformer (bench/gpu.py's published config); Llama-3-8B's LlamaModel 7.51e9 and
 # CLIP-L's text model 0.12e9; VAE 0.25e9; 8x VAE, patch 2; text padded to 256 tokens.
 HUNYUAN_VIDEO = MemoryModel(12.82e9, 7.63e9, 0.25e9, width=3072, tokens_per_side=16, text_tokens=256,
-                            fp8_share=FP8_SHARE["hunyuanvideo"])
+                            fp8_share=0.709)
 # The I2V text encoder is LLaVA (Llama-3-8B with CLIP-L vision and the LM head): about 8.4e9 with CLIP-L text.
 HUNYUAN_VIDEO_I2V = MemoryModel(12.82e9, 8.5e9, 0.25e9, width=3072, tokens_per_side=16, text_tokens=256,
-                                fp8_share=FP8_SHARE["hunyuanvideo"])
+                                fp8_share=0.709)  # as t2v's: the same blocks
 # HunyuanVideo-1.5: 8.33e9 transformer; Qwen2.5-VL-7B's text model 7.07e9, ByT5-small's encoder 0.15e9, SigLIP
 # 0.43e9 (image-to-video); VAE 1.26e9; 16x VAE, patch 1; 1000 + 256 + 729 text, glyph and image tokens (its
 # pipeline's maxima).
 HUNYUAN_VIDEO_15 = MemoryModel(8.33e9, 7.65e9, 1.26e9, width=2048, tokens_per_side=16, text_tokens=1985,
-                               fp8_share=FP8_SHARE["hunyuanvideo15"], dense_mask=True)
+                               fp8_share=0.654, dense_mask=True)
 # Wan 2.2 TI2V-5B: 5.00e9 transformer; UMT5-XXL encoder 5.68e9; Wan 2.2 VAE 0.70e9 (fp32); 16x VAE, patch 2.
 WAN_TI2V_5B = MemoryModel(5.00e9, 5.68e9, 0.70e9, width=3072, tokens_per_side=32, text_tokens=0,
-                          fp8_share=FP8_SHARE["wan"], vae_bytes=4)
+                          fp8_share=0.982, vae_bytes=4)
 # Wan 2.2 A14B: two 14.29e9 experts; UMT5-XXL 5.68e9; Wan 2.1 VAE 0.127e9 (fp32); 8x VAE, patch 2.
 WAN_A14B = MemoryModel(14.29e9, 5.68e9, 0.127e9, width=5120, tokens_per_side=16, text_tokens=0,
-                       fp8_share=FP8_SHARE["wan"], denoisers=2, vae_bytes=4)
+                       fp8_share=0.984, denoisers=2, vae_bytes=4)
 # Wan 2.1 T2V-1.3B: 1.42e9 transformer (width 1536, 30 layers); UMT5-XXL; Wan 2.1 VAE.
 WAN_1_3B = MemoryModel(1.42e9, 5.68e9, 0.127e9, width=1536, tokens_per_side=16, text_tokens=0,
-                       fp8_share=FP8_SHARE["wan"], vae_bytes=4)
+                       fp8_share=0.981, vae_bytes=4)
+# LTX-2: 18.88e9 transformer (Lightricks/LTX-2's published config, bench/gpu.py; counted on the meta device);
+# Gemma 3 12B as its text encoder (12.2e9, its model card); the video VAE 1.22e9 (AutoencoderKLLTX2Video's
+# default config; the audio VAE and vocoder are small beside it); 32x VAE, patch 1, 8 frames a latent; text
+# by cross-attention only. Its fp8 share: bench/fp8_share.py.
+LTX2 = MemoryModel(18.88e9, 12.2e9, 1.22e9, width=4096, tokens_per_side=32, text_tokens=0, fp8_share=1.0,
+                   frames_per_token=8)
 
 
 @dataclass(frozen=True)

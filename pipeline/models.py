@@ -97,9 +97,6 @@ class ModelEntry:
     # a `cache_context` and its blocks in diffusers' TransformerBlockRegistry; "magcache" also needs magnitude
     # ratios calibrated for the model (t2v has HunyuanVideo's). A model loads without a cache it cannot take.
     caches: tuple[str, ...] = ()
-    # The share of the transformer's parameters that fp8 layerwise casting stores in fp8 (diffusers'
-    # `_skip_layerwise_casting_patterns` keep the rest in the compute dtype); bench/fp8_share.py, BENCHMARKS.md.
-    fp8_share: float | None = None
     memory: plans.MemoryModel | None = None  # what `pipeline.memory` plans a job's GPU memory from
     # Pipeline-call arguments of the model's own published recipe, as (name, value) pairs. A `sigmas` schedule
     # applies only to a job with as many steps as it has sigmas.
@@ -120,6 +117,11 @@ class ModelEntry:
         mask that t2v trims away (with T2V_MASK_FREE on)."""
         mask = FAMILIES[self.family].attention_mask
         return mask == "never" or (mask == "padding" and self.pipelines[self.modes[0]] in TRIMMED_PIPELINES)
+
+    @property
+    def fp8_share(self) -> float | None:
+        """The share of its transformer's parameters fp8 layerwise casting stores in fp8 (`MemoryModel`)."""
+        return self.memory.fp8_share if self.memory else None
 
     @property
     def audio(self) -> bool:
@@ -194,7 +196,7 @@ _WAN21_PRESETS = _presets(("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
 _LTX2_PRESETS = _presets(("480p 3:2", 768, 512), ("480p 2:3", 512, 768))
 _LTX2_PIPELINES = {"t2v": "LTX2Pipeline", "i2v": "LTX2ImageToVideoPipeline"}
 _LTX2 = dict(family="ltx2", pipelines=_LTX2_PIPELINES, fps=24, default_frames=121, max_frames=481, size_multiple=32,
-             frame_multiple=8, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
+             frame_multiple=8, memory=plans.LTX2, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
              vram_gb={"none": None, "model": None, "group": None, "sequential": None},
              tiny_builder=_tiny("build_tiny_ltx2"))
 # The distilled checkpoint: "8 steps, CFG=1" (huggingface.co/Lightricks/LTX-2.3 README, model table), on the
@@ -218,7 +220,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # --use-cpu-offload, which is model-level offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
         memory=plans.HUNYUAN_VIDEO,
-        tiny_builder=_tiny("build_tiny_hunyuan"), caches=("fbc", "magcache"), fp8_share=0.709,
+        tiny_builder=_tiny("build_tiny_hunyuan"), caches=("fbc", "magcache"),
         published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
                         "(HunyuanVideo README, xDiT latency table)",
     ),
@@ -245,7 +247,6 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
         memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
-        fp8_share=0.654,
         caches=(),  # HunyuanVideo15TransformerBlock is not in diffusers' TransformerBlockRegistry
     ),
     ModelEntry(
@@ -256,7 +257,6 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
-        fp8_share=0.654,
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
@@ -268,7 +268,6 @@ ENTRIES: tuple[ModelEntry, ...] = (
         memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
-        fp8_share=0.654,
         published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
     ),
     ModelEntry(
@@ -280,7 +279,6 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
-        fp8_share=0.654,
     ),
     ModelEntry(
         id="wan2.2-ti2v-5b", family="wan", hub_repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
@@ -293,7 +291,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # --t5_cpu (model-level offload) at 1280x704.
         vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
         memory=plans.WAN_TI2V_5B,
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"), caches=("fbc",), fp8_share=0.982,
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"), caches=("fbc",),
         published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
                          "'Efficient High-Definition Hybrid TI2V')",
     ),
@@ -306,7 +304,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 README: "at least 80GB VRAM" for 1280x720 with --offload_model True --convert_model_dtype.
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
         memory=plans.WAN_A14B,
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"), caches=("fbc",), fp8_share=0.984,
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"), caches=("fbc",),
     ),
     ModelEntry(
         id="wan2.2-i2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
@@ -316,7 +314,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=40, default_guidance=3.5, default_guidance_2=3.5, dtypes=_WAN_DTYPES,
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
         memory=plans.WAN_A14B,
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"), caches=("fbc",), fp8_share=0.984,
+        tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"), caches=("fbc",),
     ),
     ModelEntry(
         id="wan2.1-t2v-1.3b", family="wan", hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -326,7 +324,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.1 README: "requires only 8.19 GB VRAM" (480p, with --offload_model True --t5_cpu).
         vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
         memory=plans.WAN_1_3B,
-        tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"), caches=("fbc",), fp8_share=0.981,
+        tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"), caches=("fbc",),
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),
     # The LTX-2 family: one folder each, text-to-video and image-to-video, video with its sound. No VRAM or speed

@@ -11,7 +11,6 @@ from PIL import Image
 
 from config import Settings
 from pipeline import models as registry
-from pipeline import tiny
 from pipeline.generate import VideoGenerator
 from pipeline.run import Models, run_job
 from pipeline.spec import JobParams, ParamError
@@ -29,7 +28,7 @@ def params(**kw):
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("ltx2")
-    tiny.tiny_model_dir(data_dir, LTX)
+    registry.tiny_model_dir(data_dir, LTX)
     return Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=data_dir, output_dir=data_dir / "out",
                              models_dir=data_dir / "models")
 
@@ -163,7 +162,7 @@ def test_a_lora_goes_through_ltx2s_own_loader_for_one_job_and_is_unloaded_after(
 
     from pipeline.run import lora_files
 
-    folder = tiny.tiny_model_dir(settings.data_dir, LTX)
+    folder = registry.tiny_model_dir(settings.data_dir, LTX)
     transformer = diffusers.LTX2VideoTransformer3DModel.from_pretrained(folder / "transformer")
     torch.manual_seed(0)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
@@ -219,7 +218,7 @@ def test_an_ltx2_job_through_the_api_records_its_sound_and_serves_it_from_both_f
 def test_the_command_line_writes_the_sound_unless_told_not_to(tmp_path, data_dir, flag, tracks):
     from test_cli_models import run_script
 
-    tiny.tiny_model_dir(data_dir, LTX)
+    registry.tiny_model_dir(data_dir, LTX)
     proc = run_script("test.py", "--model", f"tiny:{LTX}", "--prompt", "a red fox barks", "--steps", "2",
                       "--output", "clip.mp4", *flag, cwd=tmp_path, T2V_DATA_DIR=str(data_dir))
     assert proc.returncode == 0, proc.stderr

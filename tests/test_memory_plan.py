@@ -53,7 +53,7 @@ def test_wan_stays_within_its_published_cards():
     assert plan("wan2.2-ti2v-5b", "model").fits(24 * GB)
     assert plan("wan2.2-t2v-a14b", "model").fits(80 * GB) and plan("wan2.2-i2v-a14b", "model").fits(80 * GB)
     both = plan("wan2.2-t2v-a14b", "none")  # both experts resident: 2 x 14.3e9 bf16
-    assert both.peak - plan("wan2.2-t2v-a14b", "none", fp8=True).peak == pytest.approx(2 * 0.98 * 14.29e9, rel=1e-3)
+    assert both.peak - plan("wan2.2-t2v-a14b", "none", fp8=True).peak == pytest.approx(2 * 0.984 * 14.29e9, rel=1e-3)
     assert not both.fits(80 * GB)
 
 

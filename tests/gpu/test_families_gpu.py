@@ -12,7 +12,7 @@ import torch
 from diffusers.hooks import HookRegistry
 from PIL import Image
 
-from pipeline import memory, models, tiny
+from pipeline import memory, models
 from pipeline.generate import VideoGenerator
 from pipeline.spec import JobParams
 
@@ -33,7 +33,7 @@ def params(model_id, **kw):
 def folders(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("gpu-families")
     for entry in models.ENTRIES:
-        tiny.tiny_model_dir(data_dir, entry.id)
+        models.tiny_model_dir(data_dir, entry.id)
     return data_dir
 
 
