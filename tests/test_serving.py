@@ -318,7 +318,7 @@ def test_python_app_py_help_starts_nothing(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for flag, variable, default in (("--host", "T2V_HOST", "127.0.0.1"), ("--port", "T2V_PORT", "7866"),
-                                    ("--threads", "T2V_THREADS", "default 16")):
+                                    ("--threads", "T2V_THREADS", "default: 16")):
         assert flag in done.stdout and variable in done.stdout and done.stdout.count(default) == 1
     assert "None" not in done.stdout
     assert list(tmp_path.iterdir()) == [], "no data folder, database or log is made"
