@@ -74,6 +74,10 @@ class ModelEntry:
     default_guidance_2: float | None = None  # two-expert Wan: guidance of the low-noise expert
     size_from_image: bool = False  # image-to-video output size is set by the image, not width/height
     frame_multiple: int = 4
+    # Its transformer splits across a worker group's ranks (`pipeline.parallel`, plans in `pipeline.cp_plans` or
+    # diffusers' own `_cp_plan`); else rank 0 of a group runs it alone, and `parallel_note` says why.
+    parallel: bool = False
+    parallel_note: str | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -146,6 +150,12 @@ _WAN_TI2V_PRESETS = _presets(("720p 16:9", 1280, 704), ("720p 9:16", 704, 1280))
 _WAN21_PRESETS = _presets(("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
 
 _HV15 = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
+# Why these do not split across ranks (diffusers 0.42.1). HunyuanVideo-I2V's token_replace modulates the first
+# frame's tokens by position in the sequence, which a rank holding a later shard would get wrong.
+_HV_I2V_UNSPLIT = "its first-frame token modulation depends on a token's place in the whole sequence"
+# HunyuanVideo-1.5's attention processor always builds a dense (tokens x tokens) mask from its local tokens,
+# whose rows diffusers' Ulysses and ring attention do not shard.
+_HV15_UNSPLIT = "its attention processor always builds a dense mask that diffusers' context parallel cannot shard"
 _HV15_SOURCE = "github.com/Tencent-Hunyuan/HunyuanVideo-1.5 README"
 
 ENTRIES: tuple[ModelEntry, ...] = (
@@ -158,7 +168,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo README, "Requirements": peak 60 GB at 720x1280x129f, 45 GB at 544x960x129f (with
         # --use-cpu-offload, which is model-level offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_hunyuan"),
+        tiny_builder=_tiny("build_tiny_hunyuan"), parallel=True,
         published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
                         "(HunyuanVideo README, xDiT latency table)",
     ),
@@ -170,7 +180,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN_DTYPES,
         # HunyuanVideo-I2V README, "Requirements": 60 GB peak at 720p (its commands use --use-cpu-offload).
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_hunyuan_i2v"),
+        tiny_builder=_tiny("build_tiny_hunyuan_i2v"), parallel_note=_HV_I2V_UNSPLIT,
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p", family="hunyuanvideo15", hub_repo=_HV15 + "480p_t2v",
@@ -181,7 +191,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo-1.5 README, "Hardware Requirements": 14 GB minimum with offloading (its default is
         # group offloading); no figure without offloading.
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
-        tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
+        parallel_note=_HV15_UNSPLIT, tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-720p", family="hunyuanvideo15", hub_repo=_HV15 + "720p_t2v",
@@ -189,7 +199,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         presets=_HUNYUAN15_720P,
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,  # README: CFG 6, shift 9, 50 steps
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
+        parallel_note=_HV15_UNSPLIT, tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
@@ -198,6 +208,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the step-distilled model uses CFG 1, shift 7, "8 or 12 (recommended)" steps.
         default_steps=8, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        parallel_note=_HV15_UNSPLIT,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
         published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
@@ -209,6 +220,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the CFG-distilled models use CFG 1 and "must use 50 steps"; shift 7.
         default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
+        parallel_note=_HV15_UNSPLIT,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
     ),
     ModelEntry(
@@ -221,7 +233,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 README: "at least 24GB VRAM (e.g, RTX 4090)" with --offload_model True --convert_model_dtype
         # --t5_cpu (model-level offload) at 1280x704.
         vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"),
+        parallel=True, tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"),
         published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
                          "'Efficient High-Definition Hybrid TI2V')",
     ),
@@ -233,7 +245,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=40, default_guidance=4.0, default_guidance_2=3.0, dtypes=_WAN_DTYPES,
         # Wan2.2 README: "at least 80GB VRAM" for 1280x720 with --offload_model True --convert_model_dtype.
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"),
+        parallel=True, tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"),
     ),
     ModelEntry(
         id="wan2.2-i2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
@@ -242,7 +254,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps, guide scale (3.5, 3.5), boundary 0.900.
         default_steps=40, default_guidance=3.5, default_guidance_2=3.5, dtypes=_WAN_DTYPES,
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
-        tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"),
+        parallel=True, tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"),
     ),
     ModelEntry(
         id="wan2.1-t2v-1.3b", family="wan", hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -251,7 +263,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=5.0, dtypes=_WAN_DTYPES,  # diffusers' WanPipeline defaults, 480p
         # Wan2.1 README: "requires only 8.19 GB VRAM" (480p, with --offload_model True --t5_cpu).
         vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
-        tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"),
+        parallel=True, tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"),
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),
 )

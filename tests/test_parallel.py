@@ -1,0 +1,158 @@
+"""One clip across a group of 2 gloo ranks (pipeline/parallel.py) on the tiny builds, through `run_job`.
+
+Each family that splits makes, on 2 ranks, the frames one process makes from the same seed (within one uint8
+level); rank 1 returns no video and writes no file; a model that does not split runs on rank 0 alone and says
+so; a cancel that rank 0 decides stops both ranks at the same transformer block. The ranks are spawned with
+torch.multiprocessing; each writes what it saw to a file the test reads.
+"""
+
+import contextlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from config import Settings
+from pipeline import models as registry
+from pipeline import parallel, run, tiny
+from pipeline.generate import JobCanceled
+from pipeline.run import Models, run_job
+from pipeline.spec import JobParams
+
+HV, HV_I2V = "hunyuanvideo", "hunyuanvideo-i2v"
+WAN_5B, WAN_A14B, WAN_21 = "wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.1-t2v-1.3b"
+SPLIT = (HV, WAN_5B, WAN_A14B, WAN_21)
+SIZES = {HV: (32, 32), HV_I2V: (32, 32), WAN_5B: (64, 32), WAN_A14B: (32, 32), WAN_21: (48, 32)}
+
+
+def job(model_id: str, **overrides) -> JobParams:
+    width, height = SIZES[model_id]
+    return JobParams.from_dict({"prompt": "a red fox in the snow", "width": width, "height": height, "num_frames": 5,
+                                "num_inference_steps": 2, "seed": 11, "upscale": False, **overrides})
+
+
+def settings_for(data_dir, out_dir) -> Settings:
+    return Settings.from_env(env={}, model="tiny", upscaler="none", data_dir=data_dir, output_dir=out_dir,
+                             models_dir=data_dir / "models", preview_every=0)
+
+
+@contextlib.contextmanager
+def frames_encoded():
+    """The frames `run_job` hands its encoder (the MP4 is lossy: frames are compared before it)."""
+    seen, real = [], run.encode_stream
+
+    def recording(frames, output, fps, crf):
+        def passing():
+            for frame in frames:
+                seen.append(frame.copy())
+                yield frame
+        return real(passing(), output, fps, crf)
+
+    run.encode_stream = recording
+    try:
+        yield seen
+    finally:
+        run.encode_stream = real
+
+
+def image_for(model_id):
+    """An image for a model that needs one (HunyuanVideo-I2V), else None."""
+    if registry.MODELS[model_id].inputs != "image":
+        return None
+    width, height = SIZES[model_id]
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    return Image.fromarray((np.stack([x, y, 1 - x], -1) * 255).astype(np.uint8))
+
+
+def _rank(rank: int, size: int, init: str, data_dir, out_dir, model_ids, cancel_after):
+    """One rank: join the group, run each model's job through run_job, write what it saw."""
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)
+    parallel.join(rank, size, init, "cpu", timeout_s=60)
+    models = Models(settings_for(data_dir, out_dir / str(rank)))
+    report = {}
+    for model_id in model_ids:
+        output = out_dir / str(rank) / f"{model_id}.mp4"
+        generator = models.generator_for(model_id)
+        blocks, checks = [], [0]
+        hooks = [block.register_forward_hook(lambda *a: blocks.append(1))
+                 for transformer in generator.transformers for block in transformer.modules()
+                 if type(block).__name__ in (transformer._repeated_blocks or ())]
+
+        def should_cancel():
+            checks[0] += 1
+            return cancel_after is not None and checks[0] > cancel_after
+
+        with frames_encoded() as seen:
+            try:
+                result = run_job(job(model_id), models.settings, should_cancel=should_cancel, models=models,
+                                 output=output, model=model_id, image=image_for(model_id))
+                outcome = "none" if result is None else "video"
+            except JobCanceled:
+                outcome = "canceled"
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        if seen:
+            np.save(out_dir / f"{model_id}.rank{rank}.npy", np.stack(seen))
+        report[model_id] = {"outcome": outcome, "split": generator.split, "blocks": len(blocks),
+                            "file": output.exists(), "checks": checks[0],
+                            "parallel_config": all(t._parallel_config is not None for t in generator.transformers)}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    parallel.leave()
+
+
+def run_group(tmp_path, data_dir, model_ids, cancel_after=None) -> list[dict]:
+    out_dir = tmp_path / "group"
+    out_dir.mkdir()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank, args=(2, init, data_dir, out_dir, model_ids, cancel_after), nprocs=2, join=True)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("parallel")
+    for model_id in (*SPLIT, HV_I2V):
+        tiny.tiny_model_dir(data_dir, model_id)
+    return data_dir
+
+
+def one_process_frames(data_dir, out_dir, model_id) -> np.ndarray:
+    settings = settings_for(data_dir, out_dir)
+    with frames_encoded() as seen:
+        run_job(job(model_id), settings, models=Models(settings), output=out_dir / f"{model_id}.mp4",
+                model=model_id, image=image_for(model_id))
+    return np.stack(seen)
+
+
+def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_path, data_dir):
+    ranks = run_group(tmp_path, data_dir, SPLIT)
+    for model_id in SPLIT:
+        assert registry.MODELS[model_id].parallel
+        leader, follower = ranks[0][model_id], ranks[1][model_id]
+        assert leader["outcome"] == "video" and follower["outcome"] == "none", model_id
+        assert leader["split"] and follower["split"] and leader["parallel_config"] and follower["parallel_config"]
+        assert leader["file"] and not follower["file"]  # rank 0 alone encodes
+        assert leader["blocks"] == follower["blocks"] > 0
+        assert not (tmp_path / "group" / f"{model_id}.rank1.npy").exists()
+        two = np.load(tmp_path / "group" / f"{model_id}.rank0.npy")
+        one = one_process_frames(data_dir, tmp_path / "one", model_id)
+        assert two.shape == one.shape == (5, SIZES[model_id][1], SIZES[model_id][0], 3)
+        difference = np.abs(two.astype(int) - one.astype(int))
+        assert difference.max() <= 1, (model_id, difference.max())
+        assert one.std() > 1  # a picture, not a constant
+
+
+def test_a_model_that_does_not_split_runs_on_rank_zero_alone(tmp_path, data_dir):
+    entry = registry.MODELS[HV_I2V]
+    assert not entry.parallel and entry.parallel_note
+    ranks = run_group(tmp_path, data_dir, [HV_I2V])
+    leader, follower = ranks[0][HV_I2V], ranks[1][HV_I2V]
+    assert (leader["outcome"], follower["outcome"]) == ("video", "none")
+    assert not leader["split"] and not follower["split"] and not leader["parallel_config"]
+    assert follower["blocks"] == 0 and leader["blocks"] > 0
