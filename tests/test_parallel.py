@@ -68,15 +68,16 @@ def image_for(model_id):
     return Image.fromarray((np.stack([x, y, 1 - x], -1) * 255).astype(np.uint8))
 
 
-def _rank(rank: int, size: int, init: str, data_dir, out_dir, model_ids, cancel_after):
-    """One rank: join the group, run each model's job through run_job, write what it saw."""
+def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
+    """One rank: join the group, run each (model, cancel after this many of rank 0's checks) through run_job,
+    and write what it saw."""
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
     parallel.join(rank, size, init, "cpu", timeout_s=60)
     models = Models(settings_for(data_dir, out_dir / str(rank)))
-    report = {}
-    for model_id in model_ids:
-        output = out_dir / str(rank) / f"{model_id}.mp4"
+    report = []
+    for index, (model_id, cancel_after) in enumerate(jobs):
+        output = out_dir / str(rank) / f"{index}-{model_id}.mp4"
         generator = models.generator_for(model_id)
         blocks, checks = [], [0]
         hooks = [block.register_forward_hook(lambda *a: blocks.append(1))
@@ -99,19 +100,11 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, model_ids, cancel_
                     hook.remove()
         if seen:
             np.save(out_dir / f"{model_id}.rank{rank}.npy", np.stack(seen))
-        report[model_id] = {"outcome": outcome, "split": generator.split, "blocks": len(blocks),
+        report.append({"outcome": outcome, "split": generator.split, "blocks": len(blocks),
                             "file": output.exists(), "checks": checks[0],
-                            "parallel_config": all(t._parallel_config is not None for t in generator.transformers)}
+                            "parallel_config": all(t._parallel_config is not None for t in generator.transformers)})
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     parallel.leave()
-
-
-def run_group(tmp_path, data_dir, model_ids, cancel_after=None) -> list[dict]:
-    out_dir = tmp_path / "group"
-    out_dir.mkdir()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_rank, args=(2, init, data_dir, out_dir, model_ids, cancel_after), nprocs=2, join=True)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +115,21 @@ def data_dir(tmp_path_factory):
     return data_dir
 
 
+# Every job of this module, run once on one group of 2 ranks (starting the ranks is the slow part).
+JOBS = [*((model_id, None) for model_id in SPLIT), (HV_I2V, None), (WAN_21, 3), (WAN_21, None)]
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory, data_dir):
+    """(out_dir, reports): each rank's report per job of JOBS, in order."""
+    tmp_path = tmp_path_factory.mktemp("group")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", data_dir, out_dir, JOBS), nprocs=2, join=True)
+    reports = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    return out_dir, list(zip(*reports))
+
+
 def one_process_frames(data_dir, out_dir, model_id) -> np.ndarray:
     settings = settings_for(data_dir, out_dir)
     with frames_encoded() as seen:
@@ -130,17 +138,17 @@ def one_process_frames(data_dir, out_dir, model_id) -> np.ndarray:
     return np.stack(seen)
 
 
-def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_path, data_dir):
-    ranks = run_group(tmp_path, data_dir, SPLIT)
-    for model_id in SPLIT:
+def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_path, data_dir, group):
+    out_dir, reports = group
+    for i, model_id in enumerate(SPLIT):
         assert registry.MODELS[model_id].parallel
-        leader, follower = ranks[0][model_id], ranks[1][model_id]
+        leader, follower = reports[i]
         assert leader["outcome"] == "video" and follower["outcome"] == "none", model_id
         assert leader["split"] and follower["split"] and leader["parallel_config"] and follower["parallel_config"]
         assert leader["file"] and not follower["file"]  # rank 0 alone encodes
         assert leader["blocks"] == follower["blocks"] > 0
-        assert not (tmp_path / "group" / f"{model_id}.rank1.npy").exists()
-        two = np.load(tmp_path / "group" / f"{model_id}.rank0.npy")
+        assert not (out_dir / f"{model_id}.rank1.npy").exists()
+        two = np.load(out_dir / f"{model_id}.rank0.npy")
         one = one_process_frames(data_dir, tmp_path / "one", model_id)
         assert two.shape == one.shape == (5, SIZES[model_id][1], SIZES[model_id][0], 3)
         difference = np.abs(two.astype(int) - one.astype(int))
@@ -148,11 +156,27 @@ def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_
         assert one.std() > 1  # a picture, not a constant
 
 
-def test_a_model_that_does_not_split_runs_on_rank_zero_alone(tmp_path, data_dir):
+def test_a_model_that_does_not_split_runs_on_rank_zero_alone(tmp_path, data_dir, group):
     entry = registry.MODELS[HV_I2V]
     assert not entry.parallel and entry.parallel_note
-    ranks = run_group(tmp_path, data_dir, [HV_I2V])
-    leader, follower = ranks[0][HV_I2V], ranks[1][HV_I2V]
+    out_dir, reports = group
+    leader, follower = reports[JOBS.index((HV_I2V, None))]
     assert (leader["outcome"], follower["outcome"]) == ("video", "none")
     assert not leader["split"] and not follower["split"] and not leader["parallel_config"]
     assert follower["blocks"] == 0 and leader["blocks"] > 0
+    alone = np.load(out_dir / f"{HV_I2V}.rank0.npy")
+    assert np.array_equal(alone, one_process_frames(data_dir, tmp_path, HV_I2V))
+
+
+def test_rank_zeros_cancel_stops_both_ranks_at_the_same_block_and_the_next_job_runs(group):
+    """Rank 0's checks: one before the job, one before each block. Canceled at its 4th check, both ranks stop
+    before the third block of the first step (of 2 steps x 2 guidance passes x 2 blocks), and the group's next
+    job completes."""
+    _, reports = group
+    canceled = reports[JOBS.index((WAN_21, 3))]
+    assert [c["outcome"] for c in canceled] == ["canceled", "canceled"]
+    assert [c["blocks"] for c in canceled] == [2, 2]
+    assert canceled[0]["checks"] == 4 and canceled[1]["checks"] == 0  # only rank 0's own check is read
+    assert not canceled[0]["file"]
+    after = reports[JOBS.index((WAN_21, 3)) + 1]
+    assert [a["outcome"] for a in after] == ["video", "none"] and after[0]["blocks"] == after[1]["blocks"] == 8
