@@ -435,6 +435,7 @@ def describe(rules: Rules, model_id: str) -> dict:
                      "num_frames": m.default_frames, "fps": entry.fps, "num_inference_steps": m.default_steps,
                      "guidance_scale": entry.default_guidance},
         "vram_gb": entry.vram_gb, "published_speed": entry.published_speed,
+        "parallel": entry.parallel, "parallel_note": entry.parallel_note,  # splits across a worker group's ranks
     }
 
 

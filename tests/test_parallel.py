@@ -180,3 +180,24 @@ def test_rank_zeros_cancel_stops_both_ranks_at_the_same_block_and_the_next_job_r
     assert not canceled[0]["file"]
     after = reports[JOBS.index((WAN_21, 3)) + 1]
     assert [a["outcome"] for a in after] == ["video", "none"] and after[0]["blocks"] == after[1]["blocks"] == 8
+
+
+
+def test_the_registry_claims_a_split_only_where_a_plan_exists():
+    """Every model the registry says splits has a context-parallel plan for its transformer class (diffusers' own,
+    or pipeline/cp_plans.py); one that does not says why."""
+    import inspect
+    import typing
+
+    import diffusers
+
+    from pipeline import cp_plans
+
+    for entry in registry.ENTRIES:
+        pipeline = getattr(diffusers, entry.pipelines[entry.modes[0]])
+        transformer = inspect.signature(pipeline.__init__).parameters["transformer"].annotation
+        transformer = getattr(diffusers, transformer) if isinstance(transformer, str) else transformer
+        transformer = next((t for t in typing.get_args(transformer) if t is not type(None)), transformer)  # X | None
+        has_plan = transformer.__name__ in cp_plans.PLANS or getattr(transformer, "_cp_plan", None) is not None
+        assert has_plan or not entry.parallel, entry.id
+        assert entry.parallel or entry.parallel_note, entry.id
