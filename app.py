@@ -29,7 +29,7 @@ from pipeline.cli import ArgumentParser
 from storage.blobs import BlobStore, open_blob_store
 from storage.jobs import JobStore, StoreUnavailable, open_job_store
 from webhooks import Dispatcher
-from worker import Worker
+from worker.loop import Worker
 
 log = logging.getLogger("t2v.api")
 

@@ -25,7 +25,7 @@ from flask import Blueprint, Flask, Response, current_app, redirect, request, se
 
 from api.service import ApiError, job_view, media_url, owned_job, status_view, svc
 from storage.jobs import QUEUED, TERMINAL, StoreUnavailable
-from worker import preview_key
+from worker.files import preview_key
 
 bp = Blueprint("events", __name__)
 

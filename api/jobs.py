@@ -12,7 +12,7 @@ from openapi import build_spec
 from pipeline import models
 from pipeline.spec import OUTSCALES, describe
 from storage.jobs import CANCELED, TERMINAL, StoreUnavailable
-from worker import discard_input
+from worker.files import discard_input
 
 log = logging.getLogger("t2v.api")
 bp = Blueprint("jobs", __name__)

@@ -33,7 +33,7 @@ from storage.jobs import COMPLETED, TERMINAL, JobStore, QueueFull, StoreUnavaila
 from pipeline.video import VideoInputError, inspect_video, write_spritesheet
 from webhooks import EVENTS, WebhookRefused, check_url
 from webhooks import job_view as plain_job_view
-from worker import input_key, preview_key, upload_path
+from worker.files import input_key, preview_key, upload_path
 
 log = logging.getLogger("t2v.api")
 

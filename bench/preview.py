@@ -115,7 +115,7 @@ def worker_path(repeats: int) -> dict:
     from pipeline.tiny import tiny_model_dir
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore, new_job
-    from worker import _PreviewWriter
+    from worker.progress import PreviewWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -129,7 +129,7 @@ def worker_path(repeats: int) -> dict:
                 ref = f"bench{i:04d}{kind}"
                 jobs.create(new_job(ref, "s", "o", "generate", {}))
                 jobs.claim("bench", 600)
-                writer = _PreviewWriter(jobs, blobs, ref, "bench", tmp, duration_s=9 / 24) if kind == "with" else None
+                writer = PreviewWriter(jobs, blobs, ref, "bench", tmp, duration_s=9 / 24) if kind == "with" else None
                 on_latents = every_n_steps(1, generator.entry.family, writer) if writer else None
                 started = time.perf_counter()
                 with torch.inference_mode():

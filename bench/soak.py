@@ -40,7 +40,7 @@ def main() -> int:
     from config import Settings
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore
-    from worker import Worker
+    from worker.loop import Worker
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

@@ -70,7 +70,7 @@ def make_app(tmp_path, data_dir, tiny_models):
     from app import create_app
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore
-    from worker import Worker
+    from worker.loop import Worker
 
     workers = []
 

@@ -12,9 +12,9 @@ from storage.jobs import COMPLETED, QUEUED, SqliteJobStore, new_job
 
 
 def test_a_broken_worker_leaves_generation_jobs_to_a_healthy_one(tmp_path, tiny_models, monkeypatch, caplog):
-    import worker as worker_module
+    import worker.loop as worker_module
     from app import create_app
-    from worker import Worker
+    from worker.loop import Worker
 
     monkeypatch.setattr(worker_module, "LOAD_RETRY_FIRST_S", 0.05)  # retries within the test, not minutes apart
     caplog.set_level(logging.DEBUG, logger="t2v.worker")
@@ -64,8 +64,8 @@ def test_a_broken_worker_leaves_generation_jobs_to_a_healthy_one(tmp_path, tiny_
 def test_a_model_that_loads_later_is_picked_up_by_the_retry(tmp_path, tiny_model, monkeypatch):
     import shutil
 
-    import worker as worker_module
-    from worker import Worker
+    import worker.loop as worker_module
+    from worker.loop import Worker
 
     monkeypatch.setattr(worker_module, "LOAD_RETRY_FIRST_S", 0.05)
     model = tmp_path / "model"  # not there yet: the operator is still copying it

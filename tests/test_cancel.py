@@ -77,7 +77,7 @@ def test_a_running_job_turns_canceled_within_two_seconds_over_the_api(deep_model
     from pipeline.run import Models
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore
-    from worker import Worker
+    from worker.loop import Worker
 
     jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")
     app, _ = make_app(worker=False, jobs=jobs, blobs=blobs)

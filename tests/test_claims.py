@@ -14,7 +14,7 @@ from pipeline import models, tiny
 from pipeline.spec import JobParams, Rules
 from storage.blobs import LocalBlobStore
 from storage.jobs import COMPLETED, QUEUED, SqliteJobStore, new_job
-from worker import Worker
+from worker.loop import Worker
 
 WAN, HUNYUAN = "wan2.2-ti2v-5b", "hunyuanvideo"
 JOB = {**TINY_JOB, "num_frames": 5, "upscale": False}

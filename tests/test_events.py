@@ -216,7 +216,9 @@ def test_the_worker_keeps_no_preview_of_a_deleted_job(tmp_path, settings):
 
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore, new_job
-    from worker import Worker, _PreviewWriter, preview_key
+    from worker.files import preview_key
+    from worker.loop import Worker
+    from worker.progress import PreviewWriter
 
     jobs, blobs = SqliteJobStore(tmp_path / "jobs.sqlite3"), LocalBlobStore(tmp_path / "blobs")
     (tmp_path / "work").mkdir()
@@ -225,7 +227,7 @@ def test_the_worker_keeps_no_preview_of_a_deleted_job(tmp_path, settings):
     jobs.claim("w1", 30)
 
     def preview_at(step):
-        writer = _PreviewWriter(jobs, blobs, "ref00001", "w1", tmp_path / "work", duration_s=1.0)
+        writer = PreviewWriter(jobs, blobs, "ref00001", "w1", tmp_path / "work", duration_s=1.0)
         writer(step, 4, frames)
         writer.close()
 

@@ -21,7 +21,7 @@ from pipeline.run import Models, lora_files, run_job
 from pipeline.spec import JobParams
 from pipeline.video import read_frames
 from test_models_jobs import run
-from worker import classify_error
+from worker.errors import classify_error
 
 TRANSFORMERS = {"hunyuanvideo": "HunyuanVideoTransformer3DModel", "wan2.2-ti2v-5b": "WanTransformer3DModel"}
 

@@ -113,7 +113,7 @@ def test_the_worker_records_the_gpu_peak_of_a_job_run_on_cuda(make_app, monkeypa
     (reset before the job, read after, stored in the result) runs as it would on a GPU."""
     import torch
 
-    from worker import Worker
+    from worker.loop import Worker
 
     _, svc = make_app(worker=False)
     calls = []

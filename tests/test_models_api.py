@@ -20,7 +20,7 @@ from pipeline.models import MODELS
 from storage.blobs import LocalBlobStore
 from storage.jobs import SqliteJobStore
 from test_spec import png
-from worker import Worker
+from worker.loop import Worker
 
 
 def picture(fmt="PNG", size=(48, 32)) -> bytes:

@@ -225,7 +225,7 @@ def test_cancel_a_queued_upload_deletes_it(make_app, tmp_path):
 
 def test_worker_sweeps_inputs_whose_job_ended_without_them(make_app, tmp_path):
     from storage.jobs import new_job
-    from worker import Worker
+    from worker.loop import Worker
 
     app, svc = make_app(worker=False)
     svc.jobs.create(new_job("lostjob-0001", "s", "local", "upscale", {"outscale": 4, "upscaler": None}))
@@ -274,7 +274,7 @@ def test_api_and_worker_on_different_disks_share_only_s3_and_the_job_store(s3_bu
     from config import Settings
     from storage.blobs import S3BlobStore
     from storage.jobs import SqliteJobStore
-    from worker import Worker
+    from worker.loop import Worker
 
     endpoint, bucket = s3_bucket
     shared_jobs = tmp_path / "shared" / "jobs.sqlite3"

@@ -453,7 +453,7 @@ def slow_server(tmp_path, tiny_models):
     from config import Settings
     from storage.blobs import LocalBlobStore
     from storage.jobs import SqliteJobStore
-    from worker import Worker
+    from worker.loop import Worker
 
     settings = Settings.from_env(env={}, model="tiny", upscaler="tiny", data_dir=tmp_path, worker="off",
                                  api_keys=(KEY,), max_side=64, preview_every=1)

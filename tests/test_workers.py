@@ -16,7 +16,9 @@ import pytest
 from conftest import ROOT, TINY_JOB, wait_for
 from config import Settings
 from storage.jobs import SqliteJobStore, new_job
-from worker import WORKER_FLAGS, Worker, gpu_slots
+from worker.cli import WORKER_FLAGS
+from worker.gpus import gpu_slots
+from worker.loop import Worker
 
 # About a second each on a quiet machine: longer than a worker's poll (0.5 s).
 FAST_JOB = {**TINY_JOB, "width": 96, "height": 96, "num_frames": 17, "num_inference_steps": 6, "seed": 1}

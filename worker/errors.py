@@ -1,0 +1,35 @@
+"""A failed job's `{code, message}`: what a user may read, never a traceback."""
+
+from __future__ import annotations
+
+from storage.blobs import StorageError
+
+
+class ModelUnavailable(RuntimeError):
+    pass
+
+
+class InputUnavailable(RuntimeError):
+    """An upscale job's uploaded clip could not be fetched from the blob store."""
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """(code, message) for a failed job. Messages are short and hold no paths beyond the data folder."""
+    import torch
+
+    from pipeline.generate import LoraError, MissingWeightsError
+    from pipeline.upscale import UpscalerLoadError
+    from pipeline.video import VideoInputError
+
+    if isinstance(exc, VideoInputError):
+        return "invalid_video", str(exc)
+    if isinstance(exc, InputUnavailable):
+        return "storage_error", str(exc)
+    if isinstance(exc, StorageError):
+        return "storage_error", f"{exc}; the video was kept on the worker's disk"
+    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError, LoraError)):
+        return "model_error", str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out_of_memory", "the GPU ran out of memory; try a smaller size, fewer frames or another T2V_MEMORY preset"
+    return "generation_error", f"{type(exc).__name__}: {exc}"[:500]
+
