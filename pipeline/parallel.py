@@ -67,7 +67,10 @@ def join(rank: int, size: int, init_method: str, device: str, timeout_s: float =
     each rank drives `cuda:<rank>` (the group's GPUs are the visible ones), and the process group carries CUDA
     tensors on NCCL and CPU tensors on gloo; on the CPU, gloo only."""
     global _group
-    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+    # Named per device even on the CPU: diffusers' size exchange (Ulysses/Ring Anything) stays on the CPU only when
+    # the backend's name says "cpu"; otherwise it asks `torch.accelerator.current_accelerator()`, which names CUDA
+    # on a CUDA build of torch whose CUDA_VISIBLE_DEVICES is empty (the supervisor's CPU workers).
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "cpu:gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
