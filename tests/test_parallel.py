@@ -22,6 +22,7 @@ from pipeline import parallel, run, tiny
 from pipeline.generate import JobCanceled
 from pipeline.run import Models, run_job
 from pipeline.spec import JobParams
+from test_lora import make_lora
 
 HV, HV_I2V = "hunyuanvideo", "hunyuanvideo-i2v"
 WAN_5B, WAN_A14B, WAN_21 = "wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.1-t2v-1.3b"
@@ -29,10 +30,14 @@ SPLIT = (HV, WAN_5B, WAN_A14B, WAN_21)
 SIZES = {HV: (32, 32), HV_I2V: (32, 32), WAN_5B: (64, 32), WAN_A14B: (32, 32), WAN_21: (48, 32)}
 
 
-def job(model_id: str, **overrides) -> JobParams:
+def job(model_id: str, loras=None) -> JobParams:
     width, height = SIZES[model_id]
-    return JobParams.from_dict({"prompt": "a red fox in the snow", "width": width, "height": height, "num_frames": 5,
-                                "num_inference_steps": 2, "seed": 11, "upscale": False, **overrides})
+    return JobParams(prompt="a red fox in the snow", width=width, height=height, num_frames=5, num_inference_steps=2,
+                     seed=11, upscale=False, loras=loras or [])
+
+
+def label(model_id: str, loras) -> str:
+    return model_id + ("+lora" if loras else "")
 
 
 def settings_for(data_dir, out_dir) -> Settings:
@@ -69,14 +74,14 @@ def image_for(model_id):
 
 
 def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
-    """One rank: join the group, run each (model, cancel after this many of rank 0's checks) through run_job,
-    and write what it saw."""
+    """One rank: join the group, run each (model, cancel after this many of rank 0's checks, LoRAs) through
+    run_job, and write what it saw."""
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
     parallel.join(rank, size, init, "cpu", timeout_s=60)
     models = Models(settings_for(data_dir, out_dir / str(rank)))
     report = []
-    for index, (model_id, cancel_after) in enumerate(jobs):
+    for index, (model_id, cancel_after, loras) in enumerate(jobs):
         output = out_dir / str(rank) / f"{index}-{model_id}.mp4"
         generator = models.generator_for(model_id)
         blocks, checks = [], [0]
@@ -90,7 +95,7 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
 
         with frames_encoded() as seen:
             try:
-                result = run_job(job(model_id), models.settings, should_cancel=should_cancel, models=models,
+                result = run_job(job(model_id, loras), models.settings, should_cancel=should_cancel, models=models,
                                  output=output, model=model_id, image=image_for(model_id))
                 outcome = "none" if result is None else "video"
             except JobCanceled:
@@ -99,7 +104,7 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
                 for hook in hooks:
                     hook.remove()
         if seen:
-            np.save(out_dir / f"{model_id}.rank{rank}.npy", np.stack(seen))
+            np.save(out_dir / f"{label(model_id, loras)}.rank{rank}.npy", np.stack(seen))
         report.append({"outcome": outcome, "split": generator.split, "blocks": len(blocks),
                             "file": output.exists(), "checks": checks[0],
                             "parallel_config": all(t._parallel_config is not None for t in generator.transformers)})
@@ -112,11 +117,14 @@ def data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("parallel")
     for model_id in (*SPLIT, HV_I2V):
         tiny.tiny_model_dir(data_dir, model_id)
+    make_lora(HV, data_dir, data_dir / "models" / registry.LORA_DIR, "style")
     return data_dir
 
 
 # Every job of this module, run once on one group of 2 ranks (starting the ranks is the slow part).
-JOBS = [*((model_id, None) for model_id in SPLIT), (HV_I2V, None), (WAN_21, 3), (WAN_21, None)]
+STYLE = [{"name": "style", "scale": 1.0}]
+JOBS = [*((model_id, None, None) for model_id in SPLIT), (HV, None, STYLE), (HV_I2V, None, None), (WAN_21, 3, None),
+        (WAN_21, None, None)]
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +138,10 @@ def group(tmp_path_factory, data_dir):
     return out_dir, list(zip(*reports))
 
 
-def one_process_frames(data_dir, out_dir, model_id) -> np.ndarray:
+def one_process_frames(data_dir, out_dir, model_id, loras=None) -> np.ndarray:
     settings = settings_for(data_dir, out_dir)
     with frames_encoded() as seen:
-        run_job(job(model_id), settings, models=Models(settings), output=out_dir / f"{model_id}.mp4",
+        run_job(job(model_id, loras), settings, models=Models(settings), output=out_dir / f"{model_id}.mp4",
                 model=model_id, image=image_for(model_id))
     return np.stack(seen)
 
@@ -156,11 +164,22 @@ def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_
         assert one.std() > 1  # a picture, not a constant
 
 
+def test_a_lora_applies_on_every_rank_and_makes_the_one_process_frames(tmp_path, data_dir, group):
+    out_dir, reports = group
+    leader, follower = reports[JOBS.index((HV, None, STYLE))]
+    assert (leader["outcome"], follower["outcome"]) == ("video", "none") and leader["split"]
+    two = np.load(out_dir / f"{label(HV, STYLE)}.rank0.npy")
+    one = one_process_frames(data_dir, tmp_path, HV, STYLE)
+    assert np.abs(two.astype(int) - one.astype(int)).max() <= 1
+    without = np.load(out_dir / f"{HV}.rank0.npy")
+    assert np.abs(two.astype(int) - without.astype(int)).mean() > 1  # the LoRA acts
+
+
 def test_a_model_that_does_not_split_runs_on_rank_zero_alone(tmp_path, data_dir, group):
     entry = registry.MODELS[HV_I2V]
     assert not entry.parallel and entry.parallel_note
     out_dir, reports = group
-    leader, follower = reports[JOBS.index((HV_I2V, None))]
+    leader, follower = reports[JOBS.index((HV_I2V, None, None))]
     assert (leader["outcome"], follower["outcome"]) == ("video", "none")
     assert not leader["split"] and not follower["split"] and not leader["parallel_config"]
     assert follower["blocks"] == 0 and leader["blocks"] > 0
@@ -173,12 +192,12 @@ def test_rank_zeros_cancel_stops_both_ranks_at_the_same_block_and_the_next_job_r
     before the third block of the first step (of 2 steps x 2 guidance passes x 2 blocks), and the group's next
     job completes."""
     _, reports = group
-    canceled = reports[JOBS.index((WAN_21, 3))]
+    canceled = reports[JOBS.index((WAN_21, 3, None))]
     assert [c["outcome"] for c in canceled] == ["canceled", "canceled"]
     assert [c["blocks"] for c in canceled] == [2, 2]
     assert canceled[0]["checks"] == 4 and canceled[1]["checks"] == 0  # only rank 0's own check is read
     assert not canceled[0]["file"]
-    after = reports[JOBS.index((WAN_21, 3)) + 1]
+    after = reports[JOBS.index((WAN_21, 3, None)) + 1]
     assert [a["outcome"] for a in after] == ["video", "none"] and after[0]["blocks"] == after[1]["blocks"] == 8
 
 
