@@ -153,9 +153,6 @@ _HV15 = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
 # Why these do not split across ranks (diffusers 0.42.1). HunyuanVideo-I2V's token_replace modulates the first
 # frame's tokens by position in the sequence, which a rank holding a later shard would get wrong.
 _HV_I2V_UNSPLIT = "its first-frame token modulation depends on a token's place in the whole sequence"
-# HunyuanVideo-1.5's attention processor always builds a dense (tokens x tokens) mask from its local tokens,
-# whose rows diffusers' Ulysses and ring attention do not shard.
-_HV15_UNSPLIT = "its attention processor always builds a dense mask that diffusers' context parallel cannot shard"
 _HV15_SOURCE = "github.com/Tencent-Hunyuan/HunyuanVideo-1.5 README"
 
 ENTRIES: tuple[ModelEntry, ...] = (
@@ -191,7 +188,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # HunyuanVideo-1.5 README, "Hardware Requirements": 14 GB minimum with offloading (its default is
         # group offloading); no figure without offloading.
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},
-        parallel_note=_HV15_UNSPLIT, tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
+        parallel=True, tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-720p", family="hunyuanvideo15", hub_repo=_HV15 + "720p_t2v",
@@ -199,7 +196,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         presets=_HUNYUAN15_720P,
         default_steps=50, default_guidance=6.0, dtypes=_HUNYUAN15_DTYPES,  # README: CFG 6, shift 9, 50 steps
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        parallel_note=_HV15_UNSPLIT, tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
+        parallel=True, tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
@@ -208,7 +205,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the step-distilled model uses CFG 1, shift 7, "8 or 12 (recommended)" steps.
         default_steps=8, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        parallel_note=_HV15_UNSPLIT,
+        parallel=True,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
         published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
@@ -220,7 +217,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         # README: the CFG-distilled models use CFG 1 and "must use 50 steps"; shift 7.
         default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
-        parallel_note=_HV15_UNSPLIT,
+        parallel=True,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
     ),
     ModelEntry(

@@ -87,14 +87,15 @@ def leave() -> None:
     _group = None
 
 
-def context_parallel_config(heads: int, size: int, attention_backend: str):
-    """Ulysses when the heads divide among the ranks; else ring where the backend returns LSE; else Ulysses
-    Anything (uneven heads). Token counts that do not divide are handled per call (`_fit_tokens`)."""
+def context_parallel_config(heads: int, size: int, attention_backend: str, masked: bool = False):
+    """Ulysses when the heads divide among the ranks; else ring where the backend returns LSE and attention takes
+    no mask (ring attention carries none); else Ulysses Anything (uneven heads). Token counts that do not divide
+    are handled per call (`_fit_tokens`)."""
     from diffusers import ContextParallelConfig
 
     if heads % size == 0:
         return ContextParallelConfig(ulysses_degree=size)
-    if attention_backend in LSE_BACKENDS:
+    if attention_backend in LSE_BACKENDS and not masked:
         return ContextParallelConfig(ring_degree=size)
     return ContextParallelConfig(ulysses_degree=size, ulysses_anything=True)
 
@@ -107,13 +108,28 @@ def split(transformer, group: Group, attention_backend: str, masked: bool) -> st
         raise ValueError(f"{name} has no context-parallel plan")
     if masked and name in cp_plans.NEEDS_NO_MASK:
         raise ValueError(f"{name} splits only without an attention mask (T2V_MASK_FREE=1)")
-    config = context_parallel_config(transformer.config.num_attention_heads, group.size, attention_backend)
+    config = context_parallel_config(transformer.config.num_attention_heads, group.size, attention_backend,
+                                     masked=name in cp_plans.MASKED)
+    if name in cp_plans.PROCESSORS:
+        _replace_processors(transformer, cp_plans.PROCESSORS[name])
     with _no_accelerator_shim():
         transformer.enable_parallelism(config=config, cp_plan=plan)
     uneven_heads = config.ulysses_anything
     transformer.register_forward_pre_hook(_fit_tokens(config, group.size, uneven_heads, name), with_kwargs=True)
     kind = "ring" if config.ring_degree > 1 else "ulysses"
     return f"{kind} x{group.size}" + (" (uneven heads)" if uneven_heads else "")
+
+
+def _replace_processors(transformer, processor_class) -> None:
+    """Put `processor_class` where its parent class (the transformer's own processor) sits, keeping each one's
+    attention backend; other attention layers (the token refiner's) keep theirs."""
+    processors = {}
+    for layer, processor in transformer.attn_processors.items():
+        if type(processor) in processor_class.__bases__:
+            backend, processor = processor._attention_backend, processor_class()
+            processor._attention_backend = backend
+        processors[layer] = processor
+    transformer.set_attn_processor(processors)
 
 
 def _fit_tokens(config, size: int, uneven_heads: bool, name: str):
@@ -126,9 +142,9 @@ def _fit_tokens(config, size: int, uneven_heads: bool, name: str):
     def before(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         counts = [video_tokens(module, hidden.shape)]
-        if name in cp_plans.SPLITS_TEXT:
-            text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-            counts.append(text.shape[1])
+        text = [kwargs[arg].shape[1] for arg in cp_plans.TEXT_INPUTS.get(name, ()) if kwargs.get(arg) is not None]
+        if text:
+            counts.append(sum(text))
         uneven = any(count % size for count in counts)
         config.ring_anything = ring and uneven
         config.ulysses_anything = not ring and (uneven or uneven_heads)
