@@ -70,3 +70,32 @@ def test_a_group_of_two_ranks_runs_each_job_once_survives_kill_9_of_rank_1_and_s
     completions = Counter(line.split("job ", 1)[1].split(":")[0] for line in text.splitlines()
                           if ": completed in " in line)
     assert completions == {first["reference_id"]: 1, ref: 1}
+
+
+def test_rank_zero_leaves_a_job_to_its_lease_when_a_collective_fails_and_fails_it_otherwise(monkeypatch):
+    """When rank 1 dies, rank 0's next collective may fail (gloo: a plain RuntimeError, 'Connection reset by
+    peer') before `spawn` ends the group: that must not mark the job failed. Rank 0 exits instead."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+
+    from worker import group
+    from worker.loop import Worker
+
+    def broken_collective(self, job, lease):
+        dist.broadcast(torch.zeros(1), src=0)  # no process group here: raised from inside torch.distributed
+
+    def broken_job(self, job, lease):
+        raise RuntimeError("a bad job")
+
+    exits = []
+    monkeypatch.setattr(group.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(SystemExit(code)))
+    leader = object.__new__(group.GroupLeader)
+    monkeypatch.setattr(Worker, "_produce", broken_collective)
+    with pytest.raises(SystemExit):
+        leader._produce({"reference_id": "r1"}, None)
+    assert exits == [1]
+    monkeypatch.setattr(Worker, "_produce", broken_job)
+    with pytest.raises(RuntimeError, match="a bad job"):  # Worker._run then fails the job, as any worker does
+        leader._produce({"reference_id": "r2"}, None)
+    assert exits == [1]

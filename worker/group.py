@@ -94,11 +94,29 @@ class GroupLeader(Worker):
         dist.broadcast_object_list([None], src=0, group=self.handoff)
 
     def _produce(self, job: dict, lease) -> dict:
+        """A collective that fails means another rank died or hung mid-job: the job is not this job's fault, so
+        it is left to its lease (queued again when it lapses) and this process exits, ending the group."""
         try:
             return super()._produce(job, lease)
-        except dist.DistError as exc:  # another rank died or hung mid-job: its share will never come
-            log.error("job %s: the worker group broke (%s); left to its lease", job["reference_id"], exc)
+        except Exception as exc:
+            if not _from_a_collective(exc):
+                raise
+            log.error("job %s: the worker group broke (%s: %s); left to its lease", job["reference_id"],
+                      type(exc).__name__, str(exc).splitlines()[0][:200])
             os._exit(1)
+
+
+def _from_a_collective(exc: BaseException) -> bool:
+    """Whether `exc` came out of torch.distributed (a gloo read error is a plain RuntimeError, so the type
+    alone does not say)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _lead(settings, handoff, stop) -> None:
