@@ -222,3 +222,49 @@ def test_the_registry_claims_a_split_only_where_a_plan_exists():
         has_plan = transformer.__name__ in cp_plans.PLANS or getattr(transformer, "_cp_plan", None) is not None
         assert has_plan or not entry.parallel, entry.id
         assert entry.parallel or entry.parallel_note, entry.id
+
+
+def hv15_transformer():
+    """HunyuanVideo-1.5's transformer at tiny sizes with 3 blocks (the tiny build has 1): the text mask reaches
+    every block from `forward`, so each block's mask must be split, not only the first's."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3, num_refiner_layers=1,
+        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4)).eval()
+
+
+def hv15_inputs():
+    """Padded text (7 of 11 Qwen tokens, 3 of 6 ByT5 tokens) and 4 image tokens: 21 text tokens, which do not
+    divide by 2 (the uneven split), beside 48 video tokens."""
+    generator = torch.Generator().manual_seed(1)
+    mask, mask_2 = torch.zeros(1, 11, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)
+    mask[:, :7], mask_2[:, :3] = 1, 1
+    return dict(hidden_states=torch.randn(1, 9, 2, 4, 6, generator=generator), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, 11, 16, generator=generator), encoder_attention_mask=mask,
+                encoder_hidden_states_2=torch.randn(1, 6, 32, generator=generator), encoder_attention_mask_2=mask_2,
+                image_embeds=torch.zeros(1, 4, 12), return_dict=False)
+
+
+def _hv15_rank(rank: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    group = parallel.join(rank, 2, init, "cpu", timeout_s=60)
+    transformer = hv15_transformer()
+    parallel.split(transformer, group, "native", masked=True)
+    with torch.inference_mode():
+        output = transformer(**hv15_inputs())[0]
+    if rank == 0:
+        torch.save(output, out)
+    parallel.leave()
+
+
+def test_hunyuanvideo15_with_padded_text_and_several_blocks_splits_exactly(tmp_path):
+    with torch.inference_mode():
+        one = hv15_transformer()(**hv15_inputs())[0]
+    out = tmp_path / "two.pt"
+    mp.spawn(_hv15_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    two = torch.load(out)
+    assert two.shape == one.shape and one.abs().max() > 0.1
+    assert torch.allclose(two, one, atol=1e-5), (two - one).abs().max()
