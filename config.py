@@ -68,6 +68,7 @@ class Settings:
     fbc_threshold: float | None = None  # setting it alone turns First Block Cache on (0: off)
     attention_backend: str | None = None
     compile: bool | None = None
+    parallel: int = 1  # ranks per worker group: one clip split across this many GPUs (pipeline/parallel.py)
     mask_free: bool = True  # batch 1: trim the prompt's padding so no attention mask is needed
     keep_latents: bool = False  # save each job's latents (.latents.pt) beside its video, before the decode
 
@@ -205,7 +206,7 @@ class Settings:
                             ("T2V_MAX_BODY_KB", self.max_body_kb), ("T2V_URL_TTL_S", self.url_ttl_s),
                             ("T2V_MAX_UPLOAD_MB", self.max_upload_mb), ("T2V_MAX_UPLOAD_SIDE", self.max_upload_side),
                             ("T2V_MAX_UPLOAD_FRAMES", self.max_upload_frames),
-                            ("T2V_MAX_UPLOAD_S", self.max_upload_s)):
+                            ("T2V_MAX_UPLOAD_S", self.max_upload_s), ("T2V_PARALLEL", self.parallel)):
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:

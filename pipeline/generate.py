@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, attention_backend_problem
-from pipeline import decoding, memory, models, tiny
+from pipeline import decoding, memory, models, parallel, tiny
 from pipeline.spec import JobParams
 from pipeline.video import Audio
 
@@ -535,6 +535,7 @@ class VideoGenerator:
         self.cache = apply_speed_options(self.pipe, self.speed, device)
         apply_memory_preset(self.pipe, self.memory_preset, device)
         self.last_audio: Audio | None = None  # the soundtrack of the last `generate`; None when it made none
+        self.split = self._split(parallel.current())
         self._blocks = _BlockHook()
         for transformer in self.transformers:
             self._blocks.install(transformer)
@@ -543,6 +544,26 @@ class VideoGenerator:
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=not progress_bar, desc="denoising", unit="step")
         log.info("loaded %s from %s; speed: %s", self.entry.id, folder, self.speed)
+
+    def _split(self, group: parallel.Group | None) -> bool:
+        """Split the transformers across `group`'s ranks, when there is a group and the registry says this model
+        splits. A model that does not runs on rank 0 alone, and the log says so once, at load."""
+        if group is None:
+            return False
+        if not self.entry.parallel:
+            log.warning("%s does not split across a group's ranks (%s): rank 0 runs its jobs alone",
+                        self.entry.id, self.entry.parallel_note or "no plan")
+            return False
+        if self.cache is not None:  # each rank would decide on its own shard whether to skip blocks, and hang
+            raise ConfigError("a cache (T2V_CACHE, or a speed preset's) cannot run across a group's ranks; "
+                              "set T2V_CACHE=off")
+        try:
+            for transformer in self.transformers:
+                how = parallel.split(transformer, group, self.speed.attention_backend, not self.speed.mask_free)
+        except ValueError as exc:
+            raise ConfigError(f"{self.entry.id} cannot split across ranks: {exc}") from None
+        log.info("%s split across %d ranks: %s", self.entry.id, group.size, how)
+        return True
 
     @property
     def transformers(self) -> list:
@@ -567,8 +588,10 @@ class VideoGenerator:
     def generate(self, params: JobParams, on_step: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None, latents_path: Path | None = None,
                  image=None, on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
-                 on_decode: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 on_decode: Callable[[int, int], None] | None = None) -> np.ndarray | None:
         """Denoise and decode; return uint8 frames (F, H, W, 3). With `image` (a PIL image), image-to-video.
+        In a group (`pipeline.parallel`) every rank denoises its share and only rank 0 decodes: the other ranks
+        return None, and a cancel reaches them through rank 0's decision (`Group.agreed`).
 
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
@@ -585,6 +608,12 @@ class VideoGenerator:
         pipe = self.pipes.get(mode)
         if pipe is None:
             raise ValueError(f"{self.entry.id} needs an image" if image is None else f"{self.entry.id} takes no image")
+        group = parallel.current()
+        follower = group is not None and not group.leader
+        if follower and not self.split:
+            return None  # rank 0 runs a model that does not split alone
+        if self.split:
+            should_cancel = group.agreed(should_cancel)
         if should_cancel and should_cancel():
             raise JobCanceled()
         decode = LATENT_DECODERS.get(type(pipe).__name__)
@@ -592,9 +621,11 @@ class VideoGenerator:
             with torch.inference_mode(), decoding.reported(getattr(self.pipe, "vae", None), on_decode):
                 self._blocks.should_cancel = should_cancel
                 image = fit_image(image, self.entry, params.width, params.height) if image is not None else None
-                result = self._denoise(pipe, params, image, on_step, should_cancel, latent=decode is not None,
-                                       on_latents=on_latents)
+                result = self._denoise(pipe, params, image, on_step, should_cancel,
+                                       latent=decode is not None or follower, on_latents=on_latents)
                 self._blocks.should_cancel = None
+                if follower:
+                    return None  # rank 0 decodes
                 output = result.frames  # latents (B, C, F, H, W), or frames (B, F, C, H, W)
                 if decode is None:
                     return to_uint8_frames(output[0])  # (F, C, H, W) floats in [0, 1]

@@ -101,6 +101,10 @@ class ModelEntry:
     # Pipeline-call arguments of the model's own published recipe, as (name, value) pairs. A `sigmas` schedule
     # applies only to a job with as many steps as it has sigmas.
     call_args: tuple[tuple[str, Any], ...] = ()
+    # Its transformer splits across a worker group's ranks (`pipeline.parallel`, plans in `pipeline.cp_plans` or
+    # diffusers' own `_cp_plan`); else rank 0 of a group runs it alone, and `parallel_note` says why.
+    parallel: bool = False
+    parallel_note: str | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -193,10 +197,13 @@ _WAN21_PRESETS = _presets(("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
 # (check_inputs: both multiples of 32), 121 frames at frame_rate 24, 30 steps, guidance_scale 3.0; its VAE
 # compresses time 8x (latent frames = (num_frames - 1) // 8 + 1), so frame counts are 8k+1. The examples load it
 # in bfloat16. The longest clip is the pipeline's own duration range, max_seconds=20.0 (481 frames at 24 fps).
+# diffusers ships a `_cp_plan` for LTX-2's transformer, but its audio stream has not been proven split in t2v
+# (2-rank frames and sound equal to one process's), so a group runs it on rank 0 alone for now.
+_LTX2_UNSPLIT = "its split (diffusers' own plan, with the audio stream) is not yet proven equal to one process in t2v"
 _LTX2_PRESETS = _presets(("480p 3:2", 768, 512), ("480p 2:3", 512, 768))
 _LTX2_PIPELINES = {"t2v": "LTX2Pipeline", "i2v": "LTX2ImageToVideoPipeline"}
 _LTX2 = dict(family="ltx2", pipelines=_LTX2_PIPELINES, fps=24, default_frames=121, max_frames=481, size_multiple=32,
-             frame_multiple=8, memory=plans.LTX2, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
+             frame_multiple=8, memory=plans.LTX2, parallel_note=_LTX2_UNSPLIT, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
              vram_gb={"none": None, "model": None, "group": None, "sequential": None},
              tiny_builder=_tiny("build_tiny_ltx2"))
 # The distilled checkpoint: "8 steps, CFG=1" (huggingface.co/Lightricks/LTX-2.3 README, model table), on the
@@ -207,6 +214,9 @@ _LTX2_DISTILLED_CALL = (("sigmas", _LTX2_DISTILLED_SIGMAS), ("stg_scale", 0.0), 
                         ("modality_scale", 1.0), ("audio_modality_scale", 1.0), ("audio_guidance_scale", 1.0))
 
 _HV15 = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
+# Why these do not split across ranks (diffusers 0.42.1). HunyuanVideo-I2V's token_replace modulates the first
+# frame's tokens by position in the sequence, which a rank holding a later shard would get wrong.
+_HV_I2V_UNSPLIT = "its first-frame token modulation depends on a token's place in the whole sequence"
 _HV15_SOURCE = "github.com/Tencent-Hunyuan/HunyuanVideo-1.5 README"
 
 ENTRIES: tuple[ModelEntry, ...] = (
@@ -221,6 +231,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": 60.0, "group": None, "sequential": None},
         memory=plans.HUNYUAN_VIDEO,
         tiny_builder=_tiny("build_tiny_hunyuan"), caches=("fbc", "magcache"),
+        parallel=True,
         published_speed="1904 s for 1280x720, 129 frames, 50 steps on one GPU "
                         "(HunyuanVideo README, xDiT latency table)",
     ),
@@ -235,6 +246,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         memory=plans.HUNYUAN_VIDEO_I2V,
         tiny_builder=_tiny("build_tiny_hunyuan_i2v"),
         caches=(),  # its pipeline opens no cache_context: a cache fails with "No cache context is set"
+        parallel_note=_HV_I2V_UNSPLIT,
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p", family="hunyuanvideo15", hub_repo=_HV15 + "480p_t2v",
@@ -248,6 +260,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=64, shift=5.0),
         caches=(),  # HunyuanVideo15TransformerBlock is not in diffusers' TransformerBlockRegistry
+        parallel=True,
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-720p", family="hunyuanvideo15", hub_repo=_HV15 + "720p_t2v",
@@ -257,6 +270,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         memory=plans.HUNYUAN_VIDEO_15,
         tiny_builder=_tiny("build_tiny_hunyuan15", target_size=96, shift=9.0),
+        parallel=True,
     ),
     ModelEntry(
         id="hunyuanvideo-1.5-480p-i2v-distilled", family="hunyuanvideo15",
@@ -266,6 +280,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=8, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         memory=plans.HUNYUAN_VIDEO_15,
+        parallel=True,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=64, guidance_scale=1.0, shift=7.0,
                              use_meanflow=True),
         published_speed=f"75 s end to end on one RTX 4090 at 480p ({_HV15_SOURCE}, news of Dec 05, 2025)",
@@ -278,6 +293,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         default_steps=50, default_guidance=1.0, dtypes=_HUNYUAN15_DTYPES,
         vram_gb={"none": None, "model": None, "group": 14.0, "sequential": None},  # README: 14 GB with offloading
         memory=plans.HUNYUAN_VIDEO_15,
+        parallel=True,
         tiny_builder=_tiny("build_tiny_hunyuan15", i2v=True, target_size=96, guidance_scale=1.0, shift=7.0),
     ),
     ModelEntry(
@@ -292,6 +308,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": 24.0, "group": None, "sequential": None},
         memory=plans.WAN_TI2V_5B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.2-ti2v"), caches=("fbc",),
+        parallel=True,
         published_speed="a 5 s 720p clip in under 9 minutes on one consumer GPU (Wan2.2 README, "
                          "'Efficient High-Definition Hybrid TI2V')",
     ),
@@ -305,6 +322,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},
         memory=plans.WAN_A14B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.2-t2v-a14b"), caches=("fbc",),
+        parallel=True,
     ),
     ModelEntry(
         id="wan2.2-i2v-a14b", family="wan", hub_repo="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
@@ -315,6 +333,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": 80.0, "group": None, "sequential": None},  # README: 80 GB, as for T2V
         memory=plans.WAN_A14B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.2-i2v-a14b"), caches=("fbc",),
+        parallel=True,
     ),
     ModelEntry(
         id="wan2.1-t2v-1.3b", family="wan", hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -325,6 +344,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         vram_gb={"none": None, "model": 8.19, "group": None, "sequential": None},
         memory=plans.WAN_1_3B,
         tiny_builder=_tiny("build_tiny_wan", variant="2.1-t2v"), caches=("fbc",),
+        parallel=True,
         published_speed="a 5 s 480p clip in about 4 minutes on an RTX 4090 (Wan2.1 README)",
     ),
     # The LTX-2 family: one folder each, text-to-video and image-to-video, video with its sound. No VRAM or speed

@@ -201,11 +201,13 @@ def warm_up_params(settings: Settings, entry: registry.ModelEntry | None = None,
 def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | None = None,
             should_cancel: Callable[[], bool] | None = None, *, models: Models | None = None,
             output: Path | None = None, progress_bar: bool = False, model: str | None = None,
-            image=None, on_preview: PreviewFn | None = None) -> VideoResult:
+            image=None, on_preview: PreviewFn | None = None) -> VideoResult | None:
     """Generate (and, if `params.upscale`, upscale) one video into `output`; return what was written.
 
     `model` is a registry id (None: the configured model); `image`, a PIL image, makes it image-to-video.
     `on_preview` gets a preview of the latents every T2V_PREVIEW_EVERY denoising steps (`pipeline.preview`).
+    In a group (`pipeline.parallel`), every rank calls this with the same job: ranks other than 0 denoise their
+    share and return None; rank 0 alone reports progress and previews, decodes, upscales and encodes.
     """
     models = models or Models(settings, progress_bar=progress_bar)
     on_progress = on_progress or (lambda stage, done, total: None)
@@ -226,6 +228,8 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
                                         image=image, on_latents=previews,
                                         on_decode=lambda i, n: on_progress("decoding", i, n))
             audio = generator.last_audio
+    if frames is None:  # a rank of a group other than 0: its share is done
+        return None
     timings["generate"] = time.perf_counter() - started
 
     upscaler = models.upscaler if params.upscale else None

@@ -442,6 +442,7 @@ def describe(rules: Rules, model_id: str) -> dict:
                      "guidance_scale": entry.default_guidance},
         "vram_gb": entry.vram_gb, "published_speed": entry.published_speed,
         "speed": speed_features(entry),
+        "parallel": entry.parallel, "parallel_note": entry.parallel_note,  # splits across a worker group's ranks
     }
 
 

@@ -98,6 +98,10 @@ def test_models_lists_each_model_with_its_rules_and_the_loras(tiny_api):
     assert (wan["inputs"], wan["installed"], wan["tiny"], wan["lora"]) == ("both", True, True, True)
     assert wan["limits"]["size_multiple"] == 32 and wan["defaults"]["width"] == 64
     assert by_id["wan2.2-i2v-a14b"]["inputs"] == "image" and by_id["hunyuanvideo-1.5-480p"]["lora"] is False
+    # Which models split across a worker group's ranks (pipeline/parallel.py), and why one does not.
+    assert wan["parallel"] is True and by_id["hunyuanvideo"]["parallel"] is True and wan["parallel_note"] is None
+    hv_i2v = by_id["hunyuanvideo-i2v"]
+    assert hv_i2v["parallel"] is False and "first-frame" in hv_i2v["parallel_note"]
 
 
 def test_a_real_deployment_lists_what_is_installed(make_app, tmp_path):

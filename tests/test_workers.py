@@ -18,7 +18,7 @@ from config import Settings
 from storage.jobs import new_job
 from storage.sqlite import SqliteJobStore
 from worker.cli import WORKER_FLAGS
-from worker.gpus import gpu_slots
+from worker.gpus import cpu_slots, gpu_slots, group_slots
 from worker.loop import Worker
 
 # About a second each on a quiet machine: longer than a worker's poll (0.5 s).
@@ -64,7 +64,9 @@ def test_help_exits_0_without_touching_the_data_folder_or_the_queue(tmp_path):
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--cpu-workers", "0"], "argument --cpu-workers: must be a whole number from 1 to 9999, got '0'"),
     (["--cpu-workers", "²"], "argument --cpu-workers: must be a whole number"),
-    (["--gpus", "0,x"], "--gpus takes 'all' or GPU indices like 0,1,2,3, got '0,x'"),
+    (["--gpus", "0,x"], "--gpus takes 'all' or GPU indices like 0,1,2,3 or 0-7, got '0,x'"),
+    (["--cpu-workers", "3", "--parallel", "2"], "--parallel 2: 3 slot(s) do not split into groups of 2"),
+    (["--parallel", "0"], "--parallel must be at least 1, got 0"),
     (["--gpus", "0", "--cpu-workers", "2"], "not allowed with argument"),
     (["--memory", "lots"], "argument --memory: invalid choice: 'lots'"),
     (["--lease-s", "0"], "--lease-s must be positive, got 0.0"),
@@ -87,6 +89,16 @@ def test_gpus_pins_one_worker_to_each_gpu():
                                   ("0,0", ["0", "1"], "names a GPU twice"), ("", ["0"], "GPU indices like")):
         with pytest.raises(ValueError, match=reason):
             gpu_slots(spec, visible)
+
+
+def test_parallel_makes_one_group_per_n_gpus_each_seeing_its_own():
+    """--gpus 0-3 --parallel 2: two groups; each group's process sees its 2 GPUs (rank r drives the r-th)."""
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in gpu_slots("0-3", ["0", "1", "2", "3"])] == ["0", "1", "2", "3"]
+    assert group_slots(gpu_slots("0-3", ["4", "5", "6", "7"]), 2) == [
+        ("gpus 4,5", {"CUDA_VISIBLE_DEVICES": "4,5", "CUDA_DEVICE_ID": "0", "T2V_PARALLEL": "2"}),
+        ("gpus 6,7", {"CUDA_VISIBLE_DEVICES": "6,7", "CUDA_DEVICE_ID": "0", "T2V_PARALLEL": "2"})]
+    assert group_slots(cpu_slots(2), 2) == [
+        ("cpu group 0", {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ID": "", "T2V_PARALLEL": "2"})]
 
 
 # ---------------------------------------------------------------------------------------- processes

@@ -11,7 +11,7 @@ from pipeline.cli import MODEL_HELP, UPSCALER_HELP
 from storage.blobs import StorageError, open_blob_store
 from storage.jobs import StoreUnavailable, open_job_store
 from webhooks import Dispatcher
-from worker.gpus import cpu_slots, gpu_slots, visible_gpus
+from worker.gpus import cpu_slots, gpu_slots, group_slots, visible_gpus
 from worker.loop import Worker
 from worker.supervisor import Supervisor, tie_to_supervisor
 
@@ -35,6 +35,7 @@ WORKER_FLAGS = {
     "fbc_threshold": "First Block Cache threshold, e.g. 0.05; 0 turns it off",
     "attention_backend": "diffusers attention backend, e.g. native, flash_varlen, sage_varlen",
     "compile": "regional torch.compile of the transformer blocks",
+    "parallel": "ranks per worker group: each job split across this many GPUs (HunyuanVideo, Wan)",
     "upscale_tile": "upscaler tile size in pixels; 0 = whole frames",
     "upscale_batch": "frames per upscaler batch",
     "crf": "H.264 quality: lower is better and bigger",
@@ -56,6 +57,7 @@ def build_parser():
                "under --data-dir. Examples:\n"
                "  python worker.py --gpus all           # one worker per GPU of this machine\n"
                "  python worker.py --gpus 0,1           # workers on GPUs 0 and 1 only\n"
+               "  python worker.py --gpus all --parallel 4   # one clip on 4 GPUs: a worker group per 4 GPUs\n"
                "  python worker.py --cpu-workers 2      # two workers on the CPU (tiny models, tests)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--gpus", metavar="LIST", help="'all', or GPU indices like 0,1,2,3: one worker process per GPU, "
@@ -81,8 +83,13 @@ def settings_env(overrides: dict) -> dict[str, str]:
 
 
 def run_worker(settings: Settings) -> int:
-    """One worker in this process, until SIGTERM or SIGINT (it stops after its current job)."""
+    """One worker in this process, until SIGTERM or SIGINT (it stops after its current job); with
+    T2V_PARALLEL above 1, a worker group of that many ranks (worker/group.py)."""
     tie_to_supervisor()
+    if settings.parallel > 1:
+        from worker.group import run_group
+
+        return run_group(settings, LOG_FORMAT)
     try:
         worker = Worker(settings, open_job_store(settings), open_blob_store(settings))
     except (StoreUnavailable, StorageError, OSError) as exc:
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(**overrides)
         slots = (gpu_slots(args.gpus, visible_gpus()) if args.gpus is not None
                  else cpu_slots(args.cpu_workers) if args.cpu_workers else [])
+        slots = group_slots(slots, settings.parallel) if slots and settings.parallel > 1 else slots
     except (ConfigError, ValueError) as exc:
         message = str(exc)
         for name in overrides:  # a bad flag is named as the flag, a bad variable as the variable

@@ -45,10 +45,10 @@ def gpu_slots(spec: str, visible: list[str]) -> list[tuple[str, dict]]:
     if spec == "all":
         chosen = visible
     else:
-        parts = spec.split(",")
-        if not all(re.fullmatch(r"[0-9]{1,3}", part.strip()) for part in parts):
-            raise ValueError(f"--gpus takes 'all' or GPU indices like 0,1,2,3, got {spec!r}")
-        indices = [int(part) for part in parts]
+        parts = [part.strip() for part in spec.split(",")]
+        if not all(re.fullmatch(r"[0-9]{1,3}(-[0-9]{1,3})?", part) for part in parts):
+            raise ValueError(f"--gpus takes 'all' or GPU indices like 0,1,2,3 or 0-7, got {spec!r}")
+        indices = [i for part in parts for i in _index_range(part)]
         if len(set(indices)) != len(indices):
             raise ValueError(f"--gpus {spec} names a GPU twice")
         missing = [i for i in indices if i >= len(visible)]
@@ -60,7 +60,28 @@ def gpu_slots(spec: str, visible: list[str]) -> list[tuple[str, dict]]:
     return [(f"gpu {gpu}", {"CUDA_VISIBLE_DEVICES": gpu, "CUDA_DEVICE_ID": "0"}) for gpu in chosen]
 
 
+def _index_range(part: str) -> range:
+    first, _, last = part.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
 def cpu_slots(count: int) -> list[tuple[str, dict]]:
     return [(f"cpu {i}", {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ID": ""}) for i in range(count)]
 
 
+def group_slots(slots: list[tuple[str, dict]], size: int) -> list[tuple[str, dict]]:
+    """The slots in groups of `size` (--parallel): one worker group per `size` GPUs, whose process sees those
+    GPUs (its rank r drives the r-th); on the CPU, `size` CPU slots per group."""
+    if len(slots) % size:
+        raise ValueError(f"--parallel {size}: {len(slots)} slot(s) do not split into groups of {size}")
+    groups = []
+    for first in range(0, len(slots), size):
+        members = [env["CUDA_VISIBLE_DEVICES"] for _, env in slots[first:first + size]]
+        if members[0]:
+            gpus = ",".join(members)
+            groups.append((f"gpus {gpus}", {"CUDA_VISIBLE_DEVICES": gpus, "CUDA_DEVICE_ID": "0",
+                                            "T2V_PARALLEL": str(size)}))
+        else:
+            groups.append((f"cpu group {first // size}", {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ID": "",
+                                                          "T2V_PARALLEL": str(size)}))
+    return groups

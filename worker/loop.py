@@ -260,6 +260,7 @@ class Worker(Sweeps):
             image = self._fetch_image(spec.image_key, ref) if spec.image_key else None
             previews = PreviewWriter(self.jobs, self.blobs, ref, self.worker_id, self.work_dir,
                                       spec.num_frames / spec.fps) if self.settings.preview_every else None
+            self.before_generation(spec, image)
             try:
                 result = run_job(spec, self.settings, progress, lease.should_cancel, models=self.models,
                                  output=output, model=spec.model, image=image, on_preview=previews)
@@ -283,6 +284,10 @@ class Worker(Sweeps):
             **({"rendered": {"width": result.rendered[0], "height": result.rendered[1]}} if result.rendered else {}),
         }
 
+
+    def before_generation(self, spec, image) -> None:
+        """Called just before a generation job runs; a worker group's rank 0 hands the job to its other ranks
+        here (worker/group.py)."""
 
     def _fetch_image(self, key: str, ref: str):
         """The job's input image, fetched from the blob store (the API checked it before queueing)."""
