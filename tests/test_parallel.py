@@ -18,7 +18,7 @@ from PIL import Image
 
 from config import Settings
 from pipeline import models as registry
-from pipeline import parallel, run, tiny
+from pipeline import parallel, run
 from pipeline.generate import JobCanceled
 from pipeline.run import Models, run_job
 from pipeline.spec import JobParams
@@ -118,7 +118,7 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
 def data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("parallel")
     for model_id in (*SPLIT, HV_I2V):
-        tiny.tiny_model_dir(data_dir, model_id)
+        registry.tiny_model_dir(data_dir, model_id)
     make_lora(HV, data_dir, data_dir / "models" / registry.LORA_DIR, "style")
     return data_dir
 
