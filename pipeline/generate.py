@@ -25,6 +25,7 @@ import torch
 
 from config import ConfigError, attention_backend_problem
 from pipeline import decoding, memory, models, tiny
+from pipeline.loading import model_construction
 from pipeline.spec import JobParams
 
 log = logging.getLogger(__name__)
@@ -637,8 +638,9 @@ class VideoGenerator:
                                 "it was made for another model")
         for expert in experts:
             try:
-                self.pipe.load_lora_weights(str(path), adapter_name=adapter,
-                                            **({"load_into_transformer_2": True} if expert == "transformer_2" else {}))
+                with model_construction():  # peft builds the LoRA layers: not while another load patches torch.nn
+                    self.pipe.load_lora_weights(str(path), adapter_name=adapter, **(
+                        {"load_into_transformer_2": True} if expert == "transformer_2" else {}))
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
