@@ -142,6 +142,9 @@ class Models:
         with model_construction():  # no other thread builds a module while this load patches torch.nn
             generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
                                        models_dir=s.models_dir, job=job)
+        if s.attention_backend and generator.speed.attention_backend != s.attention_backend:
+            log.info("%s passes an attention mask, which T2V_ATTENTION_BACKEND=%s cannot take: it runs on %s",
+                     generator.entry.id, s.attention_backend, generator.speed.attention_backend)
         if generator.speed.compile:
             for params in warm_up_params(s, generator.entry, generator.is_tiny):
                 generator.warm_up(params)
