@@ -26,9 +26,9 @@ import numpy as np
 from config import Settings
 from pipeline import models as registry
 from pipeline import preview
-from pipeline.loading import model_construction
 from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, resolve_model,
                                use_device)
+from pipeline.loading import model_construction
 from pipeline.spec import JobParams, Limits, Rules, model_rules
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
