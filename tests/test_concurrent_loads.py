@@ -1,7 +1,7 @@
 """Two model constructions at once in one process (issue 20): a pipeline load holds accelerate's
-`init_empty_weights` (process-wide patches of torch.nn) while another thread loads the upscaler. Without the
-construction lock (`pipeline.loading`) the upscaler's weights land on the meta device ("Cannot copy out of meta
-tensor"). The overlap is forced: the first load waits inside its meta context until the second thread has either
+`init_empty_weights` (process-wide patches of torch.nn) while another thread loads the upscaler or builds a tiny
+model. Without the construction lock (`pipeline.loading`) the second one's weights land on the meta device
+("Cannot copy out of meta tensor"). The overlap is forced: the first load waits inside its meta context until the second thread has either
 finished or is waiting for the lock."""
 
 import contextlib
@@ -9,10 +9,12 @@ import threading
 
 import accelerate
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from config import Settings
-from pipeline import loading
+from pipeline import loading, tiny
 from pipeline.run import Models
 from pipeline.upscale import Upscaler
 
@@ -32,8 +34,19 @@ class _ReportingLock:
         self._lock.release()
 
 
-def test_an_upscaler_loaded_during_a_pipeline_load_gets_real_weights(data_dir, tiny_model, tiny_upscalers,
-                                                                    monkeypatch):
+def upscaler_weights(upscaler: Upscaler) -> list[torch.Tensor]:
+    frames = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    assert upscaler.upscale(frames).shape == (1, 32, 32, 3)
+    return list(upscaler.model.model.parameters())
+
+
+def tiny_build_weights(folder) -> list[torch.Tensor]:
+    return list(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").values())
+
+
+@pytest.mark.parametrize("second", ["upscaler", "tiny build"])
+def test_a_model_built_during_a_pipeline_load_gets_real_weights(data_dir, tiny_model, tiny_upscalers, tmp_path,
+                                                                monkeypatch, second):
     settled = threading.Event()  # the second thread finished, or waits for the lock
     inside = threading.Event()  # the pipeline load is inside its meta context
     monkeypatch.setattr(loading, "_lock", _ReportingLock(settled))
@@ -58,23 +71,26 @@ def test_an_upscaler_loaded_during_a_pipeline_load_gets_real_weights(data_dir, t
         except Exception as exc:  # reported below, with the thread it came from
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
         finally:
-            if name == "upscaler":
+            if name == "second":
                 settled.set()
 
     loader = threading.Thread(target=run, args=("generator", lambda: models.generator_for("hunyuanvideo")))
     loader.start()
     assert inside.wait(timeout=120)
-    upscaler = threading.Thread(target=run, args=("upscaler", lambda: Upscaler(tiny_upscalers["compact"])))
-    upscaler.start()
+    build, weights_of = {
+        "upscaler": (lambda: Upscaler(tiny_upscalers["compact"]), upscaler_weights),
+        "tiny build": (lambda: tiny.build_tiny_wan(tmp_path / "wan", "2.1-t2v"), tiny_build_weights),
+    }[second]
+    builder = threading.Thread(target=run, args=("second", build))
+    builder.start()
     loader.join(timeout=300)
-    upscaler.join(timeout=300)
+    builder.join(timeout=300)
 
     assert errors == []
     assert torch.nn.Module.register_parameter is original_register_parameter
-    weights = [t for t in results["upscaler"].model.model.parameters()]
+    weights = weights_of(results["second"])
     assert weights and not any(t.is_meta for t in weights)
-    frames = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
-    assert results["upscaler"].upscale(frames).shape == (1, 32, 32, 3)
+    assert torch.cat([t.float().flatten() for t in weights]).std() > 0  # initialised, not skipped
     pipe = results["generator"].pipe
     assert not any(t.is_meta for c in pipe.components.values() if isinstance(c, torch.nn.Module)
                    for t in c.parameters())
