@@ -27,13 +27,19 @@ SPEED_PRESETS = ("off", "balanced", "fast")
 CACHES = ("off", "fbc", "magcache")  # First Block Cache, MagCache (diffusers hooks)
 
 # Attention backends t2v accepts, by their diffusers 0.42.1 names. HunyuanVideo passes a text mask to
-# attention unless its prompt is trimmed (T2V_MASK_FREE, on by default); while a mask is passed, only
-# the first group works: the second rejects the mask, but only at the first denoising step.
+# attention unless its prompt is trimmed (T2V_MASK_FREE, on by default), HunyuanVideo-1.5 always does, Wan
+# never; while a mask is passed, only the first group works: the second rejects the mask, but only at the first
+# denoising step. So a model that passes one gets the mask-capable backend nearest to the one named.
 MASK_CAPABLE_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn",
                          "flash_varlen", "_flash_varlen_3", "sage_varlen")
 MASK_FREE_BACKENDS = ("_native_flash", "flash", "_flash_3", "sage", "_sage_qk_int8_pv_fp8_cuda",
                       "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda", "_sage_qk_int8_pv_fp16_triton")
 ATTENTION_BACKENDS = MASK_CAPABLE_BACKENDS + MASK_FREE_BACKENDS
+# The same kernels' mask-capable forms, tried in order (the first installed wins; `native` after them all).
+NEAREST_MASK_CAPABLE = {
+    "_native_flash": (), "flash": ("flash_varlen",), "_flash_3": ("_flash_varlen_3", "flash_varlen"),
+    **{name: ("sage_varlen",) for name in MASK_FREE_BACKENDS if "sage" in name},
+}
 
 
 class ConfigError(ValueError):
@@ -178,7 +184,8 @@ class Settings:
         if self.fbc_threshold is not None and not 0 <= self.fbc_threshold < 1:
             raise ConfigError(f"T2V_FBC_THRESHOLD must be at least 0 and below 1, got {self.fbc_threshold}")
         if self.attention_backend is not None:
-            problem = attention_backend_problem(self.attention_backend, masked=not self.mask_free)
+            # Masks are per model: one that passes a mask gets the nearest mask-capable backend at load.
+            problem = attention_backend_problem(self.attention_backend, masked=False)
             if problem:
                 raise ConfigError(problem)
         if self.cuda_device_id is not None:
@@ -272,6 +279,14 @@ def attention_backend_problem(name: str, masked: bool) -> str | None:
     except RuntimeError as exc:
         return f"T2V_ATTENTION_BACKEND={name} cannot load here: {exc} (see requirements-gpu.txt)"
     return None
+
+
+def mask_capable_backend(name: str) -> str:
+    """The backend a model that passes an attention mask runs for T2V_ATTENTION_BACKEND=`name`: `name` itself
+    when it takes a mask, else the nearest installed mask-capable one (`native` when none is)."""
+    if name not in MASK_FREE_BACKENDS:
+        return name
+    return next((c for c in NEAREST_MASK_CAPABLE[name] if attention_backend_problem(c, masked=True) is None), "native")
 
 
 def check_cuda_device(index: int) -> None:

@@ -119,7 +119,12 @@ def _components(job_schemas: dict) -> dict:
                                                               "mask_free": {"type": "boolean"},
                                                               "compile": {"type": "boolean"},
                                                               "fp8": {"type": "boolean"},
-                                                              "fp8_share": {"type": ["number", "null"]}}}}},
+                                                              "fp8_share": {"type": ["number", "null"]},
+                                                              "attention_backend": {
+                                                                  "type": ["string", "null"],
+                                                                  "description": "the backend this model gets from "
+                                                                  "T2V_ATTENTION_BACKEND (a mask-capable one where it "
+                                                                  "passes a mask); null: none named"}}}}},
             "Video": VIDEO,
             "Health": {"type": "object", "required": ["status", "store", "worker", "model_loaded", "queue_length"],
                        "properties": {"status": {"enum": ["ok", "degraded", "unavailable"]},

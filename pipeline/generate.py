@@ -25,7 +25,8 @@ import torch
 
 from config import ConfigError, attention_backend_problem
 from pipeline import decoding, memory, models, parallel, tiny
-from pipeline.spec import JobParams
+from pipeline.loading import model_construction
+from pipeline.spec import JobParams, attention_backend_for, passes_attention_mask
 from pipeline.video import Audio
 
 log = logging.getLogger(__name__)
@@ -218,11 +219,11 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
     peaks near 34 GiB at 720p untiled); the `group` preset stores weights in fp8 unless told not to.
     No compile under fp8 casting or the `group` preset, whose hooks break the graph at every Linear. A cache
     the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is per worker,
-    and the worker loads any model.
+    and the worker loads any model. For the same reason a named mask-free attention backend becomes its nearest
+    mask-capable kin for a model that passes a mask (`pipeline.spec.attention_backend_for`).
     """
     family = entry.pipelines[entry.modes[0]]
-    never_masked = models.FAMILIES[entry.family].attention_mask == "never"
-    mask_free = entry.mask_free and (options.mask_free or never_masked)
+    mask_free = not passes_attention_mask(entry, options.mask_free)
     chosen = preset_choices(options.preset, family, device, memory_preset, mask_free)
     # A family whose attention takes dense (N, N) masks gets a varlen kernel even with the speed preset off:
     # SDPA would expand each mask to the query's dtype (`pipeline.memory.mask_bytes`).
@@ -250,7 +251,8 @@ def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, 
         cache=cache,
         fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
         # Always named: diffusers also makes the last backend set the process-wide default.
-        attention_backend=options.attention_backend or chosen.get("attention_backend") or default_backend,
+        attention_backend=(attention_backend_for(entry, options.attention_backend, options.mask_free)
+                           or chosen.get("attention_backend") or default_backend),
         compile=compile_,
         mask_free=mask_free,
     )
@@ -709,8 +711,9 @@ class VideoGenerator:
                                 "it was made for another model")
         for expert in experts:
             try:
-                self.pipe.load_lora_weights(str(path), adapter_name=adapter,
-                                            **({"load_into_transformer_2": True} if expert == "transformer_2" else {}))
+                with model_construction():  # peft builds the LoRA layers: not while another load patches torch.nn
+                    self.pipe.load_lora_weights(str(path), adapter_name=adapter, **(
+                        {"load_into_transformer_2": True} if expert == "transformer_2" else {}))
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:

@@ -28,6 +28,7 @@ from pipeline import models as registry
 from pipeline import preview
 from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, resolve_model,
                                use_device)
+from pipeline.loading import model_construction
 from pipeline.spec import JobParams, Limits, Rules, model_rules
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (Audio, VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
@@ -139,8 +140,12 @@ class Models:
         speed = SpeedOptions(preset=s.speed, fp8=s.fp8, vae_tiling=s.vae_tiling, cache=s.cache,
                              fbc_threshold=s.fbc_threshold, attention_backend=s.attention_backend,
                              compile=s.compile, mask_free=s.mask_free)
-        generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
-                                   models_dir=s.models_dir, job=job)
+        with model_construction():  # no other thread builds a module while this load patches torch.nn
+            generator = VideoGenerator(name, s.data_dir, s.device, s.memory, speed, self.progress_bar,
+                                       models_dir=s.models_dir, job=job)
+        if s.attention_backend and generator.speed.attention_backend != s.attention_backend:
+            log.info("%s passes an attention mask, which T2V_ATTENTION_BACKEND=%s cannot take: it runs on %s",
+                     generator.entry.id, s.attention_backend, generator.speed.attention_backend)
         if generator.speed.compile:
             for params in warm_up_params(s, generator.entry, generator.is_tiny):
                 generator.warm_up(params)

@@ -110,6 +110,8 @@ class Rules:
     tiny: bool = False
     default_model: str = DEFAULT_MODEL
     loras: tuple[str, ...] = ()
+    attention_backend: str | None = None  # T2V_ATTENTION_BACKEND; None: the speed preset picks on the worker
+    mask_free: bool = True  # T2V_MASK_FREE
 
     @classmethod
     def from_settings(cls, settings, served: Mapping[str, Any] | None = None) -> "Rules":
@@ -119,7 +121,8 @@ class Rules:
                    models=tuple(MODELS if served is None else served),
                    tiny=registry.split_tiny(settings.model)[1],
                    default_model=registry.default_model(settings),
-                   loras=tuple(registry.installed_loras(settings.models_dir)))
+                   loras=tuple(registry.installed_loras(settings.models_dir)),
+                   attention_backend=settings.attention_backend, mask_free=settings.mask_free)
 
 
 # ---------------------------------------------------------------------------------------- the fields
@@ -441,7 +444,8 @@ def describe(rules: Rules, model_id: str) -> dict:
                      "num_frames": m.default_frames, "fps": entry.fps, "num_inference_steps": m.default_steps,
                      "guidance_scale": entry.default_guidance},
         "vram_gb": entry.vram_gb, "published_speed": entry.published_speed,
-        "speed": speed_features(entry),
+        "speed": {**speed_features(entry),
+                  "attention_backend": attention_backend_for(entry, rules.attention_backend, rules.mask_free)},
         "parallel": entry.parallel, "parallel_note": entry.parallel_note,  # splits across a worker group's ranks
     }
 
@@ -451,6 +455,23 @@ def speed_features(entry: registry.ModelEntry) -> dict:
     attention mask (so mask-free backends apply), regional compile, and fp8 storage with the share it covers."""
     return {"cache": list(entry.caches), "mask_free": entry.mask_free,
             "compile": registry.FAMILIES[entry.family].regional_compile, "fp8": True, "fp8_share": entry.fp8_share}
+
+
+def passes_attention_mask(entry: registry.ModelEntry, mask_free: bool) -> bool:
+    """Whether the model's transformer gets an attention mask: always for HunyuanVideo-1.5, never for Wan, and
+    for HunyuanVideo unless t2v trims its prompt (T2V_MASK_FREE on, and a pipeline t2v can trim)."""
+    never_masked = registry.FAMILIES[entry.family].attention_mask == "never"
+    return not (entry.mask_free and (mask_free or never_masked))
+
+
+def attention_backend_for(entry: registry.ModelEntry, named: str | None, mask_free: bool) -> str | None:
+    """The backend the model runs for T2V_ATTENTION_BACKEND=`named` (None: none named, the worker's speed preset
+    picks): a mask-free one is swapped for its nearest mask-capable kin where the model passes a mask."""
+    if named is None or not passes_attention_mask(entry, mask_free):
+        return named
+    from config import mask_capable_backend  # checks which kernels are installed: diffusers, only when named
+
+    return mask_capable_backend(named)
 
 
 def job_fields() -> list[str]:

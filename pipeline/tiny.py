@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.loading import model_construction
+
 # Extra pipeline-call arguments a model folder needs, read by `pipeline.generate`.
 # The tiny tokenizer has no system prompt to crop, and short sequences keep it fast.
 FOLDER_CONFIG = "t2v.json"
@@ -50,6 +52,7 @@ _CORPUS = (
 )
 
 
+@model_construction()
 def build_tiny_hunyuan(folder: Path) -> Path:
     """Write a tiny HunyuanVideo diffusers folder to `folder` (atomically) and return it."""
     from diffusers import HunyuanVideoPipeline
@@ -93,6 +96,7 @@ def _tiny_tokenizer(special_tokens=("<s>", "<pad>", "</s>"), chat_template=None,
                                    model_max_length=model_max_length, **extra)
 
 
+@model_construction()
 def build_tiny_hunyuan_i2v(folder: Path) -> Path:
     """A tiny HunyuanVideo-I2V folder: Llava (CLIP vision + Llama) prompt encoder, token-replace conditioning.
 
@@ -125,6 +129,7 @@ def build_tiny_hunyuan_i2v(folder: Path) -> Path:
     return _save_pipeline(pipe, folder, TINY_HUNYUAN_I2V_CALL_DEFAULTS)
 
 
+@model_construction()
 def build_tiny_hunyuan15(folder: Path, i2v: bool = False, target_size: int = 64, guidance_scale: float = 6.0,
                          shift: float = 5.0, use_meanflow: bool = False) -> Path:
     """A tiny HunyuanVideo-1.5 folder (text-to-video, or image-to-video with a SigLIP image encoder).
@@ -184,6 +189,7 @@ def build_tiny_hunyuan15(folder: Path, i2v: bool = False, target_size: int = 64,
     return _save_pipeline(pipe, folder)
 
 
+@model_construction()
 def build_tiny_wan(folder: Path, variant: str) -> Path:
     """A tiny Wan folder. `variant` picks what differs between the released models:
 

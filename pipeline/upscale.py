@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import tiny
+from pipeline.loading import model_construction
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class Upscaler:
             # allow-listed unpickler, and .safetensors holds tensors only.
             raise UpscalerLoadError(f"upscaler weights {path}: only .pth and .safetensors files are loaded")
         try:
-            descriptor = spandrel.ModelLoader().load_from_file(path)
+            with model_construction():  # built while another thread's load patched torch.nn, it would be on meta
+                descriptor = spandrel.ModelLoader().load_from_file(path)
         except FileNotFoundError:
             raise UpscalerLoadError(f"upscaler weights {path} not found") from None
         except spandrel.UnsupportedModelError:

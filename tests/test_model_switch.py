@@ -27,7 +27,8 @@ def test_every_pair_of_families_loads_a_b_a_in_one_process(data_dir, tiny_model)
         assert models.resident == f"tiny:{model_id}" and generator.entry.id == model_id
         assert previous is None or previous.pipe is None  # the model before was unloaded
         assert meta_tensors(generator.pipe) == []
-        frames = generator.generate(JobParams(prompt="a fox", model=model_id, width=32, height=32, num_frames=5,
+        # One frame at the smallest size every family takes: the load is under test, not the clip.
+        frames = generator.generate(JobParams(prompt="a fox", model=model_id, width=32, height=32, num_frames=1,
                                               num_inference_steps=1, seed=3))
-        assert frames.shape == (5, 32, 32, 3) and frames.std() > 0
+        assert frames.shape == (1, 32, 32, 3) and frames.std() > 0
         previous = generator

@@ -372,3 +372,11 @@ def test_the_readmes_curl_walk_through_runs_as_written_on_the_tiny_server(tmp_pa
         assert (params["num_inference_steps"], params["model"]) == (4, "hunyuanvideo")
     finally:
         stop(proc)
+
+
+def test_models_says_which_attention_backend_each_model_gets(make_app):
+    # Before: T2V_ATTENTION_BACKEND=_native_flash with T2V_MASK_FREE=0 stopped start-up, for Wan too.
+    app, _ = make_app(worker=False, attention_backend="_native_flash", mask_free=False)
+    backends = {m["id"]: m["speed"]["attention_backend"] for m in app.test_client().get("/models").json["models"]}
+    assert backends["wan2.2-ti2v-5b"] == "_native_flash"  # Wan never passes a mask
+    assert backends["hunyuanvideo"] == backends["hunyuanvideo-1.5-480p"] == "native"

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 from pipeline.spec import JobParams, Limits, ParamError
 
 
@@ -202,6 +203,19 @@ def test_describe_says_which_speed_features_each_model_gets(model_id, cache, mas
     assert speed["cache"] == cache and speed["mask_free"] is mask_free
     assert speed["compile"] is True and speed["fp8"] is True
     assert speed["fp8_share"] == MODELS[model_id].fp8_share
+
+
+@pytest.mark.parametrize("mask_free, expected", [
+    (True, {"hunyuanvideo": "flash", "hunyuanvideo-i2v": "flash_varlen", "hunyuanvideo-1.5-480p": "flash_varlen",
+            "wan2.2-ti2v-5b": "flash"}),
+    (False, {"hunyuanvideo": "flash_varlen", "hunyuanvideo-i2v": "flash_varlen",
+             "hunyuanvideo-1.5-480p": "flash_varlen", "wan2.2-ti2v-5b": "flash"}),
+])
+def test_describe_says_which_attention_backend_each_model_gets(monkeypatch, mask_free, expected):
+    monkeypatch.setattr(config, "attention_backend_problem", lambda name, masked: None)  # flash-attn installed
+    rules = Rules(attention_backend="flash", mask_free=mask_free)
+    assert {model_id: describe(rules, model_id)["speed"]["attention_backend"] for model_id in expected} == expected
+    assert describe(Rules(), "hunyuanvideo")["speed"]["attention_backend"] is None  # none named: the preset picks
 
 
 # --- the schema is generated from the same classes ---------------------------------------------------------------

@@ -2,12 +2,16 @@
 settings win, that each installs exactly the hooks and backends it names, and that a job runs under each."""
 
 import functools
+import logging
 
 import pytest
 import torch
 
+import config
+from config import Settings
 from pipeline import generate, models
 from pipeline.generate import SpeedOptions, VideoGenerator, resolve_speed
+from pipeline.run import Models
 from pipeline.spec import JobParams
 
 HV = models.MODELS["hunyuanvideo"]
@@ -107,6 +111,34 @@ def test_the_preset_prefers_flash_attention_where_installed(monkeypatch):
     assert resolve_speed(SpeedOptions(preset="balanced"), HV, "cuda:0", "none").attention_backend == "_flash_3"
     masked = resolve_speed(SpeedOptions(preset="balanced", mask_free=False), HV, "cuda:0", "none")
     assert masked.attention_backend == "flash_varlen"  # a mask is passed: only a varlen kernel takes it
+
+
+@pytest.mark.parametrize("installed, nearest", [({"flash", "flash_varlen"}, "flash_varlen"), ({"flash"}, "native")])
+@pytest.mark.parametrize("model_id, mask_free, masked", [
+    ("hunyuanvideo-1.5-480p", True, True), ("hunyuanvideo-i2v", True, True), ("hunyuanvideo", False, True),
+    ("hunyuanvideo", True, False), ("wan2.2-ti2v-5b", False, False),
+])
+def test_a_named_mask_free_backend_becomes_the_nearest_mask_capable_one_per_model(monkeypatch, installed, nearest,
+                                                                                 model_id, mask_free, masked):
+    # Before: `flash` stayed `flash` for every model, and a model that passes a mask refused to load.
+    monkeypatch.setattr(config, "attention_backend_problem", lambda name, masked: None if name in installed else "no")
+    options = SpeedOptions(attention_backend="flash", mask_free=mask_free)
+    resolved = resolve_speed(options, models.MODELS[model_id], "cuda:0", "none")
+    assert resolved.attention_backend == (nearest if masked else "flash")
+
+
+def test_a_model_that_passes_a_mask_loads_and_runs_under_a_mask_free_backend(caplog, data_dir):
+    # Before: T2V_ATTENTION_BACKEND=_native_flash failed every HunyuanVideo-1.5 job with a ConfigError at load.
+    settings = Settings.from_env(env={"T2V_ATTENTION_BACKEND": "_native_flash"}, model="tiny", data_dir=data_dir)
+    caplog.set_level(logging.INFO, logger="pipeline.run")
+    generator = Models(settings).generator_for("hunyuanvideo-1.5-480p")
+    assert generator.speed.attention_backend == "native"
+    assert backends(generator.pipe.transformer) == {"native"}
+    assert ("hunyuanvideo-1.5-480p passes an attention mask, which T2V_ATTENTION_BACKEND=_native_flash cannot take: "
+            "it runs on native") in caplog.text
+    frames = generator.generate(JobParams(prompt="a fox", model="hunyuanvideo-1.5-480p", width=32, height=32,
+                                          num_frames=1, num_inference_steps=1, seed=3))
+    assert frames.shape == (1, 32, 32, 3) and frames.std() > 0
 
 
 # ------------------------------------------------------------------ the hooks each preset installs
