@@ -17,9 +17,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu import LTX2_TRANSFORMER  # noqa: E402  (the published config, defined once in bench/gpu.py)
+
+def _published_ltx2_config() -> dict:
+    """LTX-2's published transformer config, defined once in bench/gpu.py (loaded by path: `tests/gpu` is a
+    package named `gpu` too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("t2v_bench_gpu", ROOT / "bench" / "gpu.py")
+    bench_gpu = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(bench_gpu)
+    return bench_gpu.LTX2_TRANSFORMER
 
 # Transformer configs at full size. The class defaults of diffusers 0.42.1 are HunyuanVideo's (13B), HunyuanVideo-1.5's
 # (8.3B) and Wan 2.2 A14B's (one 14B expert); the other Wan sizes from the Wan2.1/Wan2.2 configs
@@ -33,7 +41,7 @@ CONFIGS = {
     "wan2.2-ti2v-5b": ("WanTransformer3DModel", {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30,
                                                  "in_channels": 48, "out_channels": 48}),
     "wan2.1-t2v-1.3b": ("WanTransformer3DModel", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
-    "ltx-2": ("LTX2VideoTransformer3DModel", LTX2_TRANSFORMER),  # Lightricks/LTX-2's published config
+    "ltx-2": ("LTX2VideoTransformer3DModel", _published_ltx2_config()),  # Lightricks/LTX-2's published config
 }
 
 

@@ -55,7 +55,7 @@ import torch  # noqa: E402
 GiB = 1024**3
 PRESETS = ("none", "model", "group", "sequential")
 PARTS = ("transformer", "vae", "upscale", "families", "ltx2")
-DEFAULT_PARTS = PARTS[:3]  # "families" (bench/gpu_families.py, about 10 minutes) and "ltx2" run when named
+DEFAULT_PARTS = ("transformer", "vae", "upscale", "ltx2")  # "families" (bench/gpu_families.py) runs alone, ~10 min
 
 # The published configs (HunyuanVideo's transformer/config.json and vae/config.json).
 TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
