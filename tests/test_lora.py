@@ -16,9 +16,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from config import Settings
 from conftest import TINY_JOB
 from pipeline import models
-from pipeline.generate import JobCanceled, LoraError, MissingWeightsError, SpeedOptions, VideoGenerator
+from pipeline.generate import JobCanceled, MissingWeightsError, VideoGenerator
+from pipeline.lora import LoraError
 from pipeline.run import Models, lora_files, run_job
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions
 from pipeline.video import read_frames
 from test_models_jobs import run
 from worker.errors import classify_error
