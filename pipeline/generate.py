@@ -16,7 +16,6 @@ import contextlib
 import inspect
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +23,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, attention_backend_problem
-from pipeline import decoding, families, memory, models, parallel, tiny
-from pipeline.lora import LoraError, lora_mismatch
+from pipeline import decoding, families, lora, memory, models, parallel, tiny
 from pipeline.spec import JobParams
 from pipeline.speed import (SpeedOptions, apply_speed_options, compile_transformer, denoisers, fit_cache_to_job,
                             resolve_speed)
@@ -371,80 +369,14 @@ class VideoGenerator:
             self.pipe.maybe_free_model_hooks()
 
     def lora_problem(self) -> str | None:
-        """Why this loaded model cannot take LoRAs per job, or None. diffusers adds fp8 layerwise casting to LoRA
-        layers only when they are loaded before it (a LoRA loaded after it is cast to fp8 itself and fails), and
-        a compiled block recompiles for every new set of LoRAs until Dynamo's recompile limit fails the job."""
-        if not hasattr(self.pipe, "load_lora_weights"):
-            return f"diffusers has no LoRA loader for {self.family}"
-        if self.speed.fp8:
-            return "LoRAs cannot be added to fp8-stored weights; run this worker with T2V_FP8=0 to use them"
-        if self.speed.compile:
-            return "LoRAs cannot be swapped per job in a compiled model; run this worker with T2V_COMPILE=0 to use them"
-        return None
+        """Why this loaded model cannot take LoRAs per job, or None (`pipeline.lora.lora_problem`)."""
+        return lora.lora_problem(self.pipe, self.speed)
 
-    @contextlib.contextmanager
     def loras_applied(self, loras: list[tuple[str, Path, float]]):
-        """Load each LoRA (name, .safetensors file, scale) with the pipeline's own diffusers loader for one job,
-        into every expert it fits, and always unload them after, on a failure or cancel too, so no job's LoRA
-        reaches the next job. The files are read from disk for every job; the time it takes is logged.
-
-        diffusers' `load_lora_adapter` takes the accelerate offload hooks off before it loads and puts them back
-        only after a load that worked: the LoRA's keys are checked against the model first, and should a load
-        still fail, the memory preset is applied again, so no later job runs its transformer off the GPU."""
-        if not loras:
-            yield
-            return
-        problem = self.lora_problem()
-        if problem:
-            raise LoraError(f"{self.entry.id}: {problem}")
-        started = time.perf_counter()
-        adapters = [f"lora{i}" for i in range(len(loras))]  # a LoRA's name may hold a dot; adapter names may not
-        hooked = self._offload_hooked()
-        try:
-            for adapter, (name, path, _) in zip(adapters, loras):
-                experts = self._load_lora(name, Path(path), adapter)
-                log.info("LoRA %s loaded into %s", name, " and ".join(experts))
-            self.pipe.set_adapters(adapters, [scale for _, _, scale in loras])
-            log.info("LoRAs %s loaded in %.2f s", ", ".join(f"{n}@{s:g}" for n, _, s in loras),
-                     time.perf_counter() - started)
-            yield
-        finally:
-            self.pipe.unload_lora_weights()
-            if hooked - self._offload_hooked():
-                log.warning("the LoRA loader left %s without its offload hook; applying the %s preset again",
-                            ", ".join(sorted(hooked - self._offload_hooked())), self.memory_preset)
-                apply_memory_preset(self.pipe, self.memory_preset, self.device)
-
-    def _offload_hooked(self) -> set[str]:
-        """The components carrying an accelerate offload hook (the `model` and `sequential` presets)."""
-        return {name for name, c in self.pipe.components.items() if hasattr(c, "_hf_hook")}
-
-    def _load_lora(self, name: str, path: Path, adapter: str) -> list[str]:
-        """Load one LoRA into each transformer its keys fit (both Wan 2.2 A14B experts: diffusers loads only into
-        `transformer` unless told `load_into_transformer_2`); return their names. LoraError names the LoRA."""
-        def failed(exc: Exception) -> LoraError:
-            detail = str(exc).replace(str(path), path.name)[:300]  # no operator's path in a job record
-            return LoraError(f"LoRA {name!r} cannot be loaded into {self.entry.id}: {type(exc).__name__}: {detail}")
-
-        try:
-            state = self.pipe.lora_state_dict(str(path))
-        except Exception as exc:  # a damaged file, or one in a format diffusers does not read
-            raise failed(exc) from None
-        experts = [n for n in ("transformer", "transformer_2") if getattr(self.pipe, n, None) is not None]
-        for expert in experts:
-            mismatch = lora_mismatch(state, getattr(self.pipe, expert))
-            if mismatch:
-                raise LoraError(f"LoRA {name!r} does not fit {self.entry.id}'s {expert} ({mismatch}); "
-                                "it was made for another model")
-        for expert in experts:
-            try:
-                self.pipe.load_lora_weights(str(path), adapter_name=adapter,
-                                            **({"load_into_transformer_2": True} if expert == "transformer_2" else {}))
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                raise failed(exc) from None
-        return experts
+        """A context in which the job's LoRAs (name, file, scale) are loaded; unloaded after, whatever happens
+        (`pipeline.lora.loras_applied`). Should the loader leave a component unplaced, the preset is applied again."""
+        return lora.loras_applied(self.pipe, self.entry.id, self.speed, loras,
+                                  lambda: apply_memory_preset(self.pipe, self.memory_preset, self.device))
 
     def warm_up(self, params: JobParams) -> None:
         """Run one short job (one step) at `params`' size and prompt, so a compiled model compiles now and not

@@ -182,7 +182,7 @@ def test_a_wan_a14b_lora_goes_into_both_experts(data_dir, tmp_path, caplog):
     generator = VideoGenerator("tiny:wan2.2-t2v-a14b", data_dir)
     params = job("wan2.2-t2v-a14b", num_inference_steps=4)
     fresh = generator.generate(params)
-    with caplog.at_level(logging.INFO, logger="pipeline.generate"):
+    with caplog.at_level(logging.INFO, logger="pipeline.lora"):
         with generator.loras_applied([("a14b", tmp_path / "a14b.safetensors", 1.0)]):
             per_expert = [[n for n, m in t.named_modules() if isinstance(m, BaseTunerLayer)]
                           for t in generator.transformers]
