@@ -305,3 +305,18 @@ def test_keep_latents_saves_them_beside_the_video(settings, tmp_path):
     out2 = tmp_path / "plain.mp4"
     run_job(params(upscale=False), settings, models=Models(settings), output=out2)
     assert not (tmp_path / "plain.latents.pt").exists()
+
+
+def test_the_generators_parts_do_not_import_it_back():
+    """pipeline/generate.py uses speed, families and lora; none of them imports pipeline.generate (no cycle: the
+    LoRA code re-places the pipeline through a callback the generator hands it)."""
+    import ast
+
+    from pipeline import lora
+
+    for module in (speed, families, lora):
+        tree = ast.parse(open(module.__file__).read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+            {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+             for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "pipeline.generate" not in imported, module.__name__
