@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.families import decode_ltx2_audio, decode_ltx2_video  # noqa: E402
+from pipeline.generate import to_uint8_frames  # noqa: E402
 from pipeline.models import tiny_model_dir  # noqa: E402
-from pipeline.generate import decode_ltx2_audio, decode_ltx2_video, to_uint8_frames  # noqa: E402
 from pipeline.run import encode_stream  # noqa: E402
 from pipeline.video import Audio, mux_waveform  # noqa: E402
 

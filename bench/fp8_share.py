@@ -3,7 +3,7 @@
 diffusers' `enable_layerwise_casting` keeps every module matching the model class's
 `_skip_layerwise_casting_patterns` (e.g. "norm", which also matches the AdaLN modulation Linears) in the
 compute dtype. This builds each transformer at its published size on the meta device (no weights, no
-download), applies the casting as t2v does (`pipeline.generate.apply_speed_options`), and counts.
+download), applies the casting as t2v does (`pipeline.speed.apply_speed_options`), and counts.
 
     python bench/fp8_share.py          # a table: model, parameters, fp8 share, the largest modules kept
 """

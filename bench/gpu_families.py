@@ -157,7 +157,7 @@ def run_one(model_id: str, preset: str, device: str, smoke: bool = False) -> dic
     import torch
     from PIL import Image
 
-    from pipeline import generate
+    from pipeline import generate, speed
 
     entry = models.MODELS[model_id]
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +167,7 @@ def run_one(model_id: str, preset: str, device: str, smoke: bool = False) -> dic
         full = full_size(getattr(pipe, name), {} if smoke else overrides)
         setattr(pipe, name, None)  # the tiny one goes first
         pipe.register_modules(**{name: materialize(full, dtypes.get(name, dtypes["default"]))})
-    generate.apply_speed_options(pipe, generate.SpeedOptions(vae_tiling=True), device)
+    speed.apply_speed_options(pipe, speed.SpeedOptions(vae_tiling=True), device)
     generate.apply_memory_preset(pipe, preset, device)
     width, height, frames = (64, 64, 5) if smoke else job_shape(model_id)
     image = Image.new("RGB", (width, height), (120, 90, 60)) if entry.inputs == "image" else None

@@ -168,7 +168,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         return EXIT_USAGE
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.generate import LoraError
+    from pipeline.lora import LoraError
     from pipeline.run import Models, run_job
     from pipeline.upscale import UpscalerLoadError
 

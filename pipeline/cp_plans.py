@@ -3,7 +3,7 @@
 A plan names, per submodule, which tensor to split across the ranks of a group (along the token axis) and
 where to gather the result back (diffusers' `ContextParallelInput` / `ContextParallelOutput`, read by
 `hooks/context_parallel.py`). Wan's and LTX's plans are diffusers' own; this module holds the rest, keyed by
-transformer class, beside the family's other adapters (`models.prepare_call`, `generate.PROMPT_TRIMS`).
+transformer class, beside the family's other adapters (`models.prepare_call`, `families.PROMPT_TRIMS`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ by the registry's adapter (`models.prepare_call`), so nothing here names a model
 uint8 array (frames, height, width, 3).
 
 What differs per family beyond the call (trimming the prompt's padding, decoding kept latents) is one
-small function each, looked up by the pipeline's class name; a family without one takes the generic path.
+small function each in `pipeline.families`, looked up by the pipeline's class name; a family without one
+takes the generic path. The speed knobs live in `pipeline.speed`, the LoRA checks in `pipeline.lora`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import contextlib
 import inspect
 import json
 import logging
-import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 
 from config import ConfigError, attention_backend_problem
-from pipeline import decoding, memory, models, parallel, tiny
-from pipeline.loading import model_construction
-from pipeline.spec import JobParams, attention_backend_for, passes_attention_mask
+from pipeline import decoding, families, lora, memory, models, parallel, tiny
+from pipeline.spec import JobParams
+from pipeline.speed import (SpeedOptions, apply_speed_options, compile_transformer, denoisers, fit_cache_to_job,
+                            resolve_speed)
 from pipeline.video import Audio
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ class MissingWeightsError(FileNotFoundError):
 
 class JobCanceled(Exception):
     """Raised at the next transformer block once the job is canceled; nothing is decoded after it."""
-
-
-class LoraError(ValueError):
-    """A job's LoRAs cannot be applied by this loaded model; the message says why."""
 
 
 def resolve_model(model: str, data_dir: Path, models_dir: Path | None = None) -> tuple[models.ModelEntry, Path]:
@@ -149,277 +145,6 @@ def group_offload_options(pipe, device: str) -> dict:
                 use_stream=stream, record_stream=stream,
                 exclude_modules=[name for name in ("vae",) if getattr(pipe, name, None) is not None])
 
-
-# ------------------------------------------------------------------------------------------ speed
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """The speed knobs. None leaves a knob to the speed preset (`resolve_speed` fills it in)."""
-
-    preset: str = "off"  # off | balanced | fast
-    fp8: bool | None = None  # store transformer weights in float8, compute in the model dtype
-    vae_tiling: bool | None = None
-    cache: str | None = None  # off | fbc (First Block Cache) | magcache
-    fbc_threshold: float | None = None
-    attention_backend: str | None = None  # a diffusers backend name; config.ATTENTION_BACKENDS
-    compile: bool | None = None  # regional torch.compile of the repeated transformer blocks
-    mask_free: bool = True  # batch 1: trim the prompt's padding, so no attention mask is passed
-
-
-# HunyuanVideo's published cache settings.
-# First Block Cache: "0.06 is the default residual difference value for HunyuanVideo models"
-# (diffusers docs, optimization/para_attn.md, from ParaAttention; 1.62x at 720p, "nearly zero quality loss").
-FBC_THRESHOLDS = {"HunyuanVideoPipeline": 0.06}  # per family; others get diffusers' default, 0.05
-# MagCache (github.com/Zehong-Ma/MagCache, MagCache4HunyuanVideo/magcache_sample_video.py): the faster of the
-# two published settings, E024K06R02 (threshold 0.24, at most 6 skipped steps in a row, the first 20% of
-# steps never skipped; about 2.8x), and the magnitude ratios calibrated there over 50 steps at 544p and 720p.
-HUNYUAN_VIDEO_MAGCACHE = dict(threshold=0.24, max_skip_steps=6, retention_ratio=0.2)
-HUNYUAN_VIDEO_MAG_RATIOS = {
-    544: [1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632, 1.02974, 1.00984,
-          1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726, 1.03727, 1.01502, 1.00992,
-          1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461, 1.01152, 1.03082, 1.0061, 1.02162, 1.01999,
-          0.99063, 1.01186, 1.0217, 0.99947, 1.01711, 0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315,
-          0.97728, 0.91154, 0.86139, 0.76592],
-    720: [1.0, 1.0754, 1.27807, 1.11596, 1.09504, 1.05188, 1.00844, 1.05779, 1.00657, 1.04142, 1.03101, 1.00679,
-          1.02556, 1.00908, 1.06949, 1.05438, 1.02214, 1.02321, 1.03019, 1.00779, 1.03381, 1.01886, 1.01161,
-          1.02968, 1.00544, 1.02822, 1.00689, 1.02119, 1.0105, 1.01044, 1.01572, 1.02972, 1.0094, 1.02368, 1.0226,
-          0.98965, 1.01588, 1.02146, 1.0018, 1.01687, 0.99436, 1.00283, 1.01139, 0.97122, 0.98251, 0.94513,
-          0.97656, 0.90943, 0.85703, 0.75456],
-}
-# The cache each speed preset turns on, per family. A family with no published settings gets none.
-PRESET_CACHES = {"HunyuanVideoPipeline": {"balanced": "fbc", "fast": "magcache"}}
-
-
-def preset_choices(preset: str, family: str, device: str, memory_preset: str, mask_free: bool) -> dict:
-    """What a speed preset turns on for this family, device and memory preset: fp8 only where weights travel
-    (offload presets), since with every weight resident it would only add a cast per layer; compile, which
-    `resolve_speed` then drops where fp8 or group offload would break its graph at every Linear."""
-    if preset == "off":
-        return {}
-    cuda = device.startswith("cuda")
-    return {
-        "attention_backend": best_attention_backend(masked=not mask_free) if cuda else "native",
-        "compile": cuda,
-        "cache": PRESET_CACHES.get(family, {}).get(preset, "off"),
-        "fp8": preset == "fast" and memory_preset in ("model", "group"),
-    }
-
-
-def best_attention_backend(masked: bool) -> str:
-    """The fastest installed backend: FlashAttention 3, then 2, then PyTorch's SDPA (which, given no
-    mask, picks its own flash or cuDNN kernel on CUDA)."""
-    candidates = ("_flash_varlen_3", "flash_varlen") if masked else ("_flash_3", "flash")
-    return next((name for name in candidates if attention_backend_problem(name, masked) is None), "native")
-
-
-def resolve_speed(options: SpeedOptions, entry: models.ModelEntry, device: str, memory_preset: str) -> SpeedOptions:
-    """Every knob concrete: an explicit setting wins, then the speed preset, then off.
-
-    VAE tiling is on by default on CUDA with every memory preset (HunyuanVideo's VAE mid-block alone
-    peaks near 34 GiB at 720p untiled); the `group` preset stores weights in fp8 unless told not to.
-    No compile under fp8 casting or the `group` preset, whose hooks break the graph at every Linear. A cache
-    the model cannot take (`ModelEntry.caches`) is left off, and the log says so: the setting is per worker,
-    and the worker loads any model. For the same reason a named mask-free attention backend becomes its nearest
-    mask-capable kin for a model that passes a mask (`pipeline.spec.attention_backend_for`).
-    """
-    family = entry.pipelines[entry.modes[0]]
-    mask_free = not passes_attention_mask(entry, options.mask_free)
-    chosen = preset_choices(options.preset, family, device, memory_preset, mask_free)
-    # A family whose attention takes dense (N, N) masks gets a varlen kernel even with the speed preset off:
-    # SDPA would expand each mask to the query's dtype (`pipeline.memory.mask_bytes`).
-    dense = family in DENSE_MASK_PIPELINES and device.startswith("cuda")
-    default_backend = best_attention_backend(masked=True) if dense else "native"
-    cache = options.cache
-    if cache is None and options.fbc_threshold is not None:
-        cache = "fbc" if options.fbc_threshold > 0 else "off"
-    cache = cache or chosen.get("cache", "off")
-    if cache != "off" and cache not in entry.caches:
-        log.warning("%s cannot take the %s cache in diffusers 0.42.1 (it takes: %s); it runs without one",
-                    entry.id, cache, ", ".join(entry.caches) or "none")
-        cache = "off"
-    fp8 = options.fp8 if options.fp8 is not None else (memory_preset == "group" or chosen.get("fp8", False))
-    compile_ = options.compile if options.compile is not None else chosen.get("compile", False)
-    if compile_ and (graph_breaker := "fp8 layerwise casting" if fp8 else
-                     "leaf-level group offload" if memory_preset == "group" else None):
-        log.warning("not compiling %s: %s breaks the graph at every Linear, so a compile would gain little",
-                    entry.id, graph_breaker)
-        compile_ = False
-    return replace(
-        options,
-        fp8=fp8,
-        vae_tiling=options.vae_tiling if options.vae_tiling is not None else device.startswith("cuda"),
-        cache=cache,
-        fbc_threshold=options.fbc_threshold or FBC_THRESHOLDS.get(family, 0.05),
-        # Always named: diffusers also makes the last backend set the process-wide default.
-        attention_backend=(attention_backend_for(entry, options.attention_backend, options.mask_free)
-                           or chosen.get("attention_backend") or default_backend),
-        compile=compile_,
-        mask_free=mask_free,
-    )
-
-
-def cache_config(options: SpeedOptions, family: str):
-    """The diffusers cache config for `options.cache`, from the family's published settings."""
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
-
-    if options.cache == "fbc":
-        return FirstBlockCacheConfig(threshold=options.fbc_threshold)
-    if options.cache == "magcache":
-        if family != "HunyuanVideoPipeline":
-            raise ConfigError(f"T2V_CACHE=magcache needs magnitude ratios calibrated for {family}; t2v has them "
-                              "only for HunyuanVideo (use fbc)")
-        ratios = HUNYUAN_VIDEO_MAG_RATIOS[720]
-        return MagCacheConfig(**HUNYUAN_VIDEO_MAGCACHE, num_inference_steps=len(ratios), mag_ratios=ratios)
-    return None
-
-
-def fit_cache_to_job(config, params: JobParams) -> None:
-    """MagCache's ratios are per step: fit them to this job's step count and size before it runs.
-    diffusers' hooks hold this same config object, so they read the new values."""
-    from diffusers.hooks import MagCacheConfig
-    from diffusers.hooks.mag_cache import nearest_interp
-
-    if isinstance(config, MagCacheConfig):
-        ratios = HUNYUAN_VIDEO_MAG_RATIOS[544 if min(params.width, params.height) <= 544 else 720]
-        config.num_inference_steps = params.num_inference_steps
-        config.mag_ratios = nearest_interp(torch.tensor(ratios), params.num_inference_steps)
-
-
-def denoisers(pipe) -> list:
-    """The pipeline's transformers: `transformer`, and the low-noise expert `transformer_2` of the two-expert
-    Wan 2.2 A14B models (it runs the later steps, so every speed option goes to both)."""
-    return [t for t in (getattr(pipe, name, None) for name in ("transformer", "transformer_2")) if t is not None]
-
-
-def apply_speed_options(pipe, options: SpeedOptions, device: str):
-    """Apply resolved speed options to every transformer, before the memory preset places the components
-    (compile comes after it, see `compile_transformer`). Returns the cache config it enabled, if any."""
-    transformers = denoisers(pipe)
-    if options.vae_tiling and hasattr(pipe, "vae"):
-        pipe.vae.enable_tiling()
-    config = cache_config(options, type(pipe).__name__) if transformers else None
-    for transformer in transformers:
-        if options.fp8:
-            compute = torch.float32 if device == "cpu" else transformer.dtype
-            transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
-        if config is not None:
-            transformer.enable_cache(config)  # one config: MagCache's fitted ratios reach every transformer
-        if options.attention_backend:
-            transformer.set_attention_backend(options.attention_backend)
-    return config
-
-
-def has_hooks(model: torch.nn.Module) -> bool:
-    """Whether any diffusers hook (cache, layerwise casting, group offload) or accelerate hook
-    (model or sequential CPU offload) sits on `model` or inside it."""
-    for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if (registry is not None and registry.hooks) or hasattr(module, "_hf_hook"):
-            return True
-    return False
-
-
-def lora_mismatch(state: dict, transformer) -> str | None:
-    """Why a LoRA state dict (diffusers' format, `transformer.<module>.lora_A.weight`) does not fit `transformer`:
-    a module it names that the transformer has not, or a shape that differs. None when every key fits."""
-    modules = dict(transformer.named_modules())
-    for key, tensor in sorted(state.items()):
-        if not key.startswith("transformer.") or ".lora" not in key:
-            return f"{key} is not a transformer LoRA weight"
-        path, _, part = key[len("transformer."):].partition(".lora")
-        module = modules.get(path)
-        if module is None:
-            return f"it has weights for {path}, which the model has not"
-        size, side = (tensor.shape[1], "in") if part.startswith("_A.") else (tensor.shape[0], "out")
-        expected = getattr(module, f"{side}_features", None)
-        if part.startswith(("_A.weight", "_B.weight")) and expected is not None and size != expected:
-            return f"{path} takes {expected} {side} features, the LoRA has {size}"
-    return None
-
-
-def compile_transformer(transformer) -> None:
-    """Regional torch.compile of the repeated blocks. fullgraph=True fails under every diffusers and
-    accelerate hook (they are compiler-disabled, and fp8 casting builds a Parameter inside the region),
-    so it is asked for only when none is present."""
-    fullgraph = not has_hooks(transformer)
-    log.info("compiling the repeated transformer blocks (fullgraph=%s)", fullgraph)
-    transformer.compile_repeated_blocks(fullgraph=fullgraph)
-
-
-# ------------------------------------------------------------------------- per-family functions
-
-def trim_hunyuan_video_prompt(pipe, prompt: str, negative_prompt: str | None, call_kwargs: dict) -> dict:
-    """Encode the prompt (and negative prompt) with the pipeline's own `encode_prompt`, then cut the
-    padding off. For one prompt the text then has no padding token, so its mask is all ones and the
-    transformer blocks get no mask at all (see `_BlockHook`): SDPA's flash and cuDNN kernels apply."""
-    encode = {k: call_kwargs[k] for k in ("prompt_template", "max_sequence_length") if k in call_kwargs}
-
-    def encoded(text: str):
-        embeds, pooled, mask = pipe.encode_prompt(prompt=text, device=pipe._execution_device, **encode)
-        length = int(mask[0].sum())
-        if not bool(mask[0, :length].all()):  # padding on the left: cannot cut it off the end
-            raise ValueError("the tokenizer pads on the left")
-        return embeds[:, :length], pooled, mask[:, :length]
-
-    embeds, pooled, mask = encoded(prompt)
-    trimmed = dict(prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
-    if negative_prompt:
-        embeds, pooled, mask = encoded(negative_prompt)
-        trimmed.update(negative_prompt=None, negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled,
-                       negative_prompt_attention_mask=mask)
-    return trimmed
-
-
-def decode_hunyuan_video(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> (F, C, H, W) floats in [0, 1], as HunyuanVideoPipeline decodes them."""
-    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-    video = pipe.vae.decode(latents, return_dict=False)[0]
-    return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
-
-
-def decode_ltx2_video(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> (F, C, H, W) floats in [0, 1], as LTX2Pipeline decodes them at its default decode_timestep
-    of 0 (no noise is mixed in; a timestep-conditioned VAE is told 0)."""
-    vae = pipe.vae
-    timestep = None
-    if vae.config.timestep_conditioning:
-        timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=vae.dtype)
-    video = vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
-    return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
-
-
-def decode_ltx2_audio(pipe, audio_latents: torch.Tensor) -> Audio:
-    """Audio latents -> the waveform, as LTX2Pipeline decodes them: the audio VAE makes a mel spectrogram, the
-    vocoder the samples, at the vocoder's own rate (`output_sampling_rate`)."""
-    mel = pipe.audio_vae.decode(audio_latents.to(pipe.audio_vae.dtype), return_dict=False)[0]
-    waveform = pipe.vocoder(mel.to(pipe.vocoder.dtype))[0]  # (channels, samples)
-    return Audio(waveform.float().cpu().numpy(), int(pipe.vocoder.config.output_sampling_rate))
-
-
-def unpack_ltx2_latents(pipe, params: JobParams, latents: torch.Tensor) -> torch.Tensor:
-    """LTX-2's step latents are packed into tokens (B, sequence, C): back to (B, C, F, H, W) for a preview."""
-    frames = (params.num_frames - 1) // pipe.vae_temporal_compression_ratio + 1
-    height, width = (side // pipe.vae_spatial_compression_ratio for side in (params.height, params.width))
-    return pipe._unpack_latents(latents, frames, height, width, pipe.transformer_spatial_patch_size,
-                                pipe.transformer_temporal_patch_size)
-
-
-# Keyed by the pipeline's class name. Other families (Wan, HunyuanVideo-1.5) could add theirs here; without
-# one, a pipeline decodes inside its own call and its padded prompt keeps its mask.
-PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
-LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video, "LTX2Pipeline": decode_ltx2_video,
-                   "LTX2ImageToVideoPipeline": decode_ltx2_video}
-# Pipelines that denoise a soundtrack with the video (returned as latents beside the video's, then decoded here).
-AUDIO_DECODERS = {"LTX2Pipeline": decode_ltx2_audio, "LTX2ImageToVideoPipeline": decode_ltx2_audio}
-# Pipelines whose step latents are packed: the unpacking a preview needs.
-LATENT_UNPACKERS = {"LTX2Pipeline": unpack_ltx2_latents, "LTX2ImageToVideoPipeline": unpack_ltx2_latents}
-# Pipelines whose transformer builds dense (B, 1, N, N) masks in every block (HunyuanVideo-1.5). Never give
-# them a prompt trim: their processor pads the mask and passes it whatever the prompt.
-DENSE_MASK_PIPELINES = frozenset(name for entry in models.ENTRIES if entry.memory.dense_mask
-                                 for name in entry.pipelines.values())
-
-
-# ----------------------------------------------------------------------------------- generator
 
 class _BlockHook:
     """A forward pre-hook on each repeated transformer block (those its class names in `_repeated_blocks`:
@@ -598,7 +323,7 @@ class VideoGenerator:
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
         tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
-        text-to-video and LTX-2 decode here (`LATENT_DECODERS`; for LTX-2 the video's latents are kept, not the
+        text-to-video and LTX-2 decode here (`families.LATENT_DECODERS`; for LTX-2 the video's latents are kept, not the
         sound's); the other pipelines decode inside their own call (output_type="pt"), so for them `latents_path`
         is not written. `on_latents(step, total, latents)` sees the latents after every step (for previews);
         `on_decode(done, total)` follows the VAE decode. A model that makes sound (LTX-2) leaves the job's
@@ -618,7 +343,7 @@ class VideoGenerator:
             should_cancel = group.agreed(should_cancel)
         if should_cancel and should_cancel():
             raise JobCanceled()
-        decode = LATENT_DECODERS.get(type(pipe).__name__)
+        decode = families.LATENT_DECODERS.get(type(pipe).__name__)
         try:
             with torch.inference_mode(), decoding.reported(getattr(self.pipe, "vae", None), on_decode):
                 self._blocks.should_cancel = should_cancel
@@ -644,81 +369,14 @@ class VideoGenerator:
             self.pipe.maybe_free_model_hooks()
 
     def lora_problem(self) -> str | None:
-        """Why this loaded model cannot take LoRAs per job, or None. diffusers adds fp8 layerwise casting to LoRA
-        layers only when they are loaded before it (a LoRA loaded after it is cast to fp8 itself and fails), and
-        a compiled block recompiles for every new set of LoRAs until Dynamo's recompile limit fails the job."""
-        if not hasattr(self.pipe, "load_lora_weights"):
-            return f"diffusers has no LoRA loader for {self.family}"
-        if self.speed.fp8:
-            return "LoRAs cannot be added to fp8-stored weights; run this worker with T2V_FP8=0 to use them"
-        if self.speed.compile:
-            return "LoRAs cannot be swapped per job in a compiled model; run this worker with T2V_COMPILE=0 to use them"
-        return None
+        """Why this loaded model cannot take LoRAs per job, or None (`pipeline.lora.lora_problem`)."""
+        return lora.lora_problem(self.pipe, self.speed)
 
-    @contextlib.contextmanager
     def loras_applied(self, loras: list[tuple[str, Path, float]]):
-        """Load each LoRA (name, .safetensors file, scale) with the pipeline's own diffusers loader for one job,
-        into every expert it fits, and always unload them after, on a failure or cancel too, so no job's LoRA
-        reaches the next job. The files are read from disk for every job; the time it takes is logged.
-
-        diffusers' `load_lora_adapter` takes the accelerate offload hooks off before it loads and puts them back
-        only after a load that worked: the LoRA's keys are checked against the model first, and should a load
-        still fail, the memory preset is applied again, so no later job runs its transformer off the GPU."""
-        if not loras:
-            yield
-            return
-        problem = self.lora_problem()
-        if problem:
-            raise LoraError(f"{self.entry.id}: {problem}")
-        started = time.perf_counter()
-        adapters = [f"lora{i}" for i in range(len(loras))]  # a LoRA's name may hold a dot; adapter names may not
-        hooked = self._offload_hooked()
-        try:
-            for adapter, (name, path, _) in zip(adapters, loras):
-                experts = self._load_lora(name, Path(path), adapter)
-                log.info("LoRA %s loaded into %s", name, " and ".join(experts))
-            self.pipe.set_adapters(adapters, [scale for _, _, scale in loras])
-            log.info("LoRAs %s loaded in %.2f s", ", ".join(f"{n}@{s:g}" for n, _, s in loras),
-                     time.perf_counter() - started)
-            yield
-        finally:
-            self.pipe.unload_lora_weights()
-            if hooked - self._offload_hooked():
-                log.warning("the LoRA loader left %s without its offload hook; applying the %s preset again",
-                            ", ".join(sorted(hooked - self._offload_hooked())), self.memory_preset)
-                apply_memory_preset(self.pipe, self.memory_preset, self.device)
-
-    def _offload_hooked(self) -> set[str]:
-        """The components carrying an accelerate offload hook (the `model` and `sequential` presets)."""
-        return {name for name, c in self.pipe.components.items() if hasattr(c, "_hf_hook")}
-
-    def _load_lora(self, name: str, path: Path, adapter: str) -> list[str]:
-        """Load one LoRA into each transformer its keys fit (both Wan 2.2 A14B experts: diffusers loads only into
-        `transformer` unless told `load_into_transformer_2`); return their names. LoraError names the LoRA."""
-        def failed(exc: Exception) -> LoraError:
-            detail = str(exc).replace(str(path), path.name)[:300]  # no operator's path in a job record
-            return LoraError(f"LoRA {name!r} cannot be loaded into {self.entry.id}: {type(exc).__name__}: {detail}")
-
-        try:
-            state = self.pipe.lora_state_dict(str(path))
-        except Exception as exc:  # a damaged file, or one in a format diffusers does not read
-            raise failed(exc) from None
-        experts = [n for n in ("transformer", "transformer_2") if getattr(self.pipe, n, None) is not None]
-        for expert in experts:
-            mismatch = lora_mismatch(state, getattr(self.pipe, expert))
-            if mismatch:
-                raise LoraError(f"LoRA {name!r} does not fit {self.entry.id}'s {expert} ({mismatch}); "
-                                "it was made for another model")
-        for expert in experts:
-            try:
-                with model_construction():  # peft builds the LoRA layers: not while another load patches torch.nn
-                    self.pipe.load_lora_weights(str(path), adapter_name=adapter, **(
-                        {"load_into_transformer_2": True} if expert == "transformer_2" else {}))
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                raise failed(exc) from None
-        return experts
+        """A context in which the job's LoRAs (name, file, scale) are loaded; unloaded after, whatever happens
+        (`pipeline.lora.loras_applied`). Should the loader leave a component unplaced, the preset is applied again."""
+        return lora.loras_applied(self.pipe, self.entry.id, self.speed, loras,
+                                  lambda: apply_memory_preset(self.pipe, self.memory_preset, self.device))
 
     def warm_up(self, params: JobParams) -> None:
         """Run one short job (one step) at `params`' size and prompt, so a compiled model compiles now and not
@@ -746,12 +404,12 @@ class VideoGenerator:
         )
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs.update({k: v for k, v in self.call_defaults.items() if k in accepted})
-        trim = PROMPT_TRIMS.get(type(pipe).__name__)
+        trim = families.PROMPT_TRIMS.get(type(pipe).__name__)
         if self.speed.mask_free and trim is not None:
             kwargs.update(trim(pipe, params.prompt, params.negative_prompt, kwargs))
             self._blocks.drop_mask = True
         fit_cache_to_job(self.cache, params)
-        unpack = LATENT_UNPACKERS.get(type(pipe).__name__)
+        unpack = families.LATENT_UNPACKERS.get(type(pipe).__name__)
         if on_latents is not None and unpack is not None:
             shown = on_latents
             on_latents = lambda step, total, latents: shown(step, total, unpack(pipe, params, latents))  # noqa: E731
@@ -761,7 +419,7 @@ class VideoGenerator:
     def _audio(self, pipe, result, params: JobParams, frames: int, should_cancel) -> Audio | None:
         """Decode the soundtrack the pipeline denoised with the video, fitted to the clip; None when the model
         makes none or the job asked for none."""
-        decode = AUDIO_DECODERS.get(type(pipe).__name__)
+        decode = families.AUDIO_DECODERS.get(type(pipe).__name__)
         if decode is None or not params.audio:
             return None
         if should_cancel and should_cancel():

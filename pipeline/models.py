@@ -54,7 +54,7 @@ class Family:
     audio: bool = False
 
 
-# The pipelines whose prompt padding t2v trims off (their functions: pipeline.generate.PROMPT_TRIMS).
+# The pipelines whose prompt padding t2v trims off (their functions: pipeline.families.PROMPT_TRIMS).
 TRIMMED_PIPELINES = frozenset({"HunyuanVideoPipeline"})
 
 FAMILIES = {

@@ -26,10 +26,10 @@ import numpy as np
 from config import Settings
 from pipeline import models as registry
 from pipeline import preview
-from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, resolve_model,
-                               use_device)
+from pipeline.generate import JobCanceled, MissingWeightsError, VideoGenerator, resolve_model, use_device
 from pipeline.loading import model_construction
 from pipeline.spec import JobParams, Limits, Rules, model_rules
+from pipeline.speed import SpeedOptions
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (Audio, VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
                             mux_waveform, probe_audio, read_frames, write_poster)

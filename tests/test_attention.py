@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from diffusers.models.transformers import transformer_hunyuan_video
 
 from config import ConfigError
-from pipeline.generate import SpeedOptions, VideoGenerator
+from pipeline.generate import VideoGenerator
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions
 from random_models import WIDE, hunyuan_variant
 
 # Same seed, trimmed vs padded+masked prompt: the padded tokens never reach a real token (the mask hides
@@ -109,10 +110,10 @@ def test_a_mask_free_backend_is_refused_at_load_while_a_mask_is_passed(data_dir,
 
 
 def test_a_family_without_a_trim_keeps_its_mask(data_dir, tiny_model, monkeypatch):
-    from pipeline import generate
+    from pipeline import families, models
 
-    monkeypatch.setattr(generate, "PROMPT_TRIMS", {})
-    monkeypatch.setattr(generate.models, "TRIMMED_PIPELINES", frozenset())
+    monkeypatch.setattr(families, "PROMPT_TRIMS", {})
+    monkeypatch.setattr(models, "TRIMMED_PIPELINES", frozenset())
     gen = VideoGenerator("tiny", data_dir)
     assert gen.speed.mask_free is False
     assert gen.generate(params(num_inference_steps=1)).shape == (9, 64, 64, 3)

@@ -5,10 +5,11 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry
 
-from pipeline import generate, models
-from pipeline.generate import (JobCanceled, MissingWeightsError, SpeedOptions, VideoGenerator, apply_memory_preset,
+from pipeline import families, generate, models, speed
+from pipeline.generate import (JobCanceled, MissingWeightsError, VideoGenerator, apply_memory_preset,
                                choose_memory_preset, component_dtypes)
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions
 
 GiB = 1024**3
 
@@ -194,7 +195,7 @@ def test_compile_asks_for_a_full_graph_only_without_hooks_and_runs(data_dir, tin
                         lambda self, **kw: asked.append(kw) or real(self, **kw))
     gen = VideoGenerator("tiny", data_dir, speed=options)
     assert asked == [{"fullgraph": fullgraph}]
-    assert generate.has_hooks(gen.pipe.transformer) is not fullgraph
+    assert speed.has_hooks(gen.pipe.transformer) is not fullgraph
     assert gen.generate(params(num_inference_steps=2)).shape == (9, 64, 64, 3)
 
 
@@ -202,11 +203,11 @@ def test_compile_asks_for_a_full_graph_only_without_hooks_and_runs(data_dir, tin
 
 @pytest.mark.parametrize("memory", ["none", "model", "group", "sequential"])
 def test_vae_tiling_is_on_with_every_memory_preset_on_cuda_unless_turned_off(memory):
-    family = generate.models.MODELS["hunyuanvideo"]
-    assert generate.resolve_speed(SpeedOptions(), family, "cuda:0", memory).vae_tiling is True
-    assert generate.resolve_speed(SpeedOptions(vae_tiling=False), family, "cuda:0", memory).vae_tiling is False
-    assert generate.resolve_speed(SpeedOptions(), family, "cpu", "none").vae_tiling is False
-    assert generate.resolve_speed(SpeedOptions(vae_tiling=True), family, "cpu", "none").vae_tiling is True
+    family = models.MODELS["hunyuanvideo"]
+    assert speed.resolve_speed(SpeedOptions(), family, "cuda:0", memory).vae_tiling is True
+    assert speed.resolve_speed(SpeedOptions(vae_tiling=False), family, "cuda:0", memory).vae_tiling is False
+    assert speed.resolve_speed(SpeedOptions(), family, "cpu", "none").vae_tiling is False
+    assert speed.resolve_speed(SpeedOptions(vae_tiling=True), family, "cpu", "none").vae_tiling is True
 
 
 def test_a_generator_loaded_for_cuda_with_the_none_preset_tiles_its_vae(data_dir, tiny_model, monkeypatch):
@@ -287,7 +288,7 @@ def test_saved_latents_decode_to_the_same_frames(fresh, tmp_path):
     frames = fresh.generate(params(seed=4), latents_path=path)
     latents = torch.load(path)["latents"]
     with torch.inference_mode():
-        again = generate.to_uint8_frames(generate.decode_hunyuan_video(fresh.pipe, latents))
+        again = generate.to_uint8_frames(families.decode_hunyuan_video(fresh.pipe, latents))
     assert np.array_equal(frames, again)
 
 
@@ -304,3 +305,18 @@ def test_keep_latents_saves_them_beside_the_video(settings, tmp_path):
     out2 = tmp_path / "plain.mp4"
     run_job(params(upscale=False), settings, models=Models(settings), output=out2)
     assert not (tmp_path / "plain.latents.pt").exists()
+
+
+def test_the_generators_parts_do_not_import_it_back():
+    """pipeline/generate.py uses speed, families and lora; none of them imports pipeline.generate (no cycle: the
+    LoRA code re-places the pipeline through a callback the generator hands it)."""
+    import ast
+
+    from pipeline import lora
+
+    for module in (speed, families, lora):
+        tree = ast.parse(open(module.__file__).read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+            {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+             for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "pipeline.generate" not in imported, module.__name__

@@ -16,9 +16,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from config import Settings
 from conftest import TINY_JOB
 from pipeline import models
-from pipeline.generate import JobCanceled, LoraError, MissingWeightsError, SpeedOptions, VideoGenerator
+from pipeline.generate import JobCanceled, MissingWeightsError, VideoGenerator
+from pipeline.lora import LoraError
 from pipeline.run import Models, lora_files, run_job
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions
 from pipeline.video import read_frames
 from test_models_jobs import run
 from worker.errors import classify_error
@@ -180,7 +182,7 @@ def test_a_wan_a14b_lora_goes_into_both_experts(data_dir, tmp_path, caplog):
     generator = VideoGenerator("tiny:wan2.2-t2v-a14b", data_dir)
     params = job("wan2.2-t2v-a14b", num_inference_steps=4)
     fresh = generator.generate(params)
-    with caplog.at_level(logging.INFO, logger="pipeline.generate"):
+    with caplog.at_level(logging.INFO, logger="pipeline.lora"):
         with generator.loras_applied([("a14b", tmp_path / "a14b.safetensors", 1.0)]):
             per_expert = [[n for n, m in t.named_modules() if isinstance(m, BaseTunerLayer)]
                           for t in generator.transformers]

@@ -5,9 +5,10 @@ dense masks (counted, and steered to a varlen kernel)."""
 import pytest
 import torch
 
-from pipeline import generate, memory, models
-from pipeline.generate import SpeedOptions, VideoGenerator
+from pipeline import families, generate, memory, models, speed
+from pipeline.generate import VideoGenerator
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions
 
 GB, GiB = 10**9, 2**30
 
@@ -120,16 +121,16 @@ def test_models_reload_with_a_smaller_preset_only_when_a_job_needs_it(data_dir, 
 # ------------------------------------------------------------------ HunyuanVideo-1.5's dense masks (item 6)
 
 def test_dense_mask_pipelines_get_a_varlen_kernel_and_never_a_prompt_trim(monkeypatch):
-    assert generate.DENSE_MASK_PIPELINES == {"HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"}
-    assert not generate.DENSE_MASK_PIPELINES & set(generate.PROMPT_TRIMS)
-    monkeypatch.setattr(generate, "attention_backend_problem",
+    assert families.DENSE_MASK_PIPELINES == {"HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"}
+    assert not families.DENSE_MASK_PIPELINES & set(families.PROMPT_TRIMS)
+    monkeypatch.setattr(speed, "attention_backend_problem",
                         lambda name, masked: None if name == "flash_varlen" else f"{name} is not installed")
-    dense = [e for e in generate.models.ENTRIES if set(e.pipelines.values()) & generate.DENSE_MASK_PIPELINES]
+    dense = [e for e in models.ENTRIES if set(e.pipelines.values()) & families.DENSE_MASK_PIPELINES]
     assert {e.family for e in dense} == {"hunyuanvideo15"}
     for entry in dense:
-        assert generate.resolve_speed(SpeedOptions(), entry, "cuda:0", "model").attention_backend == "flash_varlen"
-        assert generate.resolve_speed(SpeedOptions(attention_backend="native"), entry, "cuda:0",
+        assert speed.resolve_speed(SpeedOptions(), entry, "cuda:0", "model").attention_backend == "flash_varlen"
+        assert speed.resolve_speed(SpeedOptions(attention_backend="native"), entry, "cuda:0",
                                       "model").attention_backend == "native"  # an explicit setting wins
-        assert generate.resolve_speed(SpeedOptions(), entry, "cpu", "none").attention_backend == "native"
-    plain = generate.resolve_speed(SpeedOptions(), generate.models.MODELS["hunyuanvideo"], "cuda:0", "model")
+        assert speed.resolve_speed(SpeedOptions(), entry, "cpu", "none").attention_backend == "native"
+    plain = speed.resolve_speed(SpeedOptions(), models.MODELS["hunyuanvideo"], "cuda:0", "model")
     assert plain.attention_backend == "native"

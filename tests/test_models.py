@@ -332,7 +332,8 @@ def test_a_folder_is_served_and_loaded_as_one_id(tmp_path):
     with the names to use, never loaded as whichever id came first."""
     import shutil
 
-    from pipeline.generate import ConfigError, resolve_model
+    from config import ConfigError
+    from pipeline.generate import resolve_model
 
     built = models.tiny_model_dir(tmp_path, "tiny:wan2.1-t2v-1.3b")
     hub_named = shutil.copytree(built, tmp_path / MODELS["wan2.1-t2v-1.3b"].folder_name)

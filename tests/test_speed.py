@@ -9,10 +9,11 @@ import torch
 
 import config
 from config import Settings
-from pipeline import generate, models
-from pipeline.generate import SpeedOptions, VideoGenerator, resolve_speed
+from pipeline import families, models, speed
+from pipeline.generate import VideoGenerator
 from pipeline.run import Models
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions, resolve_speed
 
 HV = models.MODELS["hunyuanvideo"]
 FBC_HOOKS = {"fbc_leader_block_hook", "fbc_block_hook"}
@@ -65,7 +66,7 @@ def test_a_threshold_alone_turns_first_block_cache_on_and_zero_turns_it_off():
     assert resolve_speed(SpeedOptions(fbc_threshold=0.08), HV, "cpu", "none").cache == "fbc"
     assert resolve_speed(SpeedOptions(preset="balanced", fbc_threshold=0), HV, "cpu", "none").cache == "off"
     balanced = resolve_speed(SpeedOptions(preset="balanced"), HV, "cpu", "none")
-    assert balanced.fbc_threshold == generate.FBC_THRESHOLDS["HunyuanVideoPipeline"] == 0.06
+    assert balanced.fbc_threshold == speed.FBC_THRESHOLDS["HunyuanVideoPipeline"] == 0.06
 
 
 def test_a_family_without_published_settings_gets_no_cache_from_the_preset():
@@ -79,7 +80,7 @@ def test_a_family_without_published_settings_gets_no_cache_from_the_preset():
 ])
 def test_only_a_model_that_passes_a_mask_is_kept_from_mask_free_backends(monkeypatch, model_id, mask_free):
     # Before: mask_free was keyed on PROMPT_TRIMS, so every Wan model was treated as masked and refused flash.
-    monkeypatch.setattr(generate, "attention_backend_problem",
+    monkeypatch.setattr(speed, "attention_backend_problem",
                         lambda name, masked: "masked" if masked and name in ("_flash_3", "flash") else None)
     resolved = resolve_speed(SpeedOptions(preset="balanced"), models.MODELS[model_id], "cuda:0", "none")
     assert resolved.mask_free is mask_free
@@ -90,7 +91,7 @@ def test_only_a_model_that_passes_a_mask_is_kept_from_mask_free_backends(monkeyp
 
 
 def test_the_registry_names_exactly_the_pipelines_that_have_a_prompt_trim():
-    assert models.TRIMMED_PIPELINES == set(generate.PROMPT_TRIMS)
+    assert models.TRIMMED_PIPELINES == set(families.PROMPT_TRIMS)
 
 
 @pytest.mark.parametrize("model_id, cache, kept", [
@@ -107,7 +108,7 @@ def test_a_cache_the_model_cannot_take_is_left_off_and_logged(caplog, model_id, 
 
 def test_the_preset_prefers_flash_attention_where_installed(monkeypatch):
     installed = {"_flash_3", "flash_varlen"}
-    monkeypatch.setattr(generate, "attention_backend_problem", lambda name, masked: None if name in installed else "no")
+    monkeypatch.setattr(speed, "attention_backend_problem", lambda name, masked: None if name in installed else "no")
     assert resolve_speed(SpeedOptions(preset="balanced"), HV, "cuda:0", "none").attention_backend == "_flash_3"
     masked = resolve_speed(SpeedOptions(preset="balanced", mask_free=False), HV, "cuda:0", "none")
     assert masked.attention_backend == "flash_varlen"  # a mask is passed: only a varlen kernel takes it

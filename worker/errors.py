@@ -27,7 +27,8 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
 def _classify(exc: BaseException) -> tuple[str, str]:
     import torch
 
-    from pipeline.generate import LoraError, MissingWeightsError
+    from pipeline.generate import MissingWeightsError
+    from pipeline.lora import LoraError
     from pipeline.upscale import UpscalerLoadError
     from pipeline.video import VideoInputError
 

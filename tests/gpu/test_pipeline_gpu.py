@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from config import ConfigError, Settings
-from pipeline.generate import JobCanceled, SpeedOptions, VideoGenerator
+from pipeline.generate import JobCanceled, VideoGenerator
 from pipeline.spec import JobParams
+from pipeline.speed import SpeedOptions
 from random_models import FULL_WIDTH, hunyuan_variant
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
