@@ -10,7 +10,7 @@ import av
 import pytest
 
 from pipeline import models as registry
-from test_web import api_job, browser, current_status_is, fill_tiny_job, open_page, page, sign_in, start_server, stop
+from test_web import PHONE, api_job, browser, current_status_is, fill_tiny_job, open_page, page, sign_in, start_server, stop
 
 __all__ = ["browser", "open_page", "page"]  # fixtures, imported so that pytest finds them here
 
@@ -101,3 +101,13 @@ def test_ltx2_plays_with_sound_and_unticked_sound_makes_a_silent_mp4(page, sound
     page.wait_for_function("id => localStorage.getItem('t2v.current') !== id", arg=quiet)
     current_status_is(page, "completed")
     assert api_job(sound_server, page.evaluate("localStorage.getItem('t2v.current')"))["params"]["audio"] is False
+
+
+def test_sound_sits_beside_seed_on_a_phone(open_page, sound_server):
+    page = open_page(PHONE)
+    sign_in(page, sound_server)
+    page.select_option("#model", LTX)
+    seed, sound = page.locator("#seed").bounding_box(), page.locator("#audio-field").bounding_box()
+    assert sound["x"] > seed["x"] + seed["width"] and sound["y"] < seed["y"] + seed["height"], (seed, sound)
+    assert sound["x"] + sound["width"] <= PHONE["width"]
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
