@@ -395,8 +395,8 @@ function track(id) {
   localStorage.setItem(CURRENT_KEY, id);
   $("#current").hidden = false;
   $("#result").hidden = true;
-  $("#player").removeAttribute("src");
-  $("#player").removeAttribute("poster");
+  delete $("#current").dataset.status; // the last job's, until this one's first answer
+  clearPlayer();
   showPreview(null);
   $("#job-error").textContent = "";
   poll(id);
@@ -414,9 +414,18 @@ function forget(id) {
   stopFollowing();
   tracking = null;
   localStorage.removeItem(CURRENT_KEY);
-  $("#player").removeAttribute("src");
+  clearPlayer();
   showPreview(null);
   $("#current").hidden = true;
+}
+
+/** Stop and empty the player: hidden, it would play on (its sound too), and it keeps its media without load(). */
+function clearPlayer() {
+  const player = $("#player");
+  player.pause();
+  player.removeAttribute("src");
+  player.removeAttribute("poster");
+  player.load(); // with no source: the old video is dropped (readyState 0)
 }
 
 const following = (id) => tracking !== null && tracking.id === id;

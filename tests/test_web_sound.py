@@ -10,7 +10,8 @@ import av
 import pytest
 
 from pipeline import models as registry
-from test_web import PHONE, api_job, browser, current_status_is, fill_tiny_job, open_page, page, sign_in, start_server, stop
+from test_web import (PHONE, api_job, browser, current_status_is, fill_tiny_job, open_page, page, sign_in,
+                      start_server, stop)
 
 __all__ = ["browser", "open_page", "page"]  # fixtures, imported so that pytest finds them here
 
@@ -51,10 +52,12 @@ def decoded_audio_bytes(page):
     }""")
 
 
-def wait_for_the_player(page):
+def wait_for_the_player(page, ref):
+    """Until the player has loaded job `ref`'s video."""
     current_status_is(page, "completed")
-    page.wait_for_function("(() => { const v = document.querySelector('#player');"
-                           " return v.readyState >= 2 && v.duration > 0; })()")
+    page.wait_for_function("ref => { const v = document.querySelector('#player');"
+                           " return v.currentSrc.includes(`/jobs/${ref}/`) && v.readyState >= 2 && v.duration > 0; }",
+                           arg=ref)
 
 
 def test_ltx2_plays_with_sound_and_unticked_sound_makes_a_silent_mp4(page, sound_server):
@@ -67,8 +70,9 @@ def test_ltx2_plays_with_sound_and_unticked_sound_makes_a_silent_mp4(page, sound
 
     fill_tiny_job(page, "a dog barks on a beach", frames=9, steps=2, seed=3)
     page.click("#submit")
-    wait_for_the_player(page)
+    page.wait_for_function("localStorage.getItem('t2v.current') !== null")
     loud = page.evaluate("localStorage.getItem('t2v.current')")
+    wait_for_the_player(page, loud)
     assert api_job(sound_server, loud)["params"]["audio"] is True
     assert player_streams(page) == [("audio", "aac"), ("video", "h264")]
     assert decoded_audio_bytes(page) > 0  # Chromium found the AAC track and decoded it
@@ -81,14 +85,23 @@ def test_ltx2_plays_with_sound_and_unticked_sound_makes_a_silent_mp4(page, sound
     page.set_checked("#audio", False)
     page.click("#submit")
     page.wait_for_function("id => localStorage.getItem('t2v.current') !== id", arg=loud)
-    wait_for_the_player(page)
+    # The last job's video is stopped and dropped, not left playing (its sound too) in the hidden player.
+    assert page.evaluate("(v => [v.paused, v.readyState])(document.querySelector('#player'))") == [True, 0]
     quiet = page.evaluate("localStorage.getItem('t2v.current')")
+    wait_for_the_player(page, quiet)
     assert api_job(sound_server, quiet)["params"]["audio"] is False
     assert player_streams(page) == [("video", "h264")]
     assert decoded_audio_bytes(page) == 0
     item = f"#history li[data-id='{quiet}']"
     page.wait_for_selector(f"{item}[data-status='completed']")
     assert page.text_content(f"{item} .params").endswith(", seed 3, silent")
+
+    # A re-run keeps Sound as the job had it.
+    page.click(f"{item} .rerun")
+    page.wait_for_function("id => localStorage.getItem('t2v.current') !== id", arg=quiet)
+    again = page.evaluate("localStorage.getItem('t2v.current')")
+    current_status_is(page, "completed")
+    assert api_job(sound_server, again)["params"]["audio"] is False
 
     # A reload keeps Sound unticked; a silent model hides it and its jobs send no `audio`.
     page.reload()
@@ -98,7 +111,7 @@ def test_ltx2_plays_with_sound_and_unticked_sound_makes_a_silent_mp4(page, sound
     assert page.is_hidden("#audio-field")
     fill_tiny_job(page, "a quiet lake", seed=3)
     page.click("#submit")
-    page.wait_for_function("id => localStorage.getItem('t2v.current') !== id", arg=quiet)
+    page.wait_for_function("id => localStorage.getItem('t2v.current') !== id", arg=again)
     current_status_is(page, "completed")
     assert api_job(sound_server, page.evaluate("localStorage.getItem('t2v.current')"))["params"]["audio"] is False
 
