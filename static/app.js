@@ -9,10 +9,10 @@ const TERMINAL = new Set(["completed", "failed", "canceled"]);
 const FORM_KEY = "t2v.form"; // the form's values, kept across reloads
 const CURRENT_KEY = "t2v.current"; // the job being watched, followed again after a reload
 const SAVED_FIELDS = ["model", "prompt", "negative", "size", "frames", "fps", "steps", "guidance", "seed", "upscale",
-                      "outscale"];
+                      "outscale", "audio"];
 // What a generation job's params hold that /generate_video takes back, for a re-run.
 const RERUN_FIELDS = ["model", "prompt", "negative_prompt", "width", "height", "num_frames", "fps",
-                      "num_inference_steps", "guidance_scale", "seed", "upscale", "outscale", "loras"];
+                      "num_inference_steps", "guidance_scale", "seed", "upscale", "outscale", "loras", "audio"];
 const MAX_LORAS = 4; // and scales within +-LORA_SCALE: the API's own bounds (pipeline/spec.py)
 const LORA_SCALE = 4;
 const INPUT_WORDS = { text: "text to video", image: "image to video", both: "text or image to video" };
@@ -160,6 +160,8 @@ function applyModel() {
   $("#steps").value = defaults.num_inference_steps;
   $("#fps").value = defaults.fps;
   $("#guidance").value = defaults.guidance_scale;
+  $("#audio-field").hidden = !model.audio; // only a model that makes sound (LTX-2) offers it, on by default
+  $("#audio").checked = model.audio;
   $("#image-field").hidden = model.inputs === "text";
   $("#image-hint").textContent = model.inputs === "image" ? "(required)" : `(optional; without one, ${INPUT_WORDS.text})`;
   if (model.inputs === "text") chooseImage(null);
@@ -275,6 +277,7 @@ function formBody() {
   if ($("#seed").value !== "") body.seed = Number($("#seed").value);
   const loras = chosenLoras();
   if (loras.length) body.loras = loras;
+  if (model.audio) body.audio = $("#audio").checked; // a silent model refuses `audio: true`
   return body;
 }
 
@@ -392,8 +395,8 @@ function track(id) {
   localStorage.setItem(CURRENT_KEY, id);
   $("#current").hidden = false;
   $("#result").hidden = true;
-  $("#player").removeAttribute("src");
-  $("#player").removeAttribute("poster");
+  delete $("#current").dataset.status; // the last job's, until this one's first answer
+  clearPlayer();
   showPreview(null);
   $("#job-error").textContent = "";
   poll(id);
@@ -411,9 +414,18 @@ function forget(id) {
   stopFollowing();
   tracking = null;
   localStorage.removeItem(CURRENT_KEY);
-  $("#player").removeAttribute("src");
+  clearPlayer();
   showPreview(null);
   $("#current").hidden = true;
+}
+
+/** Stop and empty the player: hidden, it would play on (its sound too), and it keeps its media without load(). */
+function clearPlayer() {
+  const player = $("#player");
+  player.pause();
+  player.removeAttribute("src");
+  player.removeAttribute("poster");
+  player.load(); // with no source: the old video is dropped (readyState 0)
 }
 
 const following = (id) => tracking !== null && tracking.id === id;
@@ -611,7 +623,7 @@ function statusText(job) {
 function paramsText(job) {
   const p = job.params;
   if (job.kind === "upscale") {
-    return `clip ${p.width}x${p.height}, ${p.frames} frames at ${p.fps} fps, upscaled ${p.outscale}x`;
+    return `clip ${p.width}x${p.height}, ${p.frames} frames at ${p.fps} fps, upscaled ${p.outscale}x${soundText(job)}`;
   }
   const upscaled = p.upscale ? `, upscaled ${p.outscale}x` : "";
   const loras = (p.loras || []).map((l) => `${l.name} at ${l.scale}`);
@@ -619,7 +631,16 @@ function paramsText(job) {
   const size = (job.result && job.result.rendered) || p; // a model may size its video by the image
   return `${source}${size.width}x${size.height}, ${p.num_frames} frames at ${p.fps} fps, `
     + `${p.num_inference_steps} steps, guidance ${p.guidance_scale}, seed ${p.seed}${upscaled}`
-    + `${loras.length ? `, LoRA ${loras.join(", ")}` : ""}`;
+    + `${loras.length ? `, LoRA ${loras.join(", ")}` : ""}${soundText(job)}`;
+}
+
+/** Whether the finished video has a soundtrack, from its result's `audio` (null: a silent MP4). */
+function soundText(job) {
+  if (!job.result || !("audio" in job.result)) return ""; // not finished, or a record from before audio
+  const sound = job.result.audio;
+  if (!sound) return ", silent";
+  const channels = { 1: "mono", 2: "stereo" }[sound.channels] || `${sound.channels} channels`;
+  return `, with sound (${sound.sample_rate / 1000} kHz ${channels})`;
 }
 
 function historyItem(job) {
