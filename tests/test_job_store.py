@@ -125,6 +125,21 @@ def test_workers_record_what_they_take_and_a_queued_job_says_why_it_waits(store)
     assert waiting_reason(store, upscale, within_s=0.01).startswith("waiting for a worker: none has reported")
 
 
+def test_a_worker_group_records_its_ranks_gpus_and_state(store):
+    from storage.jobs import group_facts
+
+    store.worker_seen("alone", ("generate",), ["hunyuanvideo"])
+    store.worker_seen("group-a", (), [], group=group_facts(4, ["0", "1", "2", "3"], "starting"))
+    assert {w["worker_id"]: w["group"] for w in store.live_workers(30)} == {
+        "alone": None, "group-a": {"ranks": 4, "gpus": ["0", "1", "2", "3"], "state": "starting"}}
+    store.worker_seen("group-a", (), [], group=group_facts(4, ["0", "1", "2", "3"], "failed", "no NCCL"))
+    assert store.live_workers(30)[1]["group"]["state"] == "failed: no NCCL"
+    store.worker_seen("group-a", ("generate",), ["wan2.2-ti2v-5b"], 80 * 2**30,
+                      group=group_facts(4, ["0", "1", "2", "3"], "ready"))
+    [group] = [w for w in store.live_workers(30) if w["worker_id"] == "group-a"]
+    assert (group["kinds"], group["gpu_bytes"], group["group"]["state"]) == (["generate"], 80 * 2**30, "ready")
+
+
 @pytest.fixture
 def serial_mongomock(monkeypatch):
     """A mongomock client whose every collection call is atomic, as each single-document write is on a
