@@ -70,3 +70,43 @@ def test_a_group_whose_ranks_cannot_start_says_why_once_on_health_and_claims_not
         group.wait(60)
     assert group.returncode == 0
     assert jobs.live_workers(30) == [], "the group's record is removed when it stops"
+
+
+def test_a_hung_rank_ends_the_group_on_the_collective_timeout_and_the_job_goes_back_through_its_lease(
+        tmp_path, data_dir, tiny_model, tiny_upscalers):
+    """SIGSTOP of rank 1 mid-job: rank 0's next collective fails after T2V_GROUP_TIMEOUT_S, rank 0 exits leaving the
+    job alone, torch's spawn kills the stopped rank (SIGTERM waits on a stopped process; SIGKILL 30 s later) and the
+    group's process exits 1 for the supervisor to restart; the job's lease lapses and it is queued again."""
+    import re
+
+    from conftest import TINY_JOB
+    from storage.jobs import new_job
+    from storage.sqlite import SqliteJobStore
+    from test_crash import pid_alive
+
+    os.symlink(data_dir / "tiny", tmp_path / "tiny")
+    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    job = jobs.create(new_job("hung0001", "s", "o", "generate", {**TINY_JOB, "num_inference_steps": 40, "seed": 2}))
+    log_path = tmp_path / "worker.log"
+    env = {**environment(tmp_path, free_port()), "T2V_PARALLEL": "2", "T2V_GROUP_TIMEOUT_S": "3"}
+    with open(log_path, "ab") as log:
+        group = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=tmp_path, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    follower = None
+    try:
+        wait_for(lambda: (jobs.get(job["reference_id"])["progress"] or 0) > 0.05, timeout=300, every=0.05)
+        [follower] = [int(p) for p in re.findall(r"rank 1 of 2 \(pid (\d+)\)", log_path.read_text())]
+        os.kill(follower, signal.SIGSTOP)
+        assert group.wait(120) == 1, "the group's process ends when a rank hangs"
+    finally:
+        if group.poll() is None:
+            group.kill()
+            group.wait()
+        if follower and pid_alive(follower):
+            os.kill(follower, signal.SIGKILL)
+    text = log_path.read_text()
+    assert re.search(r"job hung0001: the worker group broke \(.*\); left to its lease", text), text[-3000:]
+    assert not pid_alive(follower), "the hung rank outlived its group"
+    assert jobs.get("hung0001")["status"] == "processing", "the job is left to its lease, not failed"
+    jobs.requeue_expired(3)  # as the next worker does: the lease (T2V_LEASE_S=2) ran out while rank 1 hung
+    assert jobs.get("hung0001")["status"] == "queued" and jobs.get("hung0001")["attempts"] == 1
