@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
@@ -66,7 +67,8 @@ def run_group(settings, log_format: str) -> int:
     try:
         record.report(GROUP_STARTING)
         while not stop.is_set():
-            outcome = _spawn(settings, record.worker_id, stop, ready, log_format)
+            shown = (GROUP_FAILED, failure) if failure else (GROUP_STARTING, None)
+            outcome = _spawn(settings, record.worker_id, stop, ready, log_format, partial(record.report, *shown))
             if outcome is None:
                 return 0
             if ready.is_set():
@@ -83,13 +85,18 @@ def run_group(settings, log_format: str) -> int:
         record.remove()
 
 
-def _spawn(settings, worker_id: str, stop, ready, log_format: str) -> str | None:
-    """One start of the group's ranks, until they end. None after a stop, else why the group ended."""
+def _spawn(settings, worker_id: str, stop, ready, log_format: str, keep_live) -> str | None:
+    """One start of the group's ranks, until they end. None after a stop, else why the group ended. Until
+    rank 0 reports the group ready, `keep_live()` renews the group's record every few seconds (a rendezvous
+    may wait up to T2V_GROUP_TIMEOUT_S for a missing rank)."""
     with tempfile.TemporaryDirectory(prefix="t2v-group-") as folder:
         init = (Path(folder) / "rendezvous").as_uri()  # a fresh file per start: a FileStore is used once
         try:
-            mp.spawn(_rank_main, args=(settings, init, worker_id, stop, ready, log_format),
-                     nprocs=settings.parallel, join=True)
+            ranks = mp.spawn(_rank_main, args=(settings, init, worker_id, stop, ready, log_format),
+                             nprocs=settings.parallel, join=False)
+            while not ranks.join(timeout=WORKER_REPORT_EVERY_S):
+                if not ready.is_set():
+                    keep_live()
         except mp.ProcessRaisedException as exc:
             return f"rank {exc.error_index} failed: {str(exc).strip().splitlines()[-1]}"
         except mp.ProcessExitedException as exc:
