@@ -1,5 +1,5 @@
 """Worker groups on /health and /metrics, read from the job store; a group whose ranks cannot start says why once
-and claims nothing."""
+and claims nothing; a hung rank ends its group on the collective timeout (T2V_GROUP_TIMEOUT_S)."""
 
 import os
 import signal

@@ -788,3 +788,21 @@ def test_concurrent_appends_by_the_holder_get_distinct_consecutive_seqs(atomic_s
         t.join()
     assert sorted(seqs) == list(range(1, 41))
     assert [e["seq"] for e in store.events_after("ref00001", 0, limit=100)] == list(range(1, 41))
+
+
+def test_an_older_sqlite_file_gets_the_worker_columns_it_lacks(tmp_path):
+    import sqlite3
+
+    from storage.jobs import group_facts
+    from storage.sqlite import SqliteJobStore
+
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL, "
+               "last_seen REAL NOT NULL)")  # as files written before gpu_bytes and worker groups
+    db.commit()
+    db.close()
+    store = SqliteJobStore(path)
+    store.worker_seen("group", ("generate",), ["hunyuanvideo"], 2**30, group=group_facts(2, ["0", "1"], "ready"))
+    [record] = store.live_workers(30)
+    assert (record["gpu_bytes"], record["group"]) == (2**30, {"ranks": 2, "gpus": ["0", "1"], "state": "ready"})
