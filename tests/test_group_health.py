@@ -115,3 +115,15 @@ def test_a_hung_rank_ends_the_group_on_the_collective_timeout_and_the_job_goes_b
     assert jobs.get("hung0001")["status"] == "processing", "the job is left to its lease, not failed"
     jobs.requeue_expired(3)  # as the next worker does: the lease (T2V_LEASE_S=2) ran out while rank 1 hung
     assert jobs.get("hung0001")["status"] == "queued" and jobs.get("hung0001")["attempts"] == 1
+
+
+def test_a_group_names_the_gpus_the_supervisor_gave_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from worker.group import group_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # the supervisor's second group of 4
+    assert group_gpus(SimpleNamespace(device="cuda:0", parallel=4)) == ["4", "5", "6", "7"]
+    assert group_gpus(SimpleNamespace(device="cpu", parallel=2)) == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # started by hand: the first N GPUs
+    assert group_gpus(SimpleNamespace(device="cuda:0", parallel=2)) == ["0", "1"]
