@@ -138,10 +138,13 @@ class _GroupRecord:
             stop.wait(min(left, WORKER_REPORT_EVERY_S))
 
     def remove(self) -> None:
+        """Remove the record (rank 0's too, should it have died without a word) and close this store."""
         try:
             self.jobs.worker_stopped(self.worker_id)
         except StoreUnavailable as exc:
             log.debug("worker group record not removed: %s", exc)
+        finally:
+            self.jobs.close()
 
 
 def _rank_main(rank: int, settings, init: str, worker_id: str, stop, ready, log_format: str) -> None:
