@@ -75,6 +75,7 @@ class Settings:
     attention_backend: str | None = None
     compile: bool | None = None
     parallel: int = 1  # ranks per worker group: one clip split across this many GPUs (pipeline/parallel.py)
+    group_timeout_s: float = 300.0  # a group's collective that waits this long on a hung rank fails the group
     mask_free: bool = True  # batch 1: trim the prompt's padding so no attention mask is needed
     keep_latents: bool = False  # save each job's latents (.latents.pt) beside its video, before the decode
 
@@ -218,6 +219,8 @@ class Settings:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.lease_s <= 0:
             raise ConfigError(f"T2V_LEASE_S must be positive, got {self.lease_s}")
+        if self.group_timeout_s <= 0:
+            raise ConfigError(f"T2V_GROUP_TIMEOUT_S must be positive, got {self.group_timeout_s}")
         if self.preview_every < 0:
             raise ConfigError(f"T2V_PREVIEW_EVERY must be 0 (no previews) or more, got {self.preview_every}")
         if self.stream_max_s < 1:

@@ -133,7 +133,28 @@ def _components(job_schemas: dict) -> dict:
                                       "worker": {"enum": ["alive", "dead", "off"]},
                                       "model_loaded": {"type": "boolean"},
                                       "model_error": {"type": ["string", "null"]},
-                                      "queue_length": {"type": ["integer", "null"]}}},
+                                      "queue_length": {"type": ["integer", "null"]},
+                                      "workers": {"type": ["array", "null"], "items": {"$ref": "#/components/schemas/"
+                                                                                              "LiveWorker"},
+                                                  "description": "workers that reported in the last 30 s (null: "
+                                                                 "the store is unavailable)"}}},
+            "LiveWorker": {"type": "object", "required": ["worker_id", "kinds", "models", "gpu_bytes", "group"],
+                           "properties": {"worker_id": {"type": "string"},
+                                          "kinds": {"type": "array", "items": {"type": "string"},
+                                                    "description": "the job kinds it claims now (none: it claims "
+                                                                   "nothing)"},
+                                          "models": {"type": "array", "items": {"type": "string"}},
+                                          "gpu_bytes": {"type": ["integer", "null"]},
+                                          "group": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/"
+                                                                                         "WorkerGroup"}],
+                                                    "description": "null: one process; else a worker group's rank 0"}}},
+            "WorkerGroup": {"type": "object", "required": ["ranks", "gpus", "state"],
+                            "properties": {"ranks": {"type": "integer", "minimum": 2},
+                                           "gpus": {"type": "array", "items": {"type": "string"},
+                                                    "description": "CUDA_VISIBLE_DEVICES indices; empty on the CPU"},
+                                           "state": {"type": "string", "pattern": "^(starting|ready|failed: .+)$",
+                                                     "description": "failed: why its ranks could not start (it "
+                                                                    "claims nothing and tries again)"}}},
         },
     }
 

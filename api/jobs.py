@@ -11,7 +11,7 @@ from api.service import ApiError, blob_response, job_rules, job_view, owned_job,
 from openapi import build_spec
 from pipeline import models
 from pipeline.spec import OUTSCALES, describe
-from storage.jobs import CANCELED, TERMINAL, StoreUnavailable
+from storage.jobs import CANCELED, TERMINAL, WORKER_LIVE_S, StoreUnavailable
 from worker.files import discard_input
 
 log = logging.getLogger("t2v.api")
@@ -88,16 +88,23 @@ def health():
     model_error = worker.model_error if worker else None
     body = {"status": "degraded" if model_error else "ok", "store": "ok", "queue_length": None,
             "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
-            "model_loaded": bool(worker and worker.model_loaded), "model_error": model_error}
+            "model_loaded": bool(worker and worker.model_loaded), "model_error": model_error, "workers": None}
     if model_error:  # still a 200: the API serves (job views, videos); its own worker cannot take new jobs
         body["reason"] = f"the worker in this process cannot run jobs: {model_error}"
     try:
         service.jobs.ping()
         body["queue_length"] = service.jobs.count_queued()
+        body["workers"] = [live_worker(w) for w in service.jobs.live_workers(WORKER_LIVE_S)]
     except StoreUnavailable:
         body.update(status="unavailable", store="unavailable")
         return jsonify(body), 503
     return jsonify(body)
+
+
+def live_worker(record: dict) -> dict:
+    """A worker record as /health shows it (openapi's LiveWorker): what it claims, and a group's ranks, GPUs
+    and state."""
+    return {key: record.get(key) for key in ("worker_id", "kinds", "models", "gpu_bytes", "group")}
 
 
 @bp.get("/openapi.json")

@@ -14,6 +14,9 @@ totals: scrape one, or combine API nodes with max(), never sum().
   result (generate, upscale or encode, encode_thread, upload, total, ...), as histograms;
 - `t2v_job_gpu_peak_bytes{model}`: torch.cuda.max_memory_allocated over each job run on a GPU (CPU jobs
   record none);
+- `t2v_workers`: worker records seen in the last 30 s (a worker group counts once, by its rank 0);
+- `t2v_worker_groups{state}` and `t2v_worker_group_ranks{state}`: live worker groups, and their ranks, by state
+  (`starting`, `ready`, `failed`: its ranks could not start; the reason is on /health);
 - `t2v_webhook_deliveries{state}` and `t2v_webhook_failed_attempts_total`: the webhook outbox;
 - `t2v_sse_streams_open`: the one figure of this process alone, the event streams it holds open.
 The histograms are rebuilt from the completed records at each scrape, one small query each, so a scrape
@@ -34,7 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 from api.events import open_streams
 from api.service import svc
-from storage.jobs import QUEUED, JobStore
+from storage.jobs import GROUP_FAILED, GROUP_READY, GROUP_STARTING, QUEUED, WORKER_LIVE_S, JobStore, group_state
 
 bp = Blueprint("metrics", __name__)
 
@@ -83,6 +86,25 @@ class JobStoreCollector:
         yield _histogram("t2v_job_gpu_peak_bytes", "Peak GPU memory allocated by torch while a job ran, "
                          "jobs run on a GPU only", ["model"], peaks, GPU_BUCKETS_BYTES)
         yield from _webhook_families(self.jobs.webhook_counts())
+        yield from _worker_families(self.jobs.live_workers(WORKER_LIVE_S))
+
+
+def _worker_families(live: list[dict]):
+    """The live workers, and the worker groups among them by state: every state is written, 0 included."""
+    states = (GROUP_STARTING, GROUP_READY, GROUP_FAILED)
+    groups, ranks = dict.fromkeys(states, 0), dict.fromkeys(states, 0)
+    for record in live:
+        if record.get("group") and group_state(record["group"]) in groups:
+            groups[group_state(record["group"])] += 1
+            ranks[group_state(record["group"])] += record["group"]["ranks"]
+    yield GaugeMetricFamily("t2v_workers", "Workers that reported in the last 30 s (a worker group once)",
+                            value=len(live))
+    for name, text, figures in (("t2v_worker_groups", "Live worker groups by state", groups),
+                                ("t2v_worker_group_ranks", "Ranks of the live worker groups by state", ranks)):
+        family = GaugeMetricFamily(name, text, labels=["state"])
+        for state in states:
+            family.add_metric([state], figures[state])
+        yield family
 
 
 def _total_families(totals):

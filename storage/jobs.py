@@ -17,7 +17,8 @@ Both keep the same contract, checked by one test suite run on both (tests/test_j
   deleting a job deletes its events.
 Any failure to reach the store raises `StoreUnavailable` (the API answers 503).
 Workers also record what they take (`worker_seen`), so a queued job no live worker takes says why
-(`waiting_reason`).
+(`waiting_reason`); a worker group's rank 0 adds the group's facts (`group_facts`), which /health and /metrics
+show.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class JobStore(Protocol):
     def completed_stats(self) -> list[tuple[str, str | None, dict, int | None]]: ...
 
     def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
-                    gpu_bytes: int | None = None) -> None: ...
+                    gpu_bytes: int | None = None, group: dict | None = None) -> None: ...
     def worker_stopped(self, worker_id: str) -> None: ...
     def live_workers(self, within_s: float) -> list[dict]: ...
 
@@ -103,6 +104,20 @@ WORKER_FORGET_S = 24 * 3600.0  # the record of a worker that died without a word
 # What a job stored without `model` (queued before jobs named one) runs: JobParams' default,
 # pipeline.models.DEFAULT_MODEL (storage imports nothing of pipeline/; a test checks the two agree).
 UNNAMED_MODEL = "hunyuanvideo"
+
+
+GROUP_READY, GROUP_STARTING, GROUP_FAILED = "ready", "starting", "failed"
+
+
+def group_facts(ranks: int, gpus: list[str], state: str, reason: str | None = None) -> dict:
+    """What a worker group's record says of it: its ranks, its GPUs (CUDA_VISIBLE_DEVICES indices; none on
+    the CPU) and its state, `starting`, `ready` or `failed: <why its ranks could not start>`."""
+    return {"ranks": ranks, "gpus": list(gpus), "state": f"{state}: {reason}" if reason else state}
+
+
+def group_state(group: dict) -> str:
+    """The state's name alone (`failed`, not its reason): a label with few values for /metrics."""
+    return group["state"].split(":", 1)[0]
 
 
 def job_model(job: dict) -> str | None:

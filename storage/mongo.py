@@ -408,11 +408,11 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
     # --- workers: what each takes, and when it was last seen (same contract as SqliteJobStore)
 
     def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
-                    gpu_bytes: int | None = None) -> None:
+                    gpu_bytes: int | None = None, group: dict | None = None) -> None:
         now = time.time()
         self._guard(lambda: self.workers.update_one(
             {"_id": worker_id}, {"$set": {"kinds": list(kinds), "models": sorted(models), "last_seen": now,
-                                          "gpu_bytes": gpu_bytes}}, upsert=True))
+                                          "gpu_bytes": gpu_bytes, "group": group}}, upsert=True))
         self._guard(lambda: self.workers.delete_many({"last_seen": {"$lt": now - WORKER_FORGET_S}}))
 
     def worker_stopped(self, worker_id: str) -> None:
@@ -422,7 +422,7 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         docs = self._guard(lambda: list(self.workers.find({"last_seen": {"$gte": time.time() - within_s}})
                                         .sort("_id", 1)))
         return [{"worker_id": d["_id"], "kinds": d["kinds"], "models": d["models"], "last_seen": d["last_seen"],
-                 "gpu_bytes": d.get("gpu_bytes")} for d in docs]
+                 "gpu_bytes": d.get("gpu_bytes"), "group": d.get("group")} for d in docs]
 
     def close(self) -> None:
         self.client.close()

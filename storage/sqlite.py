@@ -66,7 +66,7 @@ END;
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL,
-                                    last_seen REAL NOT NULL, gpu_bytes INTEGER);
+                                    last_seen REAL NOT NULL, gpu_bytes INTEGER, worker_group TEXT);
 """
 # /v1/videos lists one owner's jobs of one kind in seq order: SQLite keeps an index's rows in rowid (seq) order.
 _SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
@@ -158,8 +158,10 @@ def _create_webhook_tables(db: sqlite3.Connection) -> None:
     try:
         if "webhook" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
             db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
-        if "gpu_bytes" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
-            db.execute("ALTER TABLE workers ADD COLUMN gpu_bytes INTEGER")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
+        for column, kind in (("gpu_bytes", "INTEGER"), ("worker_group", "TEXT")):
+            if column not in columns:
+                db.execute(f"ALTER TABLE workers ADD COLUMN {column} {kind}")
         for statement in _statements(_WEBHOOK_SCHEMA):
             db.execute(statement)
         db.execute("COMMIT")
@@ -547,14 +549,14 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
     # --- workers: what each takes, and when it was last seen
 
     def worker_seen(self, worker_id: str, kinds: tuple[str, ...], models: Collection[str],
-                    gpu_bytes: int | None = None) -> None:
-        """Record that this worker is alive, what it claims and its GPU's memory (None: no GPU); forget
-        workers silent for WORKER_FORGET_S."""
+                    gpu_bytes: int | None = None, group: dict | None = None) -> None:
+        """Record that this worker is alive, what it claims, its GPU's memory (None: no GPU) and, for a worker
+        group's rank 0, the group's facts (storage.jobs.group_facts); forget workers silent for WORKER_FORGET_S."""
         now = time.time()
         with self._tx(write=True) as db:
-            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen, gpu_bytes) "
-                       "VALUES (?, ?, ?, ?, ?)", (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)),
-                                                  now, gpu_bytes))
+            db.execute("INSERT OR REPLACE INTO workers (worker_id, kinds, models, last_seen, gpu_bytes, worker_group) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (worker_id, json.dumps(list(kinds)), json.dumps(sorted(models)),
+                                                     now, gpu_bytes, None if group is None else json.dumps(group)))
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_FORGET_S,))
 
     def worker_stopped(self, worker_id: str) -> None:
@@ -565,7 +567,9 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
         with self._tx() as db:
             rows = db.execute("SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id",
                               (time.time() - within_s,)).fetchall()
-        return [{**dict(r), "kinds": json.loads(r["kinds"]), "models": json.loads(r["models"])} for r in rows]
+        return [{**{k: r[k] for k in r.keys() if k != "worker_group"}, "kinds": json.loads(r["kinds"]),
+                 "models": json.loads(r["models"]), "group": r["worker_group"] and json.loads(r["worker_group"])}
+                for r in rows]
 
 
 class _SqliteTx:

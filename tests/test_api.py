@@ -254,10 +254,12 @@ def test_store_outage_is_503_json_and_recovers(make_app, monkeypatch):
 def test_health_reports_worker_model_and_queue(make_app):
     app, svc = make_app()
     client = app.test_client()
-    wait_for(lambda: client.get("/health").json["model_loaded"])
+    wait_for(lambda: client.get("/health").json["model_loaded"] and client.get("/health").json["workers"])
     h = client.get("/health").json
+    [record] = h.pop("workers")
     assert h == {"status": "ok", "store": "ok", "queue_length": 0, "worker": "alive", "model_loaded": True,
                  "model_error": None}
+    assert record["worker_id"] == svc.worker.worker_id and record["group"] is None and "generate" in record["kinds"]
     app_off, _ = make_app(worker=False)
     assert app_off.test_client().get("/health").json["worker"] == "off"
 

@@ -125,6 +125,21 @@ def test_workers_record_what_they_take_and_a_queued_job_says_why_it_waits(store)
     assert waiting_reason(store, upscale, within_s=0.01).startswith("waiting for a worker: none has reported")
 
 
+def test_a_worker_group_records_its_ranks_gpus_and_state(store):
+    from storage.jobs import group_facts
+
+    store.worker_seen("alone", ("generate",), ["hunyuanvideo"])
+    store.worker_seen("group-a", (), [], group=group_facts(4, ["0", "1", "2", "3"], "starting"))
+    assert {w["worker_id"]: w["group"] for w in store.live_workers(30)} == {
+        "alone": None, "group-a": {"ranks": 4, "gpus": ["0", "1", "2", "3"], "state": "starting"}}
+    store.worker_seen("group-a", (), [], group=group_facts(4, ["0", "1", "2", "3"], "failed", "no NCCL"))
+    assert store.live_workers(30)[1]["group"]["state"] == "failed: no NCCL"
+    store.worker_seen("group-a", ("generate",), ["wan2.2-ti2v-5b"], 80 * 2**30,
+                      group=group_facts(4, ["0", "1", "2", "3"], "ready"))
+    [group] = [w for w in store.live_workers(30) if w["worker_id"] == "group-a"]
+    assert (group["kinds"], group["gpu_bytes"], group["group"]["state"]) == (["generate"], 80 * 2**30, "ready")
+
+
 @pytest.fixture
 def serial_mongomock(monkeypatch):
     """A mongomock client whose every collection call is atomic, as each single-document write is on a
@@ -773,3 +788,21 @@ def test_concurrent_appends_by_the_holder_get_distinct_consecutive_seqs(atomic_s
         t.join()
     assert sorted(seqs) == list(range(1, 41))
     assert [e["seq"] for e in store.events_after("ref00001", 0, limit=100)] == list(range(1, 41))
+
+
+def test_an_older_sqlite_file_gets_the_worker_columns_it_lacks(tmp_path):
+    import sqlite3
+
+    from storage.jobs import group_facts
+    from storage.sqlite import SqliteJobStore
+
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE workers (worker_id TEXT PRIMARY KEY, kinds TEXT NOT NULL, models TEXT NOT NULL, "
+               "last_seen REAL NOT NULL)")  # as files written before gpu_bytes and worker groups
+    db.commit()
+    db.close()
+    store = SqliteJobStore(path)
+    store.worker_seen("group", ("generate",), ["hunyuanvideo"], 2**30, group=group_facts(2, ["0", "1"], "ready"))
+    [record] = store.live_workers(30)
+    assert (record["gpu_bytes"], record["group"]) == (2**30, {"ranks": 2, "gpus": ["0", "1"], "state": "ready"})

@@ -9,35 +9,47 @@ has no deadline (the other ranks wait there between jobs); then every rank calls
 
 Faults: `spawn` ends the group when any rank dies (it terminates the others), so the process exits and the
 supervisor starts the whole group again; rank 0's lease lapses and the job is queued again as for any lost worker.
-A rank that hangs inside a step makes the others' next collective fail after `parallel.DEFAULT_TIMEOUT_S`: rank 0
-then exits without touching the job, with the same outcome. A rank that cannot start (no rendezvous, a bad GPU)
-fails the group before rank 0 claims anything.
+A rank that hangs inside a step makes the others' next collective fail after T2V_GROUP_TIMEOUT_S: rank 0
+then exits without touching the job, with the same outcome. Ranks that cannot start (no rendezvous, NCCL or gloo
+init fails) fail the group before rank 0 claims anything; this process logs why once, shows it in the group's
+worker record (`failed: <why>`, on /health) and starts them again later.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
+import socket
 import tempfile
+import time
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from storage.jobs import (GROUP_FAILED, GROUP_READY, GROUP_STARTING, WORKER_REPORT_EVERY_S, StoreUnavailable,
+                          group_facts)
 from worker.loop import Worker
 
 log = logging.getLogger("t2v.worker")
 
 HANDOFF_TIMEOUT = timedelta(days=365)  # ranks 1..N-1 wait for the next job for as long as rank 0 takes to find one
+START_RETRY_FIRST_S, START_RETRY_MAX_S = 5.0, 300.0  # ranks that could not start are tried again after these
 
 
 def run_group(settings, log_format: str) -> int:
     """Start the group's ranks and wait for them. SIGTERM or SIGINT stops rank 0 after its current job, and
-    then the others. Returns 0 after such a stop, 1 when a rank failed or died (the supervisor restarts us)."""
-    stop = mp.get_context("spawn").Event()
+    then the others. Ranks that cannot start (no rendezvous, NCCL or gloo init fails) are started again here,
+    later and later, with the reason logged once and shown in the group's worker record, so the supervisor's
+    restarts do not repeat it. Returns 0 after a stop, 1 when a started rank failed or died (the supervisor
+    restarts us)."""
+    context = mp.get_context("spawn")
+    stop, ready = context.Event(), context.Event()
 
     def on_signal(signum, frame):
         log.info("worker group: stopping after the current job")
@@ -45,23 +57,97 @@ def run_group(settings, log_format: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        record = _GroupRecord(settings)
+    except (StoreUnavailable, OSError) as exc:
+        log.error("cannot open the job store: %s", exc)
+        return 1
+    log.info("worker group %s of %d ranks on %s", record.worker_id, settings.parallel, settings.device.split(":")[0])
+    failure, retry_s = None, 0.0
+    try:
+        record.report(GROUP_STARTING)
+        while not stop.is_set():
+            shown = (GROUP_FAILED, failure) if failure else (GROUP_STARTING, None)
+            outcome = _spawn(settings, record.worker_id, stop, ready, log_format, partial(record.report, *shown))
+            if outcome is None:
+                return 0
+            if ready.is_set():
+                log.error("worker group: %s; the group stops", outcome)
+                return 1
+            retry_s = min(retry_s * 2 or START_RETRY_FIRST_S, START_RETRY_MAX_S)
+            if outcome != failure:
+                log.error("worker group: its ranks could not start (%s); it claims no job, and tries again in "
+                          "%.0fs, then less often", outcome, retry_s)
+            failure = outcome
+            record.wait_failed(failure, retry_s, stop)
+        return 0
+    finally:
+        record.remove()
+
+
+def _spawn(settings, worker_id: str, stop, ready, log_format: str, keep_live) -> str | None:
+    """One start of the group's ranks, until they end. None after a stop, else why the group ended. Until
+    rank 0 reports the group ready, `keep_live()` renews the group's record every few seconds (a rendezvous
+    may wait up to T2V_GROUP_TIMEOUT_S for a missing rank)."""
     with tempfile.TemporaryDirectory(prefix="t2v-group-") as folder:
-        init = (Path(folder) / "rendezvous").as_uri()
-        log.info("worker group of %d ranks on %s", settings.parallel, settings.device.split(":")[0])
+        init = (Path(folder) / "rendezvous").as_uri()  # a fresh file per start: a FileStore is used once
         try:
-            mp.spawn(_rank_main, args=(settings, init, stop, log_format), nprocs=settings.parallel, join=True)
+            ranks = mp.spawn(_rank_main, args=(settings, init, worker_id, stop, ready, log_format),
+                             nprocs=settings.parallel, join=False)
+            while not ranks.join(timeout=WORKER_REPORT_EVERY_S):
+                if not ready.is_set():
+                    keep_live()
         except mp.ProcessRaisedException as exc:
-            reason = str(exc).strip().splitlines()[-1]
-            log.error("worker group: rank %d failed (%s); the group stops", exc.error_index, reason)
-            return 1
+            return f"rank {exc.error_index} failed: {str(exc).strip().splitlines()[-1]}"
         except mp.ProcessExitedException as exc:
-            log.error("worker group: rank %d (pid %d) exited with %s; the group stops", exc.error_index,
-                      exc.error_pid, exc.signal_name or exc.exit_code)
-            return 1
-    return 0
+            return f"rank {exc.error_index} (pid {exc.error_pid}) exited with {exc.signal_name or exc.exit_code}"
+    return None
 
 
-def _rank_main(rank: int, settings, init: str, stop, log_format: str) -> None:
+def group_gpus(settings) -> list[str]:
+    """The group's GPUs as the supervisor gave them (CUDA_VISIBLE_DEVICES); none on the CPU."""
+    if not settings.device.startswith("cuda"):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return visible.split(",") if visible else [str(i) for i in range(settings.parallel)]
+
+
+class _GroupRecord:
+    """The group's worker record while its ranks are not running: `starting`, or `failed: <why>`, and no job
+    kind, so the API shows the group and nothing is claimed. Rank 0 writes `ready` under the same id."""
+
+    def __init__(self, settings):
+        from storage.jobs import open_job_store
+
+        self.settings = settings
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}-group"
+        self.jobs = open_job_store(settings)
+
+    def report(self, state: str, reason: str | None = None) -> None:
+        facts = group_facts(self.settings.parallel, group_gpus(self.settings), state, reason)
+        try:
+            self.jobs.worker_seen(self.worker_id, (), (), group=facts)
+        except StoreUnavailable as exc:
+            log.debug("worker group record not written: %s", exc)
+
+    def wait_failed(self, reason: str, seconds: float, stop) -> None:
+        """Show the failure, kept live, until the next start is due or the group is stopped."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.report(GROUP_FAILED, reason)
+            stop.wait(min(left, WORKER_REPORT_EVERY_S))
+
+    def remove(self) -> None:
+        """Remove the record (rank 0's too, should it have died without a word) and close this store."""
+        try:
+            self.jobs.worker_stopped(self.worker_id)
+        except StoreUnavailable as exc:
+            log.debug("worker group record not removed: %s", exc)
+        finally:
+            self.jobs.close()
+
+
+def _rank_main(rank: int, settings, init: str, worker_id: str, stop, ready, log_format: str) -> None:
     from pipeline import parallel
 
     logging.basicConfig(level=logging.INFO, format=log_format)
@@ -69,11 +155,12 @@ def _rank_main(rank: int, settings, init: str, stop, log_format: str) -> None:
     if settings.device.startswith("cuda"):
         settings = replace(settings, cuda_device_id=rank)  # the group's GPUs are this process's visible ones
     log.info("worker group: rank %d of %d (pid %d) on %s", rank, settings.parallel, os.getpid(), settings.device)
-    parallel.join(rank, settings.parallel, init, settings.device)
+    parallel.join(rank, settings.parallel, init, settings.device, timeout_s=settings.group_timeout_s)
     handoff = dist.new_group(backend="gloo", timeout=HANDOFF_TIMEOUT)
     try:
         if rank == 0:
-            _lead(settings, handoff, stop)
+            ready.set()  # every rank has joined: a failure from now on is the group's, not its start's
+            _lead(settings, handoff, stop, worker_id)
         else:
             _follow(settings, handoff)
     finally:
@@ -89,6 +176,9 @@ class GroupLeader(Worker):
 
     def before_generation(self, spec, image) -> None:
         dist.broadcast_object_list([(spec.to_dict(), image)], src=0, group=self.handoff)
+
+    def group_record(self) -> dict:
+        return group_facts(self.settings.parallel, group_gpus(self.settings), GROUP_READY)
 
     def stop_followers(self) -> None:
         dist.broadcast_object_list([None], src=0, group=self.handoff)
@@ -119,12 +209,13 @@ def _from_a_collective(exc: BaseException) -> bool:
     return False
 
 
-def _lead(settings, handoff, stop) -> None:
+def _lead(settings, handoff, stop, worker_id: str) -> None:
     from storage.blobs import open_blob_store
     from storage.jobs import open_job_store
     from webhooks import Dispatcher
 
-    worker = GroupLeader(settings, open_job_store(settings), open_blob_store(settings), handoff=handoff)
+    worker = GroupLeader(settings, open_job_store(settings), open_blob_store(settings), worker_id=worker_id,
+                         handoff=handoff)
     worker._stop = stop  # set by the group's process on SIGTERM
     dispatcher = Dispatcher(settings, worker.jobs).start() if settings.webhook_secret else None
     try:

@@ -139,7 +139,7 @@ class Worker(Sweeps):
             try:
                 self.served = self.served_models()
                 self.jobs.worker_seen(self.worker_id, self.job_kinds, self.served,
-                                      gpu_total_bytes(self.settings))
+                                      gpu_total_bytes(self.settings), group=self.group_record())
             except StoreUnavailable as exc:
                 log.debug("worker record not written: %s", exc)
             except Exception:  # a bad model folder must not silence the worker's record for good
@@ -150,6 +150,10 @@ class Worker(Sweeps):
             self.jobs.worker_stopped(self.worker_id)
         except StoreUnavailable as exc:
             log.debug("worker record not removed: %s", exc)
+
+    def group_record(self) -> dict | None:
+        """The worker group's facts for the worker record (storage.jobs.group_facts); None: a worker alone."""
+        return None
 
     @property
     def job_kinds(self) -> tuple[str, ...]:
