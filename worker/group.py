@@ -17,6 +17,7 @@ worker record (`failed: <why>`, on /health) and starts them again later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -95,8 +96,15 @@ def _spawn(settings, worker_id: str, stop, ready, log_format: str, keep_live) ->
             ranks = mp.spawn(_rank_main, args=(settings, init, worker_id, stop, ready, log_format),
                              nprocs=settings.parallel, join=False)
             while not ranks.join(timeout=WORKER_REPORT_EVERY_S):
-                if not ready.is_set():
-                    keep_live()
+                if ready.is_set():
+                    continue
+                if stop.is_set():  # stopped while the ranks still start: no job is running, nothing to wait for
+                    for process in ranks.processes:
+                        process.terminate()
+                    with contextlib.suppress(mp.ProcessException):  # they end by our SIGTERM
+                        ranks.join()
+                    return None
+                keep_live()
         except mp.ProcessRaisedException as exc:
             return f"rank {exc.error_index} failed: {str(exc).strip().splitlines()[-1]}"
         except mp.ProcessExitedException as exc:
