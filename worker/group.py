@@ -24,6 +24,7 @@ import secrets
 import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -52,9 +53,13 @@ def run_group(settings, log_format: str) -> int:
     context = mp.get_context("spawn")
     stop, ready = context.Event(), context.Event()
 
-    def on_signal(signum, frame):
+    def stopping():
         log.info("worker group: stopping after the current job")
         stop.set()
+
+    def on_signal(signum, frame):
+        # Not here: the Event's lock (and logging's) may be held by the very code this signal interrupted.
+        threading.Thread(target=stopping, name="t2v-group-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
