@@ -61,6 +61,19 @@ def records(data_dir):
     return rows
 
 
+def stop_all(api, workers):
+    """SIGTERM the API and the workers (each worker, or group, stops after its current job); kill the workers'
+    process group if they have not ended within 2 minutes."""
+    workers.terminate()
+    api.terminate()
+    api.wait(30)
+    try:
+        workers.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(workers.pid, signal.SIGKILL)  # the supervisor and its workers
+        workers.wait()
+
+
 def test_kill_9_five_times_loses_no_job_and_completes_none_twice(tmp_path, data_dir, tiny_model, tiny_upscalers):
     import json
 
@@ -106,14 +119,7 @@ def test_kill_9_five_times_loses_no_job_and_completes_none_twice(tmp_path, data_
             view = requests.get(f"{base}/jobs/{accepted[0]}", timeout=10)
             assert view.status_code == 200 and view.json()["status"] in ("completed", "failed")
         finally:
-            workers.terminate()  # SIGTERM: each worker stops after its current job
-            api.terminate()
-            api.wait(30)
-            try:
-                workers.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(workers.pid, signal.SIGKILL)  # the supervisor and its workers
-                workers.wait()
+            stop_all(api, workers)
 
     assert workers.returncode == 0 and "supervisor: all workers stopped" in log_path.read_text()
     assert log_path.read_text().count("exited with code -9") == KILLS, "the supervisor saw every kill"

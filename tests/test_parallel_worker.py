@@ -15,7 +15,7 @@ from collections import Counter
 import requests
 
 from conftest import ROOT, TINY_JOB, wait_for
-from test_crash import environment, pid_alive, records, start_api, wait_api
+from test_crash import environment, pid_alive, records, start_api, stop_all, wait_api
 from test_serving import free_port
 
 LONG_JOB = {**TINY_JOB, "num_inference_steps": 40}  # long enough to be killed in the middle
@@ -52,14 +52,7 @@ def test_a_group_of_two_ranks_runs_each_job_once_survives_kill_9_of_rank_1_and_s
             row = records(tmp_path)[ref]
             assert row["attempts"] == 2  # the killed attempt, then the one after the group restarted
         finally:
-            workers.terminate()  # SIGTERM: the group stops after its current job
-            api.terminate()
-            api.wait(30)
-            try:
-                workers.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(workers.pid, signal.SIGKILL)
-                workers.wait()
+            stop_all(api, workers)
 
     text = log_path.read_text()
     assert workers.returncode == 0 and "supervisor: all workers stopped" in text
