@@ -111,7 +111,8 @@ def _spawn(settings, worker_id: str, stop, ready, log_format: str, keep_live) ->
                     return None
                 keep_live()
         except mp.ProcessRaisedException as exc:
-            return f"rank {exc.error_index} failed: {str(exc).strip().splitlines()[-1]}"
+            # Not which rank: whichever fails first varies, and the reason is logged again only when it changes.
+            return f"a rank failed: {str(exc).strip().splitlines()[-1]}"
         except mp.ProcessExitedException as exc:
             return f"rank {exc.error_index} (pid {exc.error_pid}) exited with {exc.signal_name or exc.exit_code}"
     return None
