@@ -323,8 +323,8 @@ class VideoGenerator:
         Raises JobCanceled within one transformer block of a cancel. With `latents_path`, the denoised
         latents are saved there before the decode, and a decode that runs out of memory is retried in
         tiles, then smaller tiles: a finished denoise is never lost to the decode. Only HunyuanVideo's
-        text-to-video and LTX-2 decode here (`families.LATENT_DECODERS`; for LTX-2 the video's latents are kept, not the
-        sound's); the other pipelines decode inside their own call (output_type="pt"), so for them `latents_path`
+        text-to-video and LTX-2 decode here (`families.LATENT_DECODERS`; LTX-2 keeps its sound's latents beside
+        the video's); the other pipelines decode inside their own call (output_type="pt"), so for them `latents_path`
         is not written. `on_latents(step, total, latents)` sees the latents after every step (for previews);
         `on_decode(done, total)` follows the VAE decode. A model that makes sound (LTX-2) leaves the job's
         soundtrack, cut to the clip's length, in `last_audio`, unless the job says `audio: false` (then it is
@@ -357,7 +357,7 @@ class VideoGenerator:
                 if decode is None:
                     return to_uint8_frames(output[0])  # (F, C, H, W) floats in [0, 1]
                 if latents_path is not None:
-                    save_latents(output, params, Path(latents_path))
+                    save_latents(output, params, Path(latents_path), getattr(result, "audio", None))
                 frames = to_uint8_frames(self._decode(decode, output))
                 self.last_audio = self._audio(pipe, result, params, len(frames), should_cancel)
                 return frames
@@ -475,11 +475,15 @@ def fit_image(image, entry: models.ModelEntry, width: int, height: int):
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
-def save_latents(latents: torch.Tensor, params: JobParams, path: Path) -> None:
-    """Write the denoised latents and the job's parameters, so the video can be decoded again later."""
+def save_latents(latents: torch.Tensor, params: JobParams, path: Path, audio_latents: torch.Tensor | None = None) -> None:
+    """Write the denoised latents and the job's parameters, so the video can be decoded again later; for a model
+    with sound (LTX-2) its audio latents too (`audio_latents`), so the soundtrack can be as well."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
-    torch.save({"latents": latents.detach().cpu(), "params": params.to_dict()}, tmp)
+    saved = {"latents": latents.detach().cpu(), "params": params.to_dict()}
+    if audio_latents is not None:
+        saved["audio_latents"] = audio_latents.detach().cpu()
+    torch.save(saved, tmp)
     tmp.replace(path)
     log.info("latents saved to %s", path)
 

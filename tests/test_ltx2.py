@@ -66,6 +66,22 @@ def test_audio_false_writes_a_silent_mp4_and_never_decodes_the_sound(settings, m
     assert result.audio is None and calls == []
 
 
+def test_kept_latents_hold_the_sound_too_and_decode_to_the_jobs_soundtrack(settings, models, tmp_path):
+    from dataclasses import replace
+
+    from pipeline import families
+
+    kept = replace(settings, keep_latents=True)
+    run_job(params(), kept, models=models, output=tmp_path / "k.mp4", model=LTX)
+    generator = models.generator_for(LTX)
+    saved = torch.load(tmp_path / "k.latents.pt")
+    assert saved["latents"].ndim == 5 and saved["audio_latents"].ndim >= 3
+    with torch.inference_mode():
+        again = families.decode_ltx2_audio(generator.pipe, saved["audio_latents"]).fitted(9, FPS)
+    assert again.samples.shape == generator.last_audio.samples.shape
+    assert np.allclose(again.samples, generator.last_audio.samples, atol=1e-5)
+
+
 def test_the_sound_survives_a_4x_upscale_unchanged_in_length(settings, models, tmp_path):
     result = run_job(params(upscale=True, outscale=4), settings, models=models, output=tmp_path / "c.mp4", model=LTX)
     assert (probe(result.path)["width"], probe(result.path)["height"]) == (256, 256)
