@@ -139,7 +139,9 @@ def _components(job_schemas: dict) -> dict:
                                                   "description": "workers that reported in the last 30 s (null: "
                                                                  "the store is unavailable)"}}},
             "LiveWorker": {"type": "object", "required": ["worker_id", "kinds", "models", "gpu_bytes", "group"],
-                           "properties": {"worker_id": {"type": "string"},
+                           "properties": {"worker_id": {"type": ["string", "null"],
+                                                        "description": "null: hidden from a request without a "
+                                                                       "key while keys are on"},
                                           "kinds": {"type": "array", "items": {"type": "string"},
                                                     "description": "the job kinds it claims now (none: it claims "
                                                                    "nothing)"},

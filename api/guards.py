@@ -121,13 +121,20 @@ def _authenticate():
             raise ApiError(401, "invalid_signature", "this link is invalid or has expired")
         g.owner, g.signed_ref = None, request.view_args["reference_id"]
         return None
+    g.owner = key_owner(keys)
+    if g.owner is None:
+        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
+    return None
+
+
+def key_owner(keys) -> str | None:
+    """The owner the request's API key stands for (a hash of the key), or None when it sends no valid one."""
     auth = request.headers.get("Authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
     key_bytes = key.encode("utf-8", "surrogatepass")
     if not key or not any(hmac.compare_digest(key_bytes, k.encode()) for k in keys):
-        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
-    g.owner = "key:" + hashlib.sha256(key_bytes).hexdigest()[:16]
-    return None
+        return None
+    return "key:" + hashlib.sha256(key_bytes).hexdigest()[:16]
 
 
 def _signature_valid() -> bool:

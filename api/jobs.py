@@ -7,6 +7,7 @@ import logging
 
 from flask import Blueprint, current_app, jsonify
 
+from api.guards import key_owner
 from api.service import ApiError, blob_response, job_rules, job_view, owned_job, remove_job, svc, upscaler_problem
 from openapi import build_spec
 from pipeline import models
@@ -83,28 +84,42 @@ def list_models():
 
 @bp.get("/health")
 def health():
+    """Open to anyone, for load balancers and probes. With keys on, a request without a valid key sees the states
+    and counts but not what names a machine or tells its faults (worker ids, a model's or a group's error)."""
     service = svc()
     worker = service.worker
+    keys = service.settings.api_keys
+    shown = not keys or key_owner(keys) is not None
     model_error = worker.model_error if worker else None
     body = {"status": "degraded" if model_error else "ok", "store": "ok", "queue_length": None,
             "worker": "off" if worker is None else ("alive" if worker.alive else "dead"),
-            "model_loaded": bool(worker and worker.model_loaded), "model_error": model_error, "workers": None}
+            "model_loaded": bool(worker and worker.model_loaded), "model_error": model_error if shown else None,
+            "workers": None}
     if model_error:  # still a 200: the API serves (job views, videos); its own worker cannot take new jobs
-        body["reason"] = f"the worker in this process cannot run jobs: {model_error}"
+        body["reason"] = f"the worker in this process cannot run jobs: {model_error if shown else HIDDEN}"
     try:
         service.jobs.ping()
         body["queue_length"] = service.jobs.count_queued()
-        body["workers"] = [live_worker(w) for w in service.jobs.live_workers(WORKER_LIVE_S)]
+        body["workers"] = [live_worker(w, shown) for w in service.jobs.live_workers(WORKER_LIVE_S)]
     except StoreUnavailable:
         body.update(status="unavailable", store="unavailable")
         return jsonify(body), 503
     return jsonify(body)
 
 
-def live_worker(record: dict) -> dict:
+HIDDEN = "send an API key to see why"
+
+
+def live_worker(record: dict, shown: bool = True) -> dict:
     """A worker record as /health shows it (openapi's LiveWorker): what it claims, and a group's ranks, GPUs
-    and state."""
-    return {key: record.get(key) for key in ("worker_id", "kinds", "models", "gpu_bytes", "group")}
+    and state; without `shown`, no worker id and no failure reason."""
+    view = {key: record.get(key) for key in ("worker_id", "kinds", "models", "gpu_bytes", "group")}
+    if not shown:
+        view["worker_id"] = None
+        group = view["group"]
+        if group and group.get("state", "").startswith("failed"):
+            view["group"] = {**group, "state": f"failed: {HIDDEN}"}
+    return view
 
 
 @bp.get("/openapi.json")

@@ -45,6 +45,26 @@ def test_health_and_metrics_show_the_live_workers_and_groups_by_state(make_app):
     assert not validator.is_valid(bad), "the schema checks a group's state"
 
 
+def test_with_keys_on_health_shows_a_stranger_the_states_but_no_worker_ids_or_faults(make_app):
+    from storage.jobs import group_facts
+
+    app, service = make_app(worker=False, api_keys=("k1",))
+    client = app.test_client()
+    service.jobs.worker_seen("host-a-4242", ("generate",), ["hunyuanvideo"], 80 * 2**30)
+    service.jobs.worker_seen("host-b-77-group", (), [], group=group_facts(2, ["4", "5"], "failed",
+                                                                          "rank 1 failed: gloo at 10.0.0.7:29500"))
+    stranger, keyed = client.get("/health"), client.get("/health", headers={"Authorization": "Bearer k1"})
+    assert stranger.status_code == keyed.status_code == 200
+    assert [w["worker_id"] for w in stranger.json["workers"]] == [None, None]
+    assert [w["worker_id"] for w in keyed.json["workers"]] == ["host-a-4242", "host-b-77-group"]
+    assert stranger.json["workers"][1]["group"] == {"ranks": 2, "gpus": ["4", "5"],
+                                                    "state": "failed: send an API key to see why"}
+    assert b"host-" not in stranger.data and b"10.0.0.7" not in stranger.data and b"10.0.0.7" in keyed.data
+    components = client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json["components"]
+    jsonschema.Draft202012Validator({"$ref": "#/components/schemas/Health", "components": components}).validate(
+        stranger.json)
+
+
 def test_a_group_whose_ranks_cannot_start_says_why_once_on_health_and_claims_nothing(tmp_path, data_dir, tiny_model):
     """gloo cannot start on a network interface that does not exist (GLOO_SOCKET_IFNAME, read by each rank):
     the group's process tries again, logs the reason once, and its record says it, with no job kind."""
