@@ -1,4 +1,4 @@
-"""Where the weights sit and what a failed decode leaves behind, on the tiny HunyuanVideo (CPU).
+"""Where the weights sit for each offload preset and what a failed decode leaves behind, on the tiny HunyuanVideo (CPU).
 
 `group` offload leaves the VAE out and, on CUDA, copies on a side stream with `record_stream`; a decode that
 runs out of memory frees the failed attempt before emptying the cache, and puts the VAE's tiles back after.
@@ -42,6 +42,31 @@ def test_group_offload_leaves_the_vae_out_and_the_job_still_runs(fresh):
     assert group_hooks(fresh.pipe.vae) == []
     frames = fresh.generate(params())
     assert frames.shape == (9, 64, 64, 3) and frames.std() > 1
+
+
+def test_model_offload_hooks_every_component_and_the_job_still_runs(fresh):
+    from accelerate.hooks import CpuOffload
+
+    apply_memory_preset(fresh.pipe, "model", "cpu")
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        assert isinstance(getattr(fresh.pipe, name)._hf_hook, CpuOffload), name
+    frames = fresh.generate(params())
+    assert frames.shape == (9, 64, 64, 3) and frames.std() > 1
+
+
+def test_sequential_offload_streams_every_weight_from_the_cpu(fresh):
+    """Only the hooks are checked here, not a forward: diffusers hands accelerate `cpu:0`, and on the CPU torch's
+    `Parameter.to(torch.device("cpu:0"))` returns a plain tensor, which accelerate's post-forward cannot wrap again
+    (a CUDA onload is already on `cuda:N`, so the GPU path is not affected; t2v never offloads on the CPU)."""
+    from accelerate.hooks import AlignDevicesHook
+
+    apply_memory_preset(fresh.pipe, "sequential", "cpu")
+    for name in ("transformer", "text_encoder", "vae"):
+        streaming = [m._hf_hook for m in getattr(fresh.pipe, name).modules()
+                     if isinstance(getattr(m, "_hf_hook", None), AlignDevicesHook) and m._hf_hook.offload]
+        assert streaming and {h.execution_device for h in streaming} == {torch.device("cpu:0")}, name
+        weights = list(getattr(fresh.pipe, name).parameters())
+        assert weights and all(w.device.type == "meta" for w in weights), name  # streamed in per module
 
 
 def test_group_offload_on_cuda_streams_with_record_stream(fresh):
