@@ -51,7 +51,7 @@ def start_server(folder, data_dir, ready=None, **env):
     def healthy():
         assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
         try:
-            health = requests.get(f"{base}/health", timeout=10).json()
+            health = requests.get(f"{base}/health", headers={"X-API-Key": KEY}, timeout=10).json()  # keyed: model_error
         except requests.RequestException:
             return False
         if ready is not None:
