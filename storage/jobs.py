@@ -2,8 +2,8 @@
 `storage.sqlite.SqliteJobStore` (default, one file under the data folder), `storage.mongo.MongoJobStore` (pymongo).
 
 Both keep the same contract, checked by one test suite run on both (tests/test_job_store.py):
-- `claim()` hands the oldest queued job of the kinds (and, for generation, the models) a worker can run to
-  exactly one worker, with a lease;
+- `claim()` hands the oldest queued job of the kinds (and, for a model's jobs, the models) a worker can run to
+  exactly one worker, with a lease; an enhance job goes before any other (`claim_passes`);
 - a worker renews the lease with `heartbeat()`; a job whose lease ran out goes back to the queue
   (`requeue_expired`), or fails with `worker_lost` after its last attempt;
 - `complete()`, `fail()` and `mark_canceled()` only act on a job the calling worker still holds,
@@ -30,7 +30,12 @@ from typing import Collection, Protocol
 
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = "queued", "processing", "completed", "failed", "canceled"
 TERMINAL = (COMPLETED, FAILED, CANCELED)
-JOB_KINDS = ("generate", "upscale")
+JOB_KINDS = ("generate", "upscale", "enhance")
+# Kinds that run a model (`params.model`): only a worker serving it claims one. An enhance job (a prompt's
+# suggested rewrite, seconds long) is claimed before any other queued job, so a user waits for it no longer
+# than for the job in hand (`claim_passes`).
+MODEL_KINDS = ("generate", "enhance")
+FIRST_KINDS = ("enhance",)
 EVENTS_PER_READ = 500  # events_after reads at most this many at once; the caller reads on from the last seq
 # A deleted job leaves a tombstone (its owner and place in the order) this long, so a listing whose cursor is
 # that job's id goes on from its place: the openai SDK pages with `after=<the last id it saw>`.
@@ -121,20 +126,27 @@ def group_state(group: dict) -> str:
 
 
 def job_model(job: dict) -> str | None:
-    """The model a generation job runs: `params.model`, else UNNAMED_MODEL. None for other kinds."""
-    if job["kind"] != "generate":
+    """The model a generation or enhance job runs: `params.model`, else UNNAMED_MODEL. None for other kinds."""
+    if job["kind"] not in MODEL_KINDS:
         return None
     return (job["params"] or {}).get("model") or UNNAMED_MODEL
 
 
 def _claimable_kinds(kinds: tuple[str, ...], models: Collection[str] | None) -> tuple[str, ...]:
-    """A worker that serves no model takes no generation job."""
-    return tuple(k for k in kinds if k != "generate") if models is not None and not models else tuple(kinds)
+    """A worker that serves no model takes no job of a model."""
+    return tuple(k for k in kinds if k not in MODEL_KINDS) if models is not None and not models else tuple(kinds)
+
+
+def claim_passes(kinds: tuple[str, ...], models: Collection[str] | None) -> list[tuple[str, ...]]:
+    """The kinds a claim tries, pass by pass: FIRST_KINDS, then the rest; each pass takes the oldest."""
+    kinds = _claimable_kinds(kinds, models)
+    passes = [tuple(k for k in kinds if k in FIRST_KINDS), tuple(k for k in kinds if k not in FIRST_KINDS)]
+    return [kinds for kinds in passes if kinds]
 
 
 def can_take(worker: dict, job: dict) -> bool:
     """Whether a worker, as it last reported (`kinds`, `models`), would claim `job`: the rule `claim` applies."""
-    return job["kind"] in worker["kinds"] and (job["kind"] != "generate" or job_model(job) in worker["models"])
+    return job["kind"] in worker["kinds"] and (job["kind"] not in MODEL_KINDS or job_model(job) in worker["models"])
 
 
 def waiting_reason(store: "JobStore", job: dict, within_s: float = WORKER_LIVE_S) -> str | None:
@@ -147,7 +159,7 @@ def waiting_reason(store: "JobStore", job: dict, within_s: float = WORKER_LIVE_S
         return f"waiting for a worker: none has reported in the last {within_s:.0f} s"
     if any(can_take(worker, job) for worker in live):
         return None
-    if job["kind"] == "generate":
+    if job["kind"] in MODEL_KINDS:
         return f"waiting for a worker that serves {job_model(job)}"
     return f"waiting for a worker that takes {job['kind']} jobs"
 

@@ -10,9 +10,9 @@ import time
 from typing import Any, Collection
 
 from storage.jobs import (CANCELED, COMPLETED, CURSOR_KEEP_S, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED,
-                          JOB_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL, UNNAMED_MODEL,
-                          WORKER_FORGET_S, QueueFull, StoreUnavailable, _claimable_kinds, _counts, _counts_by_model,
-                          _model_of, _Outcomes, _worker_lost, delivery_id, job_model)
+                          FIRST_KINDS, JOB_KINDS, MODEL_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL,
+                          UNNAMED_MODEL, WORKER_FORGET_S, QueueFull, StoreUnavailable, _counts, _counts_by_model,
+                          _model_of, _Outcomes, _worker_lost, claim_passes, delivery_id, job_model)
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,12 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         return self._guard(lambda: self.jobs.count_documents({"status": QUEUED}))
 
     def queue_position(self, job: dict) -> int:
+        """As SqliteJobStore.queue_position."""
         if job["status"] != QUEUED:
             return 0
-        return self._guard(lambda: self.jobs.count_documents(
-            {"status": QUEUED, "created_at": {"$lte": job["created_at"]}}))
+        first, mine = {"kind": {"$in": list(FIRST_KINDS)}}, {"created_at": {"$lte": job["created_at"]}}
+        rule = {**first, **mine} if job["kind"] in FIRST_KINDS else {"$or": [mine, first]}
+        return self._guard(lambda: self.jobs.count_documents({"status": QUEUED, **rule}))
 
     def _update_one(self, query: dict, update: dict, event: str | None = None, **kw) -> dict | None:
         """find_one_and_update; a status change names its webhook `event`, written with it (`_transition`)."""
@@ -297,13 +299,18 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
     def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
               models: Collection[str] | None = None) -> dict | None:
         """`models` as in SqliteJobStore.claim; `$in` with None matches a job stored without a model."""
-        kinds = _claimable_kinds(kinds, models)
-        if not kinds:
-            return None
+        for kinds_now in claim_passes(kinds, models):
+            job = self._claim_oldest(worker_id, lease_s, kinds_now, models)
+            if job is not None:
+                return job
+        return None
+
+    def _claim_oldest(self, worker_id: str, lease_s: float, kinds: tuple[str, ...],
+                      models: Collection[str] | None) -> dict | None:
         query = {"status": QUEUED, "kind": {"$in": list(kinds)}}
         if models is not None:
             named = [*models, None] if UNNAMED_MODEL in models else list(models)
-            query["$or"] = [{"kind": {"$ne": "generate"}}, {"params.model": {"$in": named}}]
+            query["$or"] = [{"kind": {"$nin": list(MODEL_KINDS)}}, {"params.model": {"$in": named}}]
         now = time.time()
         return self._update_one(
             query,

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Collection
 
 from storage.jobs import (CANCELED, COMPLETED, CURSOR_KEEP_S, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED,
-                          JOB_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S,
-                          QueueFull, StoreUnavailable, _claimable_kinds, _counts, _counts_by_model, _model_of,
+                          FIRST_KINDS, JOB_KINDS, MODEL_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S,
+                          QueueFull, StoreUnavailable, _counts, _counts_by_model, _model_of, claim_passes,
                           _Outcomes, _worker_lost, delivery_id)
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,21 @@ _SCHEMA += "CREATE INDEX IF NOT EXISTS jobs_owner_kind ON jobs (owner, kind);\n"
 
 # Monotonic counters for /metrics (`job_totals`): a trigger counts each submit and each end in the same
 # transaction as the insert or the status change, whichever process makes it; deleting a record lowers none.
-_RUN_MODEL = f"CASE WHEN NEW.kind = 'generate' THEN COALESCE(json_extract(NEW.params, '$.model'), '{UNNAMED_MODEL}') " \
+# (v2: an enhance job counts under its model too; a file made before has its v1 triggers replaced.)
+_RUN_MODEL = f"CASE WHEN NEW.kind IN ({', '.join(repr(k) for k in MODEL_KINDS)}) THEN COALESCE(json_extract(NEW.params, '$.model'), '{UNNAMED_MODEL}') " \
              "ELSE '' END"
 _SCHEMA += f"""
+DROP TRIGGER IF EXISTS jobs_count_submitted;
+DROP TRIGGER IF EXISTS jobs_count_finished;
 CREATE TABLE IF NOT EXISTS job_totals (counter TEXT NOT NULL, status TEXT NOT NULL, kind TEXT NOT NULL,
                                        model TEXT NOT NULL, n INTEGER NOT NULL,
                                        PRIMARY KEY (counter, status, kind, model)) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS jobs_count_submitted AFTER INSERT ON jobs BEGIN
+CREATE TRIGGER IF NOT EXISTS jobs_count_submitted_v2 AFTER INSERT ON jobs BEGIN
     INSERT OR IGNORE INTO job_totals VALUES ('submitted', '', NEW.kind, {_RUN_MODEL}, 0);
     UPDATE job_totals SET n = n + 1 WHERE counter = 'submitted' AND status = '' AND kind = NEW.kind
         AND model = {_RUN_MODEL};
 END;
-CREATE TRIGGER IF NOT EXISTS jobs_count_finished AFTER UPDATE OF status ON jobs
+CREATE TRIGGER IF NOT EXISTS jobs_count_finished_v2 AFTER UPDATE OF status ON jobs
 WHEN NEW.status IN ('{COMPLETED}', '{FAILED}', '{CANCELED}')
     AND OLD.status NOT IN ('{COMPLETED}', '{FAILED}', '{CANCELED}')
 BEGIN
@@ -383,24 +386,33 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
             return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
 
     def queue_position(self, job: dict) -> int:
+        """How many queued jobs a claim takes before this one, itself included (claim_passes' order)."""
         if job["status"] != QUEUED:
             return 0
+        first, mine = f"kind IN ({', '.join('?' * len(FIRST_KINDS))})", "(SELECT seq FROM jobs WHERE reference_id = ?)"
+        if job["kind"] in FIRST_KINDS:
+            rule, args = f"{first} AND seq <= {mine}", (*FIRST_KINDS, job["reference_id"])
+        else:
+            rule, args = f"(seq <= {mine} OR {first})", (job["reference_id"], *FIRST_KINDS)
         with self._tx() as db:
-            return db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq <= (SELECT seq FROM jobs WHERE reference_id = ?)",
-                (QUEUED, job["reference_id"])).fetchone()[0]
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE status = ? AND {rule}", (QUEUED, *args)).fetchone()[0]
 
     def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
               models: Collection[str] | None = None) -> dict | None:
-        """`models`: the ids whose generation jobs this worker runs (None: any); other kinds are not model-bound."""
-        kinds = _claimable_kinds(kinds, models)
-        if not kinds:
-            return None
+        """`models`: the ids whose jobs of a model this worker runs (None: any); other kinds are not model-bound."""
+        for kinds_now in claim_passes(kinds, models):
+            job = self._claim_oldest(worker_id, lease_s, kinds_now, models)
+            if job is not None:
+                return job
+        return None
+
+    def _claim_oldest(self, worker_id: str, lease_s: float, kinds: tuple[str, ...],
+                      models: Collection[str] | None) -> dict | None:
         model_rule, model_args = "", ()
         if models is not None:
-            model_rule = (" AND (kind != 'generate' OR COALESCE(json_extract(params, '$.model'), ?) "
-                          f"IN ({', '.join('?' * len(models))}))")
-            model_args = (UNNAMED_MODEL, *models)
+            model_rule = (f" AND (kind NOT IN ({', '.join('?' * len(MODEL_KINDS))}) OR "
+                          f"COALESCE(json_extract(params, '$.model'), ?) IN ({', '.join('?' * len(models))}))")
+            model_args = (*MODEL_KINDS, UNNAMED_MODEL, *models)
         now = time.time()
         with self._tx(write=True) as db:
             row = db.execute(

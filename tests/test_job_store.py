@@ -72,6 +72,22 @@ def test_a_worker_claims_only_the_kinds_it_can_run(store):
     assert store.claim("healthy", 30, kinds=("generate", "upscale"))["reference_id"] == "gen00003"
 
 
+def test_enhance_jobs_are_claimed_before_older_jobs_and_only_for_the_models_served(store):
+    """A prompt's suggestion takes seconds: it goes ahead of the queued videos (and its queue position says
+    so), and like a video it is claimed only by a worker serving its model."""
+    for ref, kind, model in (("gen00001", "generate", "ltx-2"), ("enh00002", "enhance", "wan2.2-t2v"),
+                             ("enh00003", "enhance", "ltx-2"), ("gen00004", "generate", "ltx-2")):
+        store.create(new_job(ref, "s", "o", kind, {"prompt": "p", "model": model}))
+        time.sleep(0.002)
+    positions = [store.queue_position(store.get(r)) for r in ("enh00002", "enh00003", "gen00001", "gen00004")]
+    assert positions == [1, 2, 3, 4]
+    assert store.claim("w", 30, models=("ltx-2",))["reference_id"] == "enh00003", "the Wan suggestion is left"
+    assert store.claim("w", 30, models=("ltx-2",))["reference_id"] == "gen00001"
+    assert store.claim("w", 30, kinds=("generate", "upscale"))["reference_id"] == "gen00004"
+    assert store.claim("w", 30, models=("ltx-2",)) is None
+    assert store.claim("w", 30)["reference_id"] == "enh00002"
+
+
 def test_a_worker_claims_only_generation_jobs_for_the_models_it_serves(store):
     """A job stored without a model (queued before jobs named one) runs the default model, hunyuanvideo;
     upscale jobs are not model-bound; a worker that serves no model takes upscale jobs only."""
