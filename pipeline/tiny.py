@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -363,9 +364,17 @@ def tiny_upscaler_path(data_dir: Path) -> Path:
     return build_tiny_upscalers(Path(data_dir) / "tiny")["compact"]
 
 
+RANK_ZERO_BUILD_WAIT_S = 600.0
+
+
 def _write_atomically(folder: Path, write) -> Path:
-    """Let `write` fill a temporary sibling folder, then rename it into place: never a half-built model."""
+    """Let `write` fill a temporary sibling folder, then rename it into place: never a half-built model.
+    In a torch.distributed group only rank 0 writes: transformers' `save_pretrained` writes no weights on any other
+    rank (`should_save_on_this_rank`), so a folder a rank 1 renamed into place would hold an empty text encoder.
+    The other ranks wait for rank 0's folder (they load the model rank 0 loads, as worker groups do)."""
     folder = Path(folder)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return _built_by_rank_zero(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -377,6 +386,16 @@ def _write_atomically(folder: Path, write) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _built_by_rank_zero(folder: Path) -> Path:
+    deadline = time.monotonic() + RANK_ZERO_BUILD_WAIT_S
+    while not (folder / FOLDER_CONFIG).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {torch.distributed.get_rank()} waited {RANK_ZERO_BUILD_WAIT_S:.0f} s for rank 0 "
+                               f"to build the tiny model {folder.name}")
+        time.sleep(0.1)
     return folder
 
 

@@ -9,11 +9,14 @@ torch.multiprocessing; each writes what it saw to a file the test reads.
 import contextlib
 import json
 import logging
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from diffusers import LTX2Pipeline
 from PIL import Image
 
 from config import Settings
@@ -268,3 +271,22 @@ def test_hunyuanvideo15_with_padded_text_and_several_blocks_splits_exactly(tmp_p
     two = torch.load(out)
     assert two.shape == one.shape and one.abs().max() > 0.1
     assert torch.allclose(two, one, atol=1e-5), (two - one).abs().max()
+
+
+def _build_rank(rank: int, init: str, data_dir: str) -> None:
+    parallel.join(rank, 2, init, "cpu", timeout_s=60)
+    if rank == 0:
+        time.sleep(2)  # rank 1 reaches the build first: unguarded, its folder (without weights) would win
+    folder = registry.tiny_model_dir(Path(data_dir), "ltx-2.3")
+    (Path(data_dir) / f"rank{rank}.txt").write_text(str(folder))
+    parallel.leave()
+
+
+def test_a_tiny_build_in_a_group_is_written_by_rank_zero_with_every_weight(tmp_path):
+    """transformers' save_pretrained writes no weights on a rank but 0, so a rank 1 that built a tiny folder first
+    left an LTX-2 without its text encoder's weights (a worker group's enhance job failed on it)."""
+    mp.spawn(_build_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    folders = {(tmp_path / f"rank{r}.txt").read_text() for r in range(2)}
+    assert folders == {str(tmp_path / "tiny" / "ltx-2.3")}
+    assert (tmp_path / "tiny" / "ltx-2.3" / "text_encoder" / "model.safetensors").stat().st_size > 0
+    LTX2Pipeline.from_pretrained(tmp_path / "tiny" / "ltx-2.3")  # every component loads
