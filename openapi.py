@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pipeline import models
-from pipeline.spec import PROMPT_PATTERN, Rules, job_fields, request_schema
+from pipeline.spec import PROMPT_PATTERN, EnhanceParams, Rules, job_fields, request_schema
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
 ERROR = {"$ref": "#/components/schemas/Error"}
 IMAGE_URI = {"type": "string", "pattern": r"^data:image/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/]*={0,2}$",
              "description": "the first frame: a PNG, JPEG or WebP as a data: URI (data:image/png;base64,...)"}
 STATUSES = ["queued", "processing", "completed", "failed", "canceled"]
+ACCEPTED = {"type": "object", "required": ["session_id", "reference_id", "status", "queue_position"],
+            "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
+                           "queue_position": {"type": "integer", "minimum": 0}}}
 IDEMPOTENCY_PARAM = {"name": "Idempotency-Key", "in": "header", "required": False,
                      "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
                      "description": "the same key and request within 24 h answer the job the first one made; "
@@ -73,7 +76,8 @@ def build_spec(settings, rules: Rules) -> dict:
                  "description": "Text-to-video with HunyuanVideo and Real-ESRGAN. When the server has API keys, "
                                 "every route but /health needs one."},
         "security": [{"bearer": []}, {"apiKey": []}],
-        "paths": {**_classic_paths(settings, generate_json, webhooks), **_jobs_paths(), **_events_paths(),
+        "paths": {**_classic_paths(settings, generate_json, webhooks), **_jobs_paths(settings, rules, webhooks),
+                  **_events_paths(),
                   **_v1_paths(settings, rules, PATH_PARAM), **_metrics_paths()},
         "components": _components(job_schemas),
     }
@@ -98,7 +102,7 @@ def _components(job_schemas: dict) -> dict:
                            "error": {"type": ["object", "null"], "properties": {
                                "code": {"type": "string"}, "message": {"type": "string"}}}}},
             "Job": {"allOf": [{"$ref": "#/components/schemas/Status"}, {"type": "object", "properties": {
-                "session_id": ID, "kind": {"enum": ["generate", "upscale"]}, "params": {"type": "object"},
+                "session_id": ID, "kind": {"enum": ["generate", "upscale", "enhance"]}, "params": {"type": "object"},
                 "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]},
                 "finished_at": {"type": ["number", "null"]}, "result": {"type": ["object", "null"]},
                 "video_url": {"type": ["string", "null"]}, "poster_url": {"type": ["string", "null"]},
@@ -108,6 +112,8 @@ def _components(job_schemas: dict) -> dict:
                       "properties": {"id": {"type": "string"}, "inputs": {"enum": ["text", "image", "both"]},
                                      "installed": {"type": "boolean"}, "tiny": {"type": "boolean"},
                                      "lora": {"type": "boolean"}, "audio": {"type": "boolean"},
+                                     "prompt_enhancer": {"type": "boolean",
+                                                         "description": "POST /prompts/enhance takes it"},
                                      "size_from_image": {"type": "boolean"},
                                      "presets": {"type": "array"}, "limits": {"type": "object"},
                                      "defaults": {"type": "object"},
@@ -173,9 +179,7 @@ def _classic_paths(settings, generate_json: dict, webhooks: dict) -> dict:
             **{name: {"type": "string", "description": "as in the JSON body, as text"}
                for name in job_fields()},
             "session_id": ID, **webhooks}}
-    accepted = {"type": "object", "required": ["session_id", "reference_id", "status", "queue_position"],
-                "properties": {"session_id": ID, "reference_id": ID, "status": {"enum": STATUSES},
-                               "queue_position": {"type": "integer", "minimum": 0}}}
+    accepted = ACCEPTED
     session_body = {"type": "object", "required": ["session_id"], "properties": {"session_id": ID}}
     return {
         "/generate_video": {"post": {
@@ -220,10 +224,42 @@ def _classic_paths(settings, generate_json: dict, webhooks: dict) -> dict:
     }
 
 
-def _jobs_paths() -> dict:
-    """Blueprint `jobs`: /jobs/<id>, the page, /limits, /models, /health and this document."""
+def _enhance_request(settings, rules: Rules, webhooks: dict) -> tuple[dict, dict]:
+    """The JSON body and the multipart form of /prompts/enhance, from `EnhanceParams`: `model` one of the models
+    served here with an enhancer (required unless the default model has one), plus the image and the API's fields."""
+    enhancing = [m for m in rules.models if models.MODELS[m].prompt_enhancer]
+    if not enhancing:
+        return {"not": {}}, {"not": {}}  # no model here suggests prompts: no request is valid
+    body = EnhanceParams.model_json_schema()
+    body["properties"]["prompt"]["maxLength"] = rules.limits.max_prompt_chars
+    body["properties"]["model"] = {"enum": enhancing, "description": body["properties"]["model"]["description"]}
+    body["properties"].update(image=IMAGE_URI, session_id=ID, **webhooks)
+    body["required"] = ["prompt"] if rules.default_model in enhancing else ["prompt", "model"]
+    form = {"type": "object", "required": ["image", *body["required"]], "additionalProperties": False,
+            "properties": {"image": {"type": "string", "contentMediaType": "application/octet-stream",
+                                     "description": f"the video's first frame: a PNG, JPEG or WebP, at most "
+                                                    f"{settings.max_image_mb} MB"},
+                           **{name: {"type": "string", "description": "as in the JSON body, as text"}
+                              for name in ("prompt", "model", "seed")},
+                           "session_id": ID, **webhooks}}
+    return body, form
+
+
+def _jobs_paths(settings, rules: Rules, webhooks: dict) -> dict:
+    """Blueprint `jobs`: /jobs/<id>, /prompts/enhance, the page, /limits, /models, /health and this document."""
     ref_param, signed_params = PATH_PARAM, SIGNED_PARAMS
+    enhance_json, enhance_form = _enhance_request(settings, rules, webhooks)
     return {
+        "/prompts/enhance": {"post": {
+            "summary": "Queue a prompt's suggested rewrite by the model's own enhancer (LTX-2), claimed ahead of "
+                       "the queued videos; the job's result.prompt is the suggestion, and nothing renders",
+            "parameters": [IDEMPOTENCY_PARAM],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": enhance_json},
+                                                          "multipart/form-data": {"schema": enhance_form}}},
+            "responses": {"202": {"description": "queued; poll the job in Location",
+                                  "headers": {"Location": {"schema": {"type": "string"}}}, **_json(ACCEPTED)},
+                          "200": {"description": "a replay of an Idempotency-Key", **_json(ACCEPTED)},
+                          **_errors(400, 401, 409, 413, 415, 429, 503)}}},
         "/jobs/{reference_id}": {
             "get": {
                 "summary": "One job in full", "parameters": [ref_param],

@@ -118,7 +118,8 @@ def job_view(job: dict, queue_position: int = 0) -> dict:
             "poster_url": None, "events_url": f"/jobs/{ref}/events"}
     if job["status"] == COMPLETED and job["result"]:
         view["result"] = {k: v for k, v in job["result"].items() if not k.endswith("_key")}
-        view["video_url"], view["poster_url"] = f"/jobs/{ref}/video", f"/jobs/{ref}/poster"
+        if job["result"].get("video_key"):  # an enhance job's result is a prompt, with no file
+            view["video_url"], view["poster_url"] = f"/jobs/{ref}/video", f"/jobs/{ref}/poster"
     return view
 
 

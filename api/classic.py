@@ -7,9 +7,9 @@ import contextlib
 
 from flask import Blueprint, g, jsonify, request
 
-from api.service import (ApiError, accepted, check_id, completed, create_generate_job, enqueue, form_webhook,
-                         idempotent, input_key, job_request, job_view, json_body, media_url, new_id, owned_job,
-                         status_view, store_input, svc, upscaler_problem)
+from api.service import (ApiError, accepted, check_id, create_generate_job, enqueue, form_webhook, idempotent,
+                         input_key, job_request, job_view, json_body, media_url, new_id, owned_job, status_view,
+                         store_input, stored_key, svc, upscaler_problem)
 from config import Settings
 from pipeline.spec import OUTSCALES
 from pipeline.upscale import RELEASES, UpscalerLoadError, resolve_upscaler
@@ -63,8 +63,8 @@ def get_status():
 @bp.post("/download_video/<reference_id>")
 def download_video(reference_id):
     body = json_body()
-    job = completed(owned_job(reference_id, check_id(body.get("session_id"), "session_id")))
-    url = svc().blobs.presigned_url(job["result"]["video_key"])
+    job = owned_job(reference_id, check_id(body.get("session_id"), "session_id"))
+    url = svc().blobs.presigned_url(stored_key(job, "video_key"))
     return jsonify(s3_url=url or media_url("jobs.job_video", reference_id, external=True))
 
 

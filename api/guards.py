@@ -35,8 +35,10 @@ HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",), "classic.generate_video": ("application/json", "multipart/form-data"),
-              "v1.create_video": ("application/json", "multipart/form-data")}
+# The routes that take an image: JSON with a data: URI, or a multipart form with the file.
+IMAGE_ROUTES = ("classic.generate_video", "v1.create_video", "jobs.enhance_prompt")
+BODY_TYPES = {"classic.upscale_video": ("multipart/form-data",),
+              **{route: ("application/json", "multipart/form-data") for route in IMAGE_ROUTES}}
 
 
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-API-Key"
@@ -157,10 +159,10 @@ def largest_body(settings: Settings) -> int:
 
 def _upload_limit():
     """Uploads get their own, larger body limit (T2V_MAX_UPLOAD_MB); JSON bodies keep T2V_MAX_BODY_KB, with
-    room for an image on /generate_video."""
+    room for an image on the routes that take one."""
     if request.endpoint == "classic.upscale_video":
         request.max_content_length = upload_body_limit(svc().settings)
-    elif request.endpoint in ("classic.generate_video", "v1.create_video"):
+    elif request.endpoint in IMAGE_ROUTES:
         request.max_content_length = generate_body_limit(svc().settings)
 
 

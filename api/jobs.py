@@ -1,14 +1,16 @@
-"""Resource-style routes over the same jobs: one job by id (view, cancel, delete, its video and poster),
-what this server serves (/models, /limits), /health, /openapi.json and the web page."""
+"""Resource-style routes over the same jobs: one job by id (view, cancel, delete, its video and poster), a prompt's
+suggested rewrite (/prompts/enhance), what this server serves (/models, /limits), /health, /openapi.json and the
+web page."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, url_for
 
 from api.guards import key_owner
-from api.service import ApiError, blob_response, job_rules, job_view, owned_job, remove_job, svc, upscaler_problem
+from api.service import (ApiError, accepted, blob_response, check_id, create_enhance_job, idempotent, job_request,
+                         job_rules, job_view, new_id, owned_job, remove_job, svc, upscaler_problem)
 from openapi import build_spec
 from pipeline import models
 from pipeline.spec import OUTSCALES, describe
@@ -17,6 +19,21 @@ from worker.files import discard_input
 
 log = logging.getLogger("t2v.api")
 bp = Blueprint("jobs", __name__)
+
+
+def enhance_accepted(job: dict):
+    """202, with the job to poll in Location: its `result.prompt` is the suggestion once it completes."""
+    return accepted(job), 202, {"Location": url_for("jobs.job", reference_id=job["reference_id"])}
+
+
+@bp.post("/prompts/enhance")
+@idempotent(enhance_accepted)
+def enhance_prompt():
+    """The model's own suggested rewrite of a prompt, as a short job claimed ahead of the queued videos. Nothing
+    renders: the user takes, edits or ignores the suggestion, then sends a generate job."""
+    body, image = job_request(svc().settings)
+    session_id = check_id(body.pop("session_id"), "session_id") if "session_id" in body else new_id()
+    return enhance_accepted(create_enhance_job(body, image, session_id))
 
 
 @bp.get("/jobs/<reference_id>")

@@ -27,7 +27,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings
 from pipeline import memory, models
-from pipeline.spec import JobParams, ParamError, Rules, check_image, form_values
+from pipeline.spec import EnhanceParams, JobParams, ParamError, Rules, check_image, form_values
 from pipeline.upscale import UpscalerLoadError, resolve_upscaler
 from storage.blobs import BlobMissing, BlobStore, StorageError
 from storage.jobs import (COMPLETED, TERMINAL, WORKER_LIVE_S, JobStore, QueueFull, StoreUnavailable, can_take, new_job,
@@ -167,15 +167,32 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str,
     """Validate a generate job's fields and image, store the image, and queue the job: the one way every
     face of the API makes a generate job. Nothing is left behind when it is refused. `field_names`: the
     face's own names for JobParams fields, used in its error messages."""
+    def read(fields: dict, image_key: str | None) -> JobParams:
+        params = JobParams.from_dict(fields, job_rules(), image_key=image_key)
+        check_fits_a_gpu(params)
+        return params
+
+    return _create_job("generate", read, body, image, session_id, field_names)
+
+
+def create_enhance_job(body: dict, image: bytes | None, session_id: str) -> dict:
+    """Queue an enhance job (a prompt's suggested rewrite), checked and stored as a generate job is."""
+    return _create_job("enhance", lambda fields, image_key: EnhanceParams.from_dict(fields, job_rules(),
+                                                                                    image_key=image_key),
+                       body, image, session_id)
+
+
+def _create_job(kind: str, read_params, body: dict, image: bytes | None, session_id: str,
+                field_names: Mapping[str, str] = MappingProxyType({})) -> dict:
+    """Read the webhook and the params (`read_params(fields, image_key)`), check and store the image, queue."""
     settings = svc().settings
     reference_id = new_id()
     image_key = None if image is None else input_key(reference_id)
     webhook = read_webhook(body)
     try:
-        params = JobParams.from_dict(body, job_rules(), image_key=image_key)
+        params = read_params(body, image_key)
     except ParamError as exc:
         raise ApiError(400, "invalid_parameter", str(exc.renamed(field_names))) from None
-    check_fits_a_gpu(params)
     if image is not None:
         try:
             check_image(image, settings.max_image_pixels)
@@ -183,7 +200,7 @@ def create_generate_job(body: dict, image: bytes | None, session_id: str,
             raise ApiError(400, "invalid_image", str(exc.renamed(field_names))) from None
         store_image(image, reference_id)
     try:
-        return enqueue(new_job(reference_id, session_id, g.owner, "generate", params.to_dict(), webhook))
+        return enqueue(new_job(reference_id, session_id, g.owner, kind, params.to_dict(), webhook))
     except BaseException:
         if image_key:
             with contextlib.suppress(StorageError):
@@ -355,8 +372,17 @@ def completed(job: dict) -> dict:
     return job
 
 
+def stored_key(job: dict, key_name: str) -> str:
+    """The blob key of a completed job's file (`video_key`, `poster_key`); 404 for a job that stores none (an
+    enhance job's result is a prompt)."""
+    key = (completed(job)["result"] or {}).get(key_name)
+    if key is None:
+        raise ApiError(404, "not_found", f"job {job['reference_id']} stores no file: it is an {job['kind']} job")
+    return key
+
+
 def blob_response(job: dict, key_name: str, mimetype: str):
-    return stored_response(completed(job)["result"][key_name], mimetype)
+    return stored_response(stored_key(job, key_name), mimetype)
 
 
 def stored_response(key: str, mimetype: str):
@@ -540,7 +566,7 @@ def spritesheet_key(reference_id: str) -> str:
 def spritesheet_response(job: dict):
     """A JPEG grid of frames of a completed job's video: made from the stored MP4 on first request, then kept
     as a blob beside the video (remove_job deletes it), so each later request is a plain stored file."""
-    service, reference_id = svc(), completed(job)["reference_id"]
+    service, reference_id, video_key = svc(), job["reference_id"], stored_key(job, "video_key")
     key = spritesheet_key(reference_id)
     work, tag = Path(service.settings.data_dir) / "work", secrets.token_hex(4)  # two requests may race
     with _staged_input(work / f"{reference_id}.{tag}.sprites.jpg", "the spritesheet") as sheet:
@@ -549,7 +575,7 @@ def spritesheet_response(job: dict):
         except BlobMissing:
             with _staged_input(work / f"{reference_id}.{tag}.mp4", "the spritesheet") as video:
                 try:
-                    service.blobs.get(job["result"]["video_key"], video)
+                    service.blobs.get(video_key, video)
                 except BlobMissing:
                     raise ApiError(404, "not_found", "the file is no longer stored") from None
                 write_spritesheet(video, sheet)

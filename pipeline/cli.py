@@ -128,6 +128,11 @@ def build_parser(prog: str, description: str, upscale: bool) -> argparse.Argumen
                      help="a LoRA installed as models/loras/NAME.safetensors, at SCALE (default 1.0); repeatable")
     job.add_argument("--output", type=Path, metavar="FILE",
                      help="the MP4 to write (default: ./outputs/t2v_<seed>.mp4, in $T2V_OUTPUT_DIR)")
+    job.add_argument("--enhance-prompt", action="store_true",
+                     help="first ask the model's own prompt enhancer (LTX-2) for a richer prompt, print it, and ask "
+                          "on stdin whether to render it instead of yours")
+    job.add_argument("--yes", action="store_true",
+                     help="with --enhance-prompt: render the suggestion without asking")
 
     setup = p.add_argument_group("models and settings (each overrides its environment variable)")
     setting_flag(setup, "model", MODEL_HELP)
@@ -160,6 +165,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         params = JobParams.from_dict({**given, "upscale": upscale and settings.upscaler != "none"},
                                      Rules.from_settings(settings),  # a tiny model gets tiny defaults
                                      with_image=image is not None)
+        enhance = enhance_params(args, params, settings)
         output = args.output or Path(settings.output_dir) / f"t2v_{params.seed}.mp4"
         check_writable(output)
         check_weights(settings, params)
@@ -169,7 +175,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.lora import LoraError
-    from pipeline.run import Models, run_job
+    from pipeline.run import EmptySuggestion, Models, run_job
     from pipeline.upscale import UpscalerLoadError
 
     models = Models(settings, progress_bar=True)
@@ -183,6 +189,15 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
     print(f"seed {params.seed}; device {settings.device}" + (f" (CUDA_DEVICE_ID={cuda})" if cuda else ""))
     if models.generator.is_tiny:
         print("note: this is the tiny random-weight model; its video is noise, by design")
+    if enhance is not None:
+        try:
+            params = chosen_prompt(params, enhance, settings, models, image, args.yes)
+        except NoAnswer as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except EmptySuggestion as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 1
     try:
         result = run_job(params, settings, models=models, output=output, progress_bar=True, image=image)
     except LoraError as exc:  # a file that does not load into this model, or a setting LoRAs cannot go with
@@ -193,6 +208,46 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
           f"{human_size(result.size_bytes)})")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings_s.items()))
     return 0
+
+
+class NoAnswer(ValueError):
+    """stdin closed before the user said whether to take the suggestion."""
+
+
+def enhance_params(args: argparse.Namespace, params: JobParams, settings: Settings):
+    """The enhance job --enhance-prompt asks for (EnhanceParams), checked before any model loads; None without it."""
+    from pipeline.spec import EnhanceParams
+
+    if not args.enhance_prompt:
+        if args.yes:
+            raise ValueError("--yes takes the suggestion of --enhance-prompt; give both, or neither")
+        return None
+    try:
+        return EnhanceParams.from_dict({"prompt": params.prompt, "model": params.model, "seed": params.seed},
+                                       Rules.from_settings(settings))
+    except ParamError as exc:
+        raise ValueError(f"--enhance-prompt: {exc}") from None
+
+
+def chosen_prompt(params: JobParams, enhance, settings: Settings, models, image, yes: bool) -> JobParams:
+    """Print the model's suggestion, and take it if the user says so (or gave --yes): the job then renders it and
+    keeps the user's own prompt as `original_prompt`. Declined, the job renders the user's prompt."""
+    from pipeline.run import enhance_prompt
+
+    suggestion = enhance_prompt(enhance, settings, models=models, image=image)["prompt"]
+    print(f"suggested prompt ({params.model}'s enhancer):\n  {suggestion}")
+    if not yes:
+        print("render it instead of yours? [Y/n] ", end="", flush=True)
+        answer = sys.stdin.readline()
+        if not sys.stdin.isatty():
+            print(answer.strip())  # what a pipe answered, so the log reads as a dialogue
+        if not answer:
+            raise NoAnswer("no answer on stdin to take the suggestion or not; pass --yes to take it without asking")
+        if answer.strip().lower() not in ("", "y", "yes"):
+            print("rendering your prompt")
+            return params
+    print("rendering the suggestion")
+    return params.model_copy(update={"prompt": suggestion, "original_prompt": params.prompt})
 
 
 def human_size(size_bytes: int) -> str:

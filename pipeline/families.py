@@ -1,6 +1,6 @@
 """What differs per family beyond the pipeline call (`models.prepare_call`): trimming the prompt's padding,
-decoding kept latents, LTX-2's soundtrack and packed step latents. One small function each, looked up by the
-pipeline's class name in the tables at the end; a family without one takes the generic path.
+decoding kept latents, LTX-2's soundtrack, packed step latents and prompt enhancer. One small function each,
+looked up by the pipeline's class name in the tables at the end; a family without one takes the generic path.
 """
 
 from __future__ import annotations
@@ -68,6 +68,33 @@ def unpack_ltx2_latents(pipe, params: JobParams, latents: torch.Tensor) -> torch
                                 pipe.transformer_temporal_patch_size)
 
 
+class EnhancerUnavailable(RuntimeError):
+    """The loaded model cannot suggest a prompt here; the message says why."""
+
+
+def enhance_ltx2_prompt(pipe, prompt: str, image, seed: int, should_cancel=None, **options) -> str:
+    """LTX-2's own suggestion (`enhance_prompt`), with Lightricks' system prompt for text or for an image: LTX-2.5's
+    for its dedicated Gemma 4 enhancer, else those of LTX-2 and 2.3, whose Gemma 3 text encoder writes it. A
+    cancel stops the generation at its next token. `options`: a folder's own (a tiny build's shorter length)."""
+    from diffusers.pipelines.ltx2 import utils
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if getattr(pipe, "processor", None) is None:
+        raise EnhancerUnavailable("the model folder has no `processor` (the Gemma processor its enhancer needs)")
+    dedicated = getattr(pipe, "prompt_enhancer", None) is not None
+    config = utils.GEMMA4_PROMPT_ENHANCEMENT_CONFIG if dedicated else utils.GEMMA3_PROMPT_ENHANCEMENT_CONFIG
+    kind = "T2V" if image is None else "I2V"
+    system_prompt = getattr(utils, f"LTX2_5_{kind}_DEFAULT_SYSTEM_PROMPT" if dedicated else f"{kind}_DEFAULT_SYSTEM_PROMPT")
+
+    class Canceled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_cancel and should_cancel()), device=input_ids.device)
+
+    generation = {**config.generation_kwargs, "stopping_criteria": StoppingCriteriaList([Canceled()])}
+    return pipe.enhance_prompt(prompt, system_prompt, seed=seed, image=image, generation_kwargs=generation,
+                               max_new_tokens=options.get("max_new_tokens"))[0]
+
+
 # Keyed by the pipeline's class name. Other families (Wan, HunyuanVideo-1.5) could add theirs here; without
 # one, a pipeline decodes inside its own call and its padded prompt keeps its mask.
 PROMPT_TRIMS = {"HunyuanVideoPipeline": trim_hunyuan_video_prompt}
@@ -75,6 +102,8 @@ LATENT_DECODERS = {"HunyuanVideoPipeline": decode_hunyuan_video, "LTX2Pipeline":
                    "LTX2ImageToVideoPipeline": decode_ltx2_video}
 # Pipelines that denoise a soundtrack with the video (returned as latents beside the video's, then decoded here).
 AUDIO_DECODERS = {"LTX2Pipeline": decode_ltx2_audio, "LTX2ImageToVideoPipeline": decode_ltx2_audio}
+# Pipelines with a prompt enhancer (`models.ENHANCING_PIPELINES`).
+PROMPT_ENHANCERS = {"LTX2Pipeline": enhance_ltx2_prompt}
 # Pipelines whose step latents are packed: the unpacking a preview needs.
 LATENT_UNPACKERS = {"LTX2Pipeline": unpack_ltx2_latents, "LTX2ImageToVideoPipeline": unpack_ltx2_latents}
 # Pipelines whose transformer builds dense (B, 1, N, N) masks in every block (HunyuanVideo-1.5). Never give

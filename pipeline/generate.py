@@ -247,6 +247,7 @@ class VideoGenerator:
         self.pipes = {mode: models.pipeline_for(self.pipe, self.entry, mode) for mode in self.entry.modes}
         self.family = type(self.pipe).__name__
         self.call_defaults = _folder_call_defaults(folder)
+        self.enhance_defaults = _folder_config(folder).get("enhance_defaults", {})
         self.is_tiny = _folder_config(folder).get("tiny", False)
         # `auto` plans for the job that loads the model (or the model's default job); `preset_for` tells
         # whether a later job needs a smaller preset (`pipeline.run.Models` then reloads).
@@ -367,6 +368,27 @@ class VideoGenerator:
             # `pipe` holds the hooks of every mode's pipeline (they share its modules).
             self._blocks.should_cancel, self._blocks.drop_mask = None, False
             self.pipe.maybe_free_model_hooks()
+
+    def enhance_prompt(self, prompt: str, seed: int, image=None,
+                       should_cancel: Callable[[], bool] | None = None) -> str:
+        """The model's own rewrite of `prompt` (for image-to-video, looking at `image`, a PIL image), made by its
+        text encoder or dedicated enhancer (`families.PROMPT_ENHANCERS`); the same seed gives the same text.
+        Raises JobCanceled within one token of a cancel. Sequential offload keeps weights on the meta device,
+        which diffusers' `enhance_prompt` cannot move (it calls `.to(device)` on the enhancer): refused."""
+        enhance = families.PROMPT_ENHANCERS.get(type(self.pipe).__name__)
+        if enhance is None:
+            raise families.EnhancerUnavailable(f"{self.entry.id} has no prompt enhancer")
+        if self.memory_preset == "sequential":
+            raise families.EnhancerUnavailable("the prompt enhancer cannot run under the sequential memory preset "
+                                               "(T2V_MEMORY=sequential); use group or model")
+        try:
+            with torch.inference_mode():
+                text = enhance(self.pipe, prompt, image, seed, should_cancel, **self.enhance_defaults)
+        finally:
+            self.pipe.maybe_free_model_hooks()  # an offload preset puts the encoder back
+        if should_cancel and should_cancel():
+            raise JobCanceled()
+        return text
 
     def lora_problem(self) -> str | None:
         """Why this loaded model cannot take LoRAs per job, or None (`pipeline.lora.lora_problem`)."""

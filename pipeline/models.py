@@ -56,6 +56,8 @@ class Family:
 
 # The pipelines whose prompt padding t2v trims off (their functions: pipeline.families.PROMPT_TRIMS).
 TRIMMED_PIPELINES = frozenset({"HunyuanVideoPipeline"})
+# The pipelines with their own prompt enhancer, `enhance_prompt` (their function: pipeline.families.PROMPT_ENHANCERS).
+ENHANCING_PIPELINES = frozenset({"LTX2Pipeline"})
 
 FAMILIES = {
     f.name: f for f in (
@@ -131,6 +133,12 @@ class ModelEntry:
     def audio(self) -> bool:
         """The model makes the clip's sound with its video (LTX-2)."""
         return FAMILIES[self.family].audio
+
+    @property
+    def prompt_enhancer(self) -> bool:
+        """Its pipeline suggests a richer prompt from the user's (LTX-2's `enhance_prompt`: its Gemma text
+        encoder, or LTX-2.5's dedicated Gemma 4 enhancer), for POST /prompts/enhance."""
+        return self.pipelines[self.modes[0]] in ENHANCING_PIPELINES
 
     @property
     def inputs(self) -> str:

@@ -1,5 +1,6 @@
 """`run_job` (prompt -> frames -> upscaled batches -> MP4) and `upscale_file` (an existing clip -> a
-sharper MP4). The command-line scripts and the worker all call these two.
+sharper MP4). The command-line scripts and the worker all call these two, and `enhance_prompt` (a prompt ->
+the model's suggested rewrite) before a job the user approves.
 
 Frames move between stages in memory: the generated clip as uint8 frames, the upscaled clip one
 batch at a time, straight into the encoder, which runs in its own thread so that encoding overlaps
@@ -28,7 +29,7 @@ from pipeline import models as registry
 from pipeline import preview
 from pipeline.generate import JobCanceled, MissingWeightsError, VideoGenerator, resolve_model, use_device
 from pipeline.loading import model_construction
-from pipeline.spec import JobParams, Limits, Rules, model_rules
+from pipeline.spec import EnhanceParams, JobParams, Limits, Rules, model_rules
 from pipeline.speed import SpeedOptions
 from pipeline.upscale import Upscaler, resolve_upscaler
 from pipeline.video import (Audio, VideoInfo, VideoInputError, VideoWriter, inspect_video, mux_audio,
@@ -264,6 +265,34 @@ def run_job(params: JobParams, settings: Settings, on_progress: ProgressFn | Non
         rendered=(frames.shape[2], frames.shape[1]),
         audio=audio.record() if audio else None,
     )
+
+
+class EmptySuggestion(RuntimeError):
+    """The enhancer wrote nothing usable (only spaces or symbols)."""
+
+
+def enhance_prompt(params: EnhanceParams, settings: Settings, *, models: Models, image=None,
+                   should_cancel: Callable[[], bool] | None = None) -> dict:
+    """The model's suggestion for `params.prompt`: {"prompt": the suggestion, "original_prompt", "seed",
+    "timings_s"}. The suggestion is cut to T2V_MAX_PROMPT_CHARS at a word, so a generate job takes it as it is."""
+    started = time.perf_counter()
+    with models.lock:
+        generator = models.generator_for(params.model)
+        text = generator.enhance_prompt(params.prompt, params.seed, image, should_cancel)
+    suggestion = fit_prompt(text, settings.max_prompt_chars)
+    if not suggestion:
+        raise EmptySuggestion("the prompt enhancer wrote no usable text; try again (another seed)")
+    return {"prompt": suggestion, "original_prompt": params.prompt, "seed": params.seed,
+            "timings_s": {"enhance": round(time.perf_counter() - started, 3)}}
+
+
+def fit_prompt(text: str, max_chars: int) -> str:
+    """`text` without surrounding space, and at most `max_chars` long: cut at the last space that fits."""
+    text = " ".join(text.split())  # one line: a prompt field keeps no layout
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars + 1].rsplit(" ", 1)[0] if " " in text[:max_chars + 1] else text[:max_chars]
+    return cut[:max_chars].rstrip()
 
 
 def with_soundtrack(video_only: Path, audio: Audio, output: Path) -> float:

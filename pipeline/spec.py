@@ -63,10 +63,12 @@ IMAGE_KEY_PATTERN = r"^inputs/[A-Za-z0-9_-]{1,128}$"
 PROMPT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank, no NUL
 TEXT_PATTERN = r"^[^\x00]*$"
 
+ORIGINAL_NOTE = ("the user's own prompt, when `prompt` is a suggestion they took (POST /prompts/enhance); "
+                 "kept on the job record beside the prompt rendered")
 AUDIO_NOTE = "the clip's own sound as an AAC track, for a model that makes it (LTX-2); false writes a silent MP4"
 INPUTS = {"text": "text", "image": "image", "both": "text or image"}
 # Fields where JSON null means "not given"; anywhere else null is a type error.
-NULLABLE = {"seed", "negative_prompt"}
+NULLABLE = {"seed", "negative_prompt", "original_prompt"}
 # The fields whose bounds depend on the model chosen (its size multiple, frame rule and longest clip), and
 # the errors that break those bounds: these name the model.
 MODEL_FIELDS = {"width", "height", "num_frames"}
@@ -158,6 +160,8 @@ class JobParams(BaseModel):
     prompt: str = Field(min_length=1, pattern=PROMPT_PATTERN, description="what the video shows")
     negative_prompt: Annotated[Annotated[str, Field(pattern=TEXT_PATTERN)] | None, AfterValidator(_blank_is_none)] = \
         Field(None, description="what to avoid")
+    original_prompt: Annotated[Annotated[str, Field(pattern=TEXT_PATTERN)] | None, AfterValidator(_blank_is_none)] = \
+        Field(None, description=ORIGINAL_NOTE)
     model: str = Field(DEFAULT_MODEL, description="a model id (GET /models)")
     width: Int = Field(DEFAULT_WIDTH, ge=16, multiple_of=16)
     height: Int = Field(DEFAULT_HEIGHT, ge=16, multiple_of=16)
@@ -206,6 +210,47 @@ class JobParams(BaseModel):
         except ValidationError as exc:
             raise _param_error(exc, job, named, rules) from None
         return cls.model_validate(checked.model_dump())
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+
+class EnhanceParams(BaseModel):
+    """One enhance job: a prompt for the model's own enhancer to rewrite (with the image the video will start
+    from, for image-to-video). The suggestion is the job's result; nothing renders until the user sends a
+    generate job with the prompt they chose."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
+                              regex_engine="python-re")
+
+    prompt: str = Field(min_length=1, pattern=PROMPT_PATTERN, description="the prompt to improve")
+    model: str = Field(DEFAULT_MODEL, description="a model with a prompt enhancer (GET /models: prompt_enhancer)")
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)] | None = Field(
+        None, description="the same seed gives the same suggestion; picked when absent")
+    image_key: SkipJsonSchema[str | None] = Field(None, pattern=IMAGE_KEY_PATTERN)  # set by the server only
+
+    @classmethod
+    def from_dict(cls, data: Any, rules: Rules = Rules(), *, image_key: str | None = None) -> "EnhanceParams":
+        """Validate an enhance request as JobParams.from_dict does a job: the model served and with an enhancer,
+        the prompt within the deployment's T2V_MAX_PROMPT_CHARS."""
+        if not isinstance(data, dict):
+            raise ParamError("body", "must be a JSON object")
+        if "image_key" in data:
+            raise ParamError("image_key", "is set by the server; send the image itself as `image`")
+        values = {k: v for k, v in data.items() if not (v is None and k == "seed")}
+        entry = _served_entry(rules, values.get("model", rules.default_model))
+        if not entry.prompt_enhancer:
+            raise ParamError("model", "has no prompt enhancer (the LTX-2 models have one)", entry.id)
+        _check_inputs(entry, image_key is not None, None)
+        values.setdefault("seed", secrets.randbelow(MAX_SEED + 1))
+        try:
+            params = cls.model_validate({**values, "model": entry.id, "image_key": image_key})
+        except ValidationError as exc:
+            raise _param_error(exc, cls, None, rules) from None
+        limit = rules.limits.max_prompt_chars
+        if len(params.prompt) > limit:
+            raise ParamError("prompt", f"must be at most {limit} characters, got {len(params.prompt)}")
+        return params
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -328,6 +373,8 @@ def job_class(rules: Rules, model_id: str) -> type[JobParams]:
         prompt=(str, Field(min_length=1, pattern=PROMPT_PATTERN, description="what the video shows", **text)),
         negative_prompt=(Annotated[Annotated[str, Field(pattern=TEXT_PATTERN, **text)] | None,
                                    AfterValidator(_blank_is_none)], Field(None, description="what to avoid")),
+        original_prompt=(Annotated[Annotated[str, Field(pattern=TEXT_PATTERN, **text)] | None,
+                                   AfterValidator(_blank_is_none)], Field(None, description=ORIGINAL_NOTE)),
         width=(Int, Field(m.default_size.width, **side, description=_size_note(entry))),
         height=(Int, Field(m.default_size.height, **side, description=_size_note(entry))),
         num_frames=(Annotated[Int, AfterValidator(frame_rule)],
@@ -447,6 +494,7 @@ def describe(rules: Rules, model_id: str) -> dict:
         "speed": {**speed_features(entry),
                   "attention_backend": attention_backend_for(entry, rules.attention_backend, rules.mask_free)},
         "parallel": entry.parallel, "parallel_note": entry.parallel_note,  # splits across a worker group's ranks
+        "prompt_enhancer": entry.prompt_enhancer,  # POST /prompts/enhance takes it
     }
 
 
@@ -475,7 +523,7 @@ def attention_backend_for(entry: registry.ModelEntry, named: str | None, mask_fr
 
 
 def job_fields() -> list[str]:
-    """The fields a request may set: every `JobParams` field but the server's own `image_key`."""
+    """The fields a generate request may set: every `JobParams` field but the server's own `image_key`."""
     return [name for name in JobParams.model_fields if name != "image_key"]
 
 
@@ -483,7 +531,7 @@ def form_values(form: Mapping[str, str]) -> dict:
     """Multipart form fields as a JSON body carries them: text fields stay text; numbers, booleans, null and
     `loras` are read as JSON ("64" -> 64, "true" -> True). Text that does not parse stays text (validation
     then names the field); an empty field is left out, as an HTML form sends one."""
-    text_fields = {"prompt", "negative_prompt", "model"}
+    text_fields = {"prompt", "negative_prompt", "original_prompt", "model"}
     values = {}
     for name, text in form.items():
         if name in text_fields:

@@ -41,6 +41,15 @@ _QWEN_CHAT_TEMPLATE = (
 TINY_WAN_CALL_DEFAULTS = {"max_sequence_length": 16}
 # LTX-2's Gemma prompt length; the real default is 1024 tokens.
 TINY_LTX2_CALL_DEFAULTS = {"max_sequence_length": 16}
+# Its prompt enhancer's suggestion length, read by `pipeline.families`; the real default is 512 new tokens.
+TINY_LTX2_ENHANCE_DEFAULTS = {"max_new_tokens": 24}
+# Gemma 3's chat turns, a text or a list of parts (an image's place, a text), as its processor expects them.
+_GEMMA_CHAT_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}{% if part['type'] == 'image' %}<start_of_image>{% else %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 WAN_VARIANTS = ("2.1-t2v", "2.2-ti2v", "2.2-t2v-a14b", "2.2-i2v-a14b")
 # Sizes shared by the tiny Llama and CLIP text encoders (diffusers' HunyuanVideo tests).
 _TINY_LLAMA = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, intermediate_size=37,
@@ -74,11 +83,13 @@ def build_tiny_hunyuan(folder: Path) -> Path:
     return _save_pipeline(pipe, folder, TINY_CALL_DEFAULTS)
 
 
-def _tiny_tokenizer(special_tokens=("<s>", "<pad>", "</s>"), chat_template=None, model_max_length=256):
+def _tiny_tokenizer(special_tokens=("<s>", "<pad>", "</s>"), chat_template=None, model_max_length=256,
+                    named_tokens=None):
     """A byte-level BPE tokenizer of at most 1000 tokens, trained offline on a few sentences.
 
     The first three special tokens are bos, pad and eos; any others (an image placeholder, chat
-    markers) get the ids after them, so plain text never maps to them.
+    markers) get the ids after them, so plain text never maps to them. `named_tokens`: attributes a
+    processor reads (Gemma 3's `boi_token`, ...), each naming one of them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -93,6 +104,8 @@ def _tiny_tokenizer(special_tokens=("<s>", "<pad>", "</s>"), chat_template=None,
     tok.train_from_iterator([_CORPUS], trainer=trainer)
     bos, pad, eos = special_tokens[:3]
     extra = {"chat_template": chat_template} if chat_template else {}
+    if named_tokens:
+        extra["extra_special_tokens"] = dict(named_tokens)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
                                    model_max_length=model_max_length, **extra)
 
@@ -283,12 +296,13 @@ def _flow_match(shift: float):
     return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
-def _save_pipeline(pipe, folder: Path, call_defaults: dict | None = None) -> Path:
+def _save_pipeline(pipe, folder: Path, call_defaults: dict | None = None, enhance_defaults: dict | None = None) -> Path:
     """`save_pretrained` into `folder` atomically, with the t2v.json that marks it tiny."""
 
     def write(tmp: Path):
         pipe.save_pretrained(tmp)
-        config = {"tiny": True, **({"call_defaults": call_defaults} if call_defaults else {})}
+        config = {"tiny": True, **({"call_defaults": call_defaults} if call_defaults else {}),
+                  **({"enhance_defaults": enhance_defaults} if enhance_defaults else {})}
         (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2))
 
     return _write_atomically(folder, write)
@@ -405,14 +419,15 @@ def build_tiny_ltx2(folder: Path) -> Path:
     a Gemma 3 text encoder and the text connectors. Sizes from diffusers' tests (`tests/pipelines/ltx2/`); the
     Gemma 3 is built here (theirs is downloaded). The VAE keeps the real 32x spatial and 8x temporal compression, so
     sizes are multiples of 32 and frame counts 8k+1, as for the real models. The vocoder writes stereo at 16 kHz
-    (100 mel frames a second, upsampled 160x)."""
+    (100 mel frames a second, upsampled 160x). The Gemma 3 processor (its tokenizer with a chat template, and a
+    32 px image processor) lets the text encoder suggest prompts, as the real one does (`enhance_prompt`)."""
     from diffusers import (
         AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline,
         LTX2VideoTransformer3DModel,
     )
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
     text = dict(vocab_size=1000, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=64,
@@ -461,8 +476,15 @@ def build_tiny_ltx2(folder: Path) -> Path:
         resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
         output_sampling_rate=16000,
     )
+    gemma_tokenizer = _tiny_tokenizer(  # ids 3, 4, 5: the config's boi, eoi and image tokens
+        special_tokens=("<s>", "<pad>", "</s>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+        chat_template=_GEMMA_CHAT_TEMPLATE, model_max_length=8192,  # the enhancer's system prompt is 3k tokens
+        named_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+                                tokenizer=gemma_tokenizer, image_seq_length=4)
     pipe = LTX2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
-        tokenizer=_tiny_tokenizer(), connectors=connectors, transformer=transformer, vocoder=vocoder,
+        tokenizer=gemma_tokenizer, connectors=connectors, transformer=transformer, vocoder=vocoder,
+        processor=processor,
     )
-    return _save_pipeline(pipe, folder, TINY_LTX2_CALL_DEFAULTS)
+    return _save_pipeline(pipe, folder, TINY_LTX2_CALL_DEFAULTS, TINY_LTX2_ENHANCE_DEFAULTS)

@@ -22,9 +22,9 @@ from test_spec import png
 WAN = "wan2.2-ti2v-5b"
 
 
-def run_script(*args, cwd, **env):
+def run_script(*args, cwd, input=None, **env):
     return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})
+                          text=True, timeout=300, env={**os.environ, **env}, input=input)
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:

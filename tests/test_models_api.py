@@ -68,8 +68,9 @@ def test_a_request_without_model_is_queued_as_before(tiny_api):
     r = post(client, {**TINY_JOB, "seed": 3})
     assert r.status_code == 200 and set(r.json) == {"session_id", "reference_id", "status", "queue_position"}
     params = svc.jobs.get(r.json["reference_id"])["params"]
-    assert params == {**TINY_JOB, "negative_prompt": None, "model": "hunyuanvideo", "fps": 24, "guidance_scale": 6.0,
-                      "seed": 3, "upscale": True, "outscale": 4, "loras": [], "audio": False, "image_key": None}
+    assert params == {**TINY_JOB, "negative_prompt": None, "original_prompt": None, "model": "hunyuanvideo",
+                      "fps": 24, "guidance_scale": 6.0, "seed": 3, "upscale": True, "outscale": 4, "loras": [],
+                      "audio": False, "image_key": None}
 
 
 def test_tiny_defaults_are_small(tiny_api):

@@ -1,6 +1,7 @@
 """`python worker.py --cpu-workers 2 --parallel 2`: one worker group of 2 gloo ranks behind the API.
 
-A job completes exactly once, split across both ranks; kill -9 of rank 1 mid-job ends the group, the supervisor
+A job completes exactly once, split across both ranks; an enhance job runs on rank 0 after both ranks load its
+model, so the next split job finds them holding the same one; kill -9 of rank 1 mid-job ends the group, the supervisor
 starts it again, and the job is queued again through its lease and completes once; on SIGTERM the supervisor,
 the group's process and both ranks exit, and no process is left behind.
 """
@@ -44,6 +45,12 @@ def test_a_group_of_two_ranks_runs_each_job_once_survives_kill_9_of_rank_1_and_s
             assert "hunyuanvideo split across 2 ranks" in text
             [follower] = rank_pids(text, 1)
 
+            enhanced = requests.post(f"{base}/prompts/enhance", json={"prompt": "a red fox", "model": "ltx-2.3"},
+                                     timeout=10).json()
+            wait_for(lambda: records(tmp_path)[enhanced["reference_id"]]["status"] == "completed", timeout=300,
+                     every=0.2)
+            assert log_path.read_text().count("loaded ltx-2.3 from") == 2, "both ranks hold the enhancer's model"
+
             second = requests.post(f"{base}/generate_video", json={**LONG_JOB, "seed": 2}, timeout=10).json()
             ref = second["reference_id"]
             wait_for(lambda: (records(tmp_path)[ref]["progress"] or 0) > 0.05, timeout=120, every=0.05)
@@ -62,7 +69,7 @@ def test_a_group_of_two_ranks_runs_each_job_once_survives_kill_9_of_rank_1_and_s
     assert not [pid for pid in ranks if pid_alive(pid)], "a rank outlived the supervisor"
     completions = Counter(line.split("job ", 1)[1].split(":")[0] for line in text.splitlines()
                           if ": completed in " in line)
-    assert completions == {first["reference_id"]: 1, ref: 1}
+    assert completions == {first["reference_id"]: 1, enhanced["reference_id"]: 1, ref: 1}
 
 
 def test_rank_zero_leaves_a_job_to_its_lease_when_a_collective_fails_and_fails_it_otherwise(monkeypatch):

@@ -27,8 +27,10 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
 def _classify(exc: BaseException) -> tuple[str, str]:
     import torch
 
+    from pipeline.families import EnhancerUnavailable
     from pipeline.generate import MissingWeightsError
     from pipeline.lora import LoraError
+    from pipeline.run import EmptySuggestion
     from pipeline.upscale import UpscalerLoadError
     from pipeline.video import VideoInputError
 
@@ -38,8 +40,10 @@ def _classify(exc: BaseException) -> tuple[str, str]:
         return "storage_error", str(exc)
     if isinstance(exc, StorageError):
         return "storage_error", f"{exc}; the video was kept on the worker's disk"
-    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError, LoraError)):
+    if isinstance(exc, (ModelUnavailable, MissingWeightsError, UpscalerLoadError, LoraError, EnhancerUnavailable)):
         return "model_error", str(exc)
+    if isinstance(exc, EmptySuggestion):
+        return "empty_suggestion", str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return "out_of_memory", "the GPU ran out of memory; try a smaller size, fewer frames or another T2V_MEMORY preset"
     return "generation_error", f"{type(exc).__name__}: {exc}"[:500]

@@ -5,7 +5,9 @@ group (T2V_PARALLEL=4, CUDA_VISIBLE_DEVICES naming its GPUs), and that process s
 torch.multiprocessing's `spawn`. Rank 0 is an ordinary `Worker`: it claims a job, holds its lease, reports progress
 and previews, and stores the video. Just before a generation job runs it hands the job (its parameters, with seed
 and LoRAs, and the input image) to the other ranks with `broadcast_object_list`, on a gloo group of its own that
-has no deadline (the other ranks wait there between jobs); then every rank calls `run_job`.
+has no deadline (the other ranks wait there between jobs); then every rank calls `run_job`. An enhance job (a
+prompt suggestion) runs on rank 0 alone, but first the others load its model too, so every rank holds the same
+model, as the collectives of a split model's next load and job need.
 
 Faults: `spawn` ends the group when any rank dies (it terminates the others), so the process exits and the
 supervisor starts the whole group again; rank 0's lease lapses and the job is queued again as for any lost worker.
@@ -189,7 +191,10 @@ class GroupLeader(Worker):
         self.handoff = handoff
 
     def before_generation(self, spec, image) -> None:
-        dist.broadcast_object_list([(spec.to_dict(), image)], src=0, group=self.handoff)
+        dist.broadcast_object_list([("generate", spec.to_dict(), image)], src=0, group=self.handoff)
+
+    def before_enhance(self, model: str) -> None:
+        dist.broadcast_object_list([("load", model)], src=0, group=self.handoff)
 
     def group_record(self) -> dict:
         return group_facts(self.settings.parallel, group_gpus(self.settings), GROUP_READY)
@@ -257,7 +262,13 @@ def _follow(settings, handoff) -> None:
         dist.broadcast_object_list(message, src=0, group=handoff)
         if message[0] is None:
             return
-        params, image = message[0]
+        if message[0][0] == "load":  # rank 0 enhances a prompt with this model: hold the same one
+            try:
+                models.generator_for(message[0][1])
+            except Exception as exc:  # rank 0 fails the same load, and says so on the job
+                log.error("rank %d: could not load %s: %s", dist.get_rank(), message[0][1], exc)
+            continue
+        _, params, image = message[0]
         spec = JobParams(**params)
         try:
             run_job(spec, settings, models=models, output=work, model=spec.model, image=image)

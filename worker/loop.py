@@ -157,9 +157,10 @@ class Worker(Sweeps):
 
     @property
     def job_kinds(self) -> tuple[str, ...]:
-        """The kinds of job this worker can run now: generation needs the model, upscaling the upscaler."""
-        return tuple(kind for kind, error in (("generate", self.load_error), ("upscale", self.upscaler_error))
-                     if error is None)
+        """The kinds of job this worker can run now: generation and prompt suggestions need the model,
+        upscaling the upscaler."""
+        kinds = (("generate", self.load_error), ("enhance", self.load_error), ("upscale", self.upscaler_error))
+        return tuple(kind for kind, error in kinds if error is None)
 
     def check_upscaler(self) -> None:
         """Load the configured upscaler now: a broken file is reported at start, not after a job's denoising."""
@@ -226,8 +227,9 @@ class Worker(Sweeps):
         """The job was deleted while this worker stored its files: delete them, so none outlives the record.
         (A job re-queued to another worker keeps them: that worker writes the same keys.)"""
         try:
-            for key in (result["video_key"], result["poster_key"]):
-                self.blobs.delete(key)
+            for key in (result.get("video_key"), result.get("poster_key")):
+                if key:  # an enhance job stores no file
+                    self.blobs.delete(key)
         except StorageError as exc:
             log.warning("job %s: deleted meanwhile, but its files were not: %s", ref, exc)
             return
@@ -240,6 +242,8 @@ class Worker(Sweeps):
 
         ref, params = job["reference_id"], job["params"]
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if job["kind"] == "enhance":
+            return self._enhance(job, lease)
         output = self.work_dir / f"{ref}.mp4"
         if job["kind"] == "upscale":
             progress = ProgressReporter(self.jobs, ref, self.worker_id, STAGE_SPANS["upscale"])
@@ -289,9 +293,26 @@ class Worker(Sweeps):
         }
 
 
+    def _enhance(self, job: dict, lease: "Lease") -> dict:
+        """An enhance job: the model's suggested prompt is its whole result; nothing is stored as a file."""
+        from pipeline.run import enhance_prompt
+        from pipeline.spec import EnhanceParams
+
+        ref, params = job["reference_id"], EnhanceParams(**job["params"])
+        progress = ProgressReporter(self.jobs, ref, self.worker_id, STAGE_SPANS["enhance"])
+        progress("loading", 0, 1)
+        self.before_enhance(params.model)
+        image = self._fetch_image(params.image_key, ref) if params.image_key else None
+        progress("enhancing", 0, 1)
+        return enhance_prompt(params, self.settings, models=self.models, image=image, should_cancel=lease.should_cancel)
+
     def before_generation(self, spec, image) -> None:
         """Called just before a generation job runs; a worker group's rank 0 hands the job to its other ranks
         here (worker/group.py)."""
+
+    def before_enhance(self, model: str) -> None:
+        """Called just before an enhance job loads its model; a worker group's rank 0 has its other ranks load
+        it too (worker/group.py)."""
 
     def _fetch_image(self, key: str, ref: str):
         """The job's input image, fetched from the blob store (the API checked it before queueing)."""

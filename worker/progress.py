@@ -19,6 +19,7 @@ STAGE_SPANS = {
                          "uploading": (0.97, 1.0)},
     "generate": {"denoising": (0.0, 0.8), "decoding": (0.8, 0.9), "encoding": (0.9, 0.97), "uploading": (0.97, 1.0)},
     "upscale": {"fetching": (0.0, 0.01), "upscaling": (0.01, 0.97), "uploading": (0.97, 1.0)},
+    "enhance": {"loading": (0.0, 0.05), "enhancing": (0.05, 1.0)},
 }
 PROGRESS_EVERY_S = 0.5
 
