@@ -27,6 +27,7 @@ let tracking = null; // {id, timer, shown, job, stream, streamAfter}
 let sessionJobs = []; // the session's jobs, newest first, as /history last answered
 let queueLength = null; // jobs queued on the whole server, from /health
 let refreshTimer = null;
+let originalPrompt = null; // the user's own prompt, once they took the model's suggestion in its place
 const canceling = new Set(); // jobs whose cancel was asked for and that have not ended yet
 
 // ------------------------------------------------------------------ identity, kept in this browser
@@ -73,7 +74,7 @@ function upload(path, form, onProgress) {
     if (apiKey()) xhr.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
     xhr.responseType = "json";
     xhr.upload.onprogress = (event) => { if (event.lengthComputable) onProgress(event.loaded / event.total); };
-    xhr.onload = () => (xhr.status === 200 ? resolve(xhr.response) : reject(apiFailure(xhr.status, xhr.response, xhr.statusText)));
+    xhr.onload = () => (xhr.status >= 200 && xhr.status < 300 ? resolve(xhr.response) : reject(apiFailure(xhr.status, xhr.response, xhr.statusText)));
     xhr.onerror = () => reject(new ApiError(0, "network_error", "The upload did not reach the server."));
     xhr.send(form);
   });
@@ -101,6 +102,7 @@ $("#key-form").addEventListener("submit", async (event) => {
 function applyLimits() {
   $("#prompt").maxLength = limits.max_prompt_chars;
   $("#negative").maxLength = limits.max_prompt_chars;
+  $("#suggestion").maxLength = limits.max_prompt_chars;
   for (const select of [$("#outscale"), $("#clip-outscale")]) {
     select.replaceChildren(...limits.outscales.map((n) => new Option(`${n}x`, String(n))));
     select.value = String(Math.max(...limits.outscales));
@@ -162,6 +164,8 @@ function applyModel() {
   $("#guidance").value = defaults.guidance_scale;
   $("#audio-field").hidden = !model.audio; // only a model that makes sound (LTX-2) offers it, on by default
   $("#audio").checked = model.audio;
+  $("#enhance-field").hidden = !model.prompt_enhancer; // LTX-2 suggests prompts (POST /prompts/enhance)
+  if (!model.prompt_enhancer) closeSuggestion();
   $("#image-field").hidden = model.inputs === "text";
   $("#image-hint").textContent = model.inputs === "image" ? "(required)" : `(optional; without one, ${INPUT_WORDS.text})`;
   if (model.inputs === "text") chooseImage(null);
@@ -240,6 +244,7 @@ $("#job-form").addEventListener("change", saveForm);
 for (const chip of document.querySelectorAll(".examples .chip")) {
   chip.addEventListener("click", () => {
     $("#prompt").value = chip.textContent;
+    originalPrompt = null;
     updateCount();
     saveForm();
     $("#prompt").focus();
@@ -274,6 +279,7 @@ function formBody() {
                  guidance_scale: guidance, upscale: $("#upscale").checked, outscale: Number($("#outscale").value) };
   if (!model.size_from_image) Object.assign(body, { width: size.width, height: size.height });
   if ($("#negative").value.trim()) body.negative_prompt = $("#negative").value;
+  if (originalPrompt !== null && originalPrompt !== prompt) body.original_prompt = originalPrompt;
   if ($("#seed").value !== "") body.seed = Number($("#seed").value);
   const loras = chosenLoras();
   if (loras.length) body.loras = loras;
@@ -293,9 +299,76 @@ async function generate(body, file = null) {
   } else {
     accepted = await api("/generate_video", { method: "POST", json: body });
   }
+  originalPrompt = null;
   track(accepted.reference_id);
   loadHistory();
 }
+
+// ------------------------------------------------------------------ the model's prompt suggestion (LTX-2)
+
+/** Ask the model's enhancer for a richer prompt (a short job, claimed ahead of the videos) and show it beside
+ * the user's; nothing changes in the form until they take it. */
+async function suggestPrompt() {
+  const prompt = $("#prompt").value;
+  if (!prompt.trim()) { $("#enhance-status").textContent = "Write a prompt first."; return; }
+  const body = { session_id: sessionId(), model: model.id, prompt };
+  $("#enhance").disabled = true;
+  $("#enhance-status").textContent = "Asking the model for a suggestion...";
+  try {
+    let accepted;
+    if (image) {
+      const form = new FormData();
+      for (const [name, value] of Object.entries(body)) form.append(name, value);
+      form.append("image", image);
+      accepted = await upload("/prompts/enhance", form, () => {});
+    } else {
+      accepted = await api("/prompts/enhance", { method: "POST", json: body });
+    }
+    const job = await finished(accepted.reference_id);
+    if (job.status !== "completed") throw new Error(job.error ? job.error.message : `The suggestion was ${job.status}.`);
+    showSuggestion(job.result.prompt);
+  } catch (error) {
+    $("#enhance-status").textContent = `No suggestion: ${error.message}`;
+  } finally {
+    $("#enhance").disabled = false;
+  }
+}
+
+/** A job once it has ended, polled. */
+async function finished(id) {
+  for (;;) {
+    const job = await api(path(id));
+    if (TERMINAL.has(job.status)) return job;
+    await new Promise((done) => setTimeout(done, POLL_MS));
+  }
+}
+
+function showSuggestion(text) {
+  $("#suggestion").value = text;
+  $("#suggestion-box").hidden = false;
+  $("#enhance-status").textContent = "Here is the model's suggestion.";
+  $("#suggestion").focus();
+}
+
+function closeSuggestion() {
+  $("#suggestion-box").hidden = true;
+  $("#suggestion").value = "";
+}
+
+$("#enhance").addEventListener("click", suggestPrompt);
+$("#use-suggestion").addEventListener("click", () => {
+  if (originalPrompt === null) originalPrompt = $("#prompt").value; // the job keeps the user's own
+  $("#prompt").value = $("#suggestion").value;
+  closeSuggestion();
+  $("#enhance-status").textContent = "The suggestion is your prompt now; edit it as you like.";
+  updateCount();
+  saveForm();
+  $("#prompt").focus();
+});
+$("#dismiss-suggestion").addEventListener("click", () => {
+  closeSuggestion();
+  $("#enhance-status").textContent = "";
+});
 
 // ------------------------------------------------------------------ the image, for a model that takes one
 
@@ -571,7 +644,8 @@ $("#cancel").addEventListener("click", async () => {
 
 async function loadHistory() {
   try {
-    sessionJobs = (await api("/history", { method: "POST", json: { session_id: sessionId() } })).history;
+    const { history } = await api("/history", { method: "POST", json: { session_id: sessionId() } });
+    sessionJobs = history.filter((job) => job.kind !== "enhance"); // a suggestion is no video
   } catch {
     return;
   }

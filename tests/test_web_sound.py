@@ -126,3 +126,29 @@ def test_sound_sits_beside_seed_on_a_phone(open_page, sound_server):
     assert sound["x"] > seed["x"] + seed["width"] and sound["y"] < seed["y"] + seed["height"], (seed, sound)
     assert sound["x"] + sound["width"] <= PHONE["width"]
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_the_models_suggestion_is_shown_and_taken_with_one_click_then_rendered(page, sound_server):
+    """LTX-2 offers a suggested prompt; one click makes it the prompt, and the job renders it and keeps the user's
+    own. A model without an enhancer offers none, and a suggestion is no video in History."""
+    sign_in(page, sound_server)
+    assert page.is_hidden("#enhance-field")  # the default model has no enhancer
+    page.select_option("#model", LTX)
+    assert page.is_visible("#enhance-field") and page.is_hidden("#suggestion-box")
+    fill_tiny_job(page, "a dog barks on a beach", frames=9, steps=1, seed=3)
+    page.click("#enhance")
+    page.wait_for_selector("#suggestion-box", state="visible", timeout=120_000)
+    suggestion = page.input_value("#suggestion")
+    assert suggestion.strip() and suggestion != "a dog barks on a beach"
+    assert page.input_value("#prompt") == "a dog barks on a beach", "nothing changes until the user takes it"
+
+    page.click("#use-suggestion")
+    assert page.input_value("#prompt") == suggestion and page.is_hidden("#suggestion-box")
+    page.click("#submit")
+    page.wait_for_function("localStorage.getItem('t2v.current') !== null")
+    ref = page.evaluate("localStorage.getItem('t2v.current')")
+    current_status_is(page, "completed")
+    params = api_job(sound_server, ref)["params"]
+    assert (params["prompt"], params["original_prompt"]) == (suggestion, "a dog barks on a beach")
+    page.wait_for_selector(f"#history li[data-id='{ref}']")
+    assert page.locator("#history li").count() == 1, "the suggestion's job is not listed as a video"
