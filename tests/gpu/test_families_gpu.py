@@ -82,3 +82,19 @@ def test_the_plan_does_not_underestimate_a_full_size_family(cuda):
     width, height, frames = gpu_families.job_shape("wan2.2-ti2v-5b")
     plan = memory.estimate(models.MODELS["wan2.2-ti2v-5b"].memory, "model", width, height, frames)
     assert row["peak_gb"] * 1e9 <= plan.peak * 1.25, (row, plan)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_ltx2_prompt_enhancer_runs_under_every_preset_but_sequential(cuda, folders, preset):
+    """diffusers' enhance_prompt moves the whole encoder to the GPU (`.to(device)`): with model or group offload it
+    must still write a suggestion, and the job after it still run; under sequential offload it is refused."""
+    from pipeline.families import EnhancerUnavailable
+
+    gen = VideoGenerator("tiny:ltx-2.3", folders, device=str(cuda), memory=preset)
+    if preset == "sequential":
+        with pytest.raises(EnhancerUnavailable):
+            gen.enhance_prompt("a red fox", 5)
+        return
+    assert gen.enhance_prompt("a red fox", 5).strip()
+    frames = gen.generate(params("ltx-2.3", width=64, height=64, num_frames=9))
+    assert frames.shape == (9, 64, 64, 3)
