@@ -2,11 +2,14 @@
 
 A plan names, per submodule, which tensor to split across the ranks of a group (along the token axis) and
 where to gather the result back (diffusers' `ContextParallelInput` / `ContextParallelOutput`, read by
-`hooks/context_parallel.py`). Wan's and LTX's plans are diffusers' own; this module holds the rest, keyed by
-transformer class, beside the family's other adapters (`models.prepare_call`, `families.PROMPT_TRIMS`).
+`hooks/context_parallel.py`). Wan's plan is diffusers' own; LTX-2's is diffusers' with its RoPE tables fixed;
+this module holds the rest, keyed by transformer class, beside the family's other adapters
+(`models.prepare_call`, `families.PROMPT_TRIMS`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -96,21 +99,68 @@ def _gather_keys(keys: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([chunk[:, :size] for chunk, size in zip(chunks, sizes)], dim=1)
 
 
+def ltx2_plan(transformer) -> dict:
+    """diffusers' own LTX-2 plan (`_cp_plan`: the video and its prompt split at the input, gathered at `proj_out`),
+    with its RoPE tables split on their token axis. diffusers splits them on dim 1, which is the tokens of the
+    interleaved tables (B, tokens, dim) but the heads of the split ones (B, heads, tokens, dim / 2) that LTX-2.3
+    uses; and it leaves the video's cross-modal table (`cross_attn_rope`, for the audio-video attention) whole
+    beside the split video. Image-to-video gives each video token its own timestep (B, tokens; the image's frame
+    is at 0): it splits with them (text-to-video's (B,) is left whole, as diffusers' hook then logs once). The audio
+    stream stays whole on every rank: Ulysses attention then gathers N equal
+    copies of its keys, which softmax weighs as one, so each rank's result is the one-process result."""
+    if transformer.config.rope_type == "split":
+        table = ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)
+    else:
+        table = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)
+    inputs = {**transformer._cp_plan[""], "timestep": ContextParallelInput(split_dim=1, expected_dims=2)}
+    return {**transformer._cp_plan, "": inputs, "rope": {0: table, 1: table}, "cross_attn_rope": {0: table, 1: table}}
+
+
+def share_key_mask_across_heads() -> None:
+    """LTX-2's attention processors repeat the prompt's key mask once per head (`prepare_attention_mask`, then a
+    (B, heads, 1, keys) view); under Ulysses a rank attends with heads / N of them, which that shape does not
+    broadcast to. Every head's row is the same, so the first is passed for all: the attention is unchanged.
+    Installed once on `transformer_ltx2`'s `dispatch_attention_fn`, acting only on a split call (a parallel
+    config) with a per-head mask."""
+    from diffusers.models.transformers import transformer_ltx2
+
+    dispatch = transformer_ltx2.dispatch_attention_fn
+    if getattr(dispatch, "shares_key_mask", False):
+        return
+
+    @functools.wraps(dispatch)
+    def dispatched(*args, attn_mask=None, parallel_config=None, **kwargs):
+        if attn_mask is not None and parallel_config is not None and attn_mask.ndim == 4 and attn_mask.shape[1] > 1:
+            attn_mask = attn_mask[:, :1]
+        return dispatch(*args, attn_mask=attn_mask, parallel_config=parallel_config, **kwargs)
+
+    dispatched.shares_key_mask = True
+    transformer_ltx2.dispatch_attention_fn = dispatched
+
+
+# A plan, or a function of the transformer that makes it (by its config).
 PLANS = {"HunyuanVideoTransformer3DModel": HUNYUAN_VIDEO_PLAN,
-         "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO_15_PLAN}
+         "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO_15_PLAN,
+         "LTX2VideoTransformer3DModel": ltx2_plan}
 # The processor each plan needs instead of the transformer's own, if any.
 PROCESSORS = {"HunyuanVideo15Transformer3DModel": HunyuanVideo15KeyMaskProcessor}
+# What a plan needs set up before the split, if anything.
+SETUP = {"LTX2VideoTransformer3DModel": share_key_mask_across_heads}
 # The forward arguments whose token counts add up to the text a plan splits (the count varies per prompt).
 TEXT_INPUTS = {
     "HunyuanVideoTransformer3DModel": ("encoder_hidden_states",),
     "HunyuanVideo15Transformer3DModel": ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds"),
+    "LTX2VideoTransformer3DModel": ("encoder_hidden_states",),
 }
 # Plans whose attention takes a mask: ring attention does not carry one (Ulysses only).
-MASKED = {"HunyuanVideo15Transformer3DModel"}
+MASKED = {"HunyuanVideo15Transformer3DModel", "LTX2VideoTransformer3DModel"}
 # Transformers whose plan is right only without an attention mask (see HUNYUAN_VIDEO_PLAN).
 NEEDS_NO_MASK = {"HunyuanVideoTransformer3DModel"}
 
 
 def plan_for(transformer) -> dict | None:
     """The plan that splits `transformer`: this module's for its class, else diffusers' own, else None."""
-    return PLANS.get(type(transformer).__name__) or getattr(transformer, "_cp_plan", None)
+    plan = PLANS.get(type(transformer).__name__)
+    if callable(plan):
+        return plan(transformer)
+    return plan or getattr(transformer, "_cp_plan", None)

@@ -340,6 +340,7 @@ class VideoGenerator:
         follower = group is not None and not group.leader
         if follower and not self.split:
             return None  # rank 0 runs a model that does not split alone
+        own_cancel = should_cancel  # rank 0's own, for what it does alone after the denoise (the sound's decode)
         if self.split:
             should_cancel = group.agreed(should_cancel)
         if should_cancel and should_cancel():
@@ -360,7 +361,7 @@ class VideoGenerator:
                 if latents_path is not None:
                     save_latents(output, params, Path(latents_path), getattr(result, "audio", None))
                 frames = to_uint8_frames(self._decode(decode, output))
-                self.last_audio = self._audio(pipe, result, params, len(frames), should_cancel)
+                self.last_audio = self._audio(pipe, result, params, len(frames), own_cancel)
                 return frames
         finally:
             # The pipeline resets its cache hooks and offload placement only when its call ends normally;

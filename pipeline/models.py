@@ -205,13 +205,12 @@ _WAN21_PRESETS = _presets(("480p 16:9", 832, 480), ("480p 9:16", 480, 832))
 # (check_inputs: both multiples of 32), 121 frames at frame_rate 24, 30 steps, guidance_scale 3.0; its VAE
 # compresses time 8x (latent frames = (num_frames - 1) // 8 + 1), so frame counts are 8k+1. The examples load it
 # in bfloat16. The longest clip is the pipeline's own duration range, max_seconds=20.0 (481 frames at 24 fps).
-# diffusers ships a `_cp_plan` for LTX-2's transformer, but its audio stream has not been proven split in t2v
-# (2-rank frames and sound equal to one process's), so a group runs it on rank 0 alone for now.
-_LTX2_UNSPLIT = "its split (diffusers' own plan, with the audio stream) is not yet proven equal to one process in t2v"
+# A group splits its video tokens (diffusers' `_cp_plan` with t2v's RoPE and timestep fixes, pipeline.cp_plans);
+# the sound's tokens stay whole on every rank.
 _LTX2_PRESETS = _presets(("480p 3:2", 768, 512), ("480p 2:3", 512, 768))
 _LTX2_PIPELINES = {"t2v": "LTX2Pipeline", "i2v": "LTX2ImageToVideoPipeline"}
 _LTX2 = dict(family="ltx2", pipelines=_LTX2_PIPELINES, fps=24, default_frames=121, max_frames=481, size_multiple=32,
-             frame_multiple=8, memory=plans.LTX2, parallel_note=_LTX2_UNSPLIT, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
+             frame_multiple=8, memory=plans.LTX2, parallel=True, presets=_LTX2_PRESETS, dtypes={"default": "bfloat16"},
              vram_gb={"none": None, "model": None, "group": None, "sequential": None},
              tiny_builder=_tiny("build_tiny_ltx2"))
 # The distilled checkpoint: "8 steps, CFG=1" (huggingface.co/Lightricks/LTX-2.3 README, model table), on the

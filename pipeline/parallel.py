@@ -112,6 +112,8 @@ def split(transformer, group: Group, attention_backend: str, masked: bool) -> st
                                      masked=name in cp_plans.MASKED)
     if name in cp_plans.PROCESSORS:
         _replace_processors(transformer, cp_plans.PROCESSORS[name])
+    if name in cp_plans.SETUP:
+        cp_plans.SETUP[name]()
     with _no_accelerator_shim():
         transformer.enable_parallelism(config=config, cp_plan=plan)
     uneven_heads = config.ulysses_anything
@@ -154,7 +156,10 @@ def _fit_tokens(config, size: int, uneven_heads: bool, name: str):
 
 
 def video_tokens(transformer, shape) -> int:
-    """Tokens of a (B, C, F, H, W) latent after the transformer's patch embedding."""
+    """Tokens of a (B, C, F, H, W) latent after the transformer's patch embedding; a packed (B, tokens, C)
+    latent (LTX-2's) holds them already."""
+    if len(shape) == 3:
+        return shape[1]
     patch = transformer.config.patch_size
     p_t, p_h, p_w = patch if isinstance(patch, (tuple, list)) else (transformer.config.patch_size_t, patch, patch)
     return (shape[2] // p_t) * (shape[3] // p_h) * (shape[4] // p_w)

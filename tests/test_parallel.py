@@ -30,15 +30,22 @@ from test_lora import make_lora
 HV, HV_I2V = "hunyuanvideo", "hunyuanvideo-i2v"
 WAN_5B, WAN_A14B, WAN_21 = "wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.1-t2v-1.3b"
 HV15, HV15_I2V = "hunyuanvideo-1.5-480p", "hunyuanvideo-1.5-480p-i2v-distilled"
-SPLIT = (HV, HV15, HV15_I2V, WAN_5B, WAN_A14B, WAN_21)
+LTX, LTX_I2V = "ltx-2.3", "ltx-2.3:i2v"  # a job name: a model id, and `:i2v` for one started from an image
+SPLIT = (HV, HV15, HV15_I2V, WAN_5B, WAN_A14B, WAN_21, LTX, LTX_I2V)
 SIZES = {HV: (32, 32), HV_I2V: (32, 32), HV15: (48, 32), HV15_I2V: (48, 32), WAN_5B: (64, 32), WAN_A14B: (32, 32),
-         WAN_21: (48, 32)}
+         WAN_21: (48, 32), LTX: (64, 64)}
+FRAMES = {LTX: 9}  # LTX-2's frame rule is 8k+1; the others take 5
 
 
-def job(model_id: str, loras=None) -> JobParams:
+def model_of(name: str) -> str:
+    return name.split(":")[0]
+
+
+def job(name: str, loras=None) -> JobParams:
+    model_id = model_of(name)
     width, height = SIZES[model_id]
-    return JobParams(prompt="a red fox in the snow", width=width, height=height, num_frames=5, num_inference_steps=2,
-                     seed=11, upscale=False, loras=loras or [])
+    return JobParams(prompt="a red fox in the snow", width=width, height=height, num_frames=FRAMES.get(model_id, 5),
+                     num_inference_steps=2, seed=11, upscale=False, loras=loras or [], model=model_id)
 
 
 def label(model_id: str, loras) -> str:
@@ -69,11 +76,11 @@ def frames_encoded():
         run.encode_stream = real
 
 
-def image_for(model_id):
-    """An image for a model that needs one (HunyuanVideo-I2V), else None."""
-    if registry.MODELS[model_id].inputs != "image":
+def image_for(name):
+    """An image for a model that needs one (HunyuanVideo-I2V) or a job named `:i2v`, else None."""
+    if registry.MODELS[model_of(name)].inputs != "image" and not name.endswith(":i2v"):
         return None
-    width, height = SIZES[model_id]
+    width, height = SIZES[model_of(name)]
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
     return Image.fromarray((np.stack([x, y, 1 - x], -1) * 255).astype(np.uint8))
 
@@ -88,7 +95,7 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
     report = []
     for index, (model_id, cancel_after, loras) in enumerate(jobs):
         output = out_dir / str(rank) / f"{index}-{model_id}.mp4"
-        generator = models.generator_for(model_id)
+        generator = models.generator_for(model_of(model_id))
         blocks, checks = [], [0]
         hooks = [block.register_forward_hook(lambda *a: blocks.append(1))
                  for transformer in generator.transformers for block in transformer.modules()
@@ -101,7 +108,7 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
         with frames_encoded() as seen:
             try:
                 result = run_job(job(model_id, loras), models.settings, should_cancel=should_cancel, models=models,
-                                 output=output, model=model_id, image=image_for(model_id))
+                                 output=output, model=model_of(model_id), image=image_for(model_id))
                 outcome = "none" if result is None else "video"
             except JobCanceled:
                 outcome = "canceled"
@@ -120,8 +127,8 @@ def _rank(rank: int, size: int, init: str, data_dir, out_dir, jobs):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("parallel")
-    for model_id in (*SPLIT, HV_I2V):
-        registry.tiny_model_dir(data_dir, model_id)
+    for name in (*SPLIT, HV_I2V):
+        registry.tiny_model_dir(data_dir, model_of(name))
     make_lora(HV, data_dir, data_dir / "models" / registry.LORA_DIR, "style")
     return data_dir
 
@@ -147,14 +154,14 @@ def one_process_frames(data_dir, out_dir, model_id, loras=None) -> np.ndarray:
     settings = settings_for(data_dir, out_dir)
     with frames_encoded() as seen:
         run_job(job(model_id, loras), settings, models=Models(settings), output=out_dir / f"{model_id}.mp4",
-                model=model_id, image=image_for(model_id))
+                model=model_of(model_id), image=image_for(model_id))
     return np.stack(seen)
 
 
 def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_path, data_dir, group):
     out_dir, reports = group
     for i, model_id in enumerate(SPLIT):
-        assert registry.MODELS[model_id].parallel
+        assert registry.MODELS[model_of(model_id)].parallel
         leader, follower = reports[i]
         assert leader["outcome"] == "video" and follower["outcome"] == "none", model_id
         assert leader["split"] and follower["split"] and leader["parallel_config"] and follower["parallel_config"]
@@ -163,7 +170,8 @@ def test_every_family_that_splits_makes_the_one_process_frames_on_two_ranks(tmp_
         assert not (out_dir / f"{model_id}.rank1.npy").exists()
         two = np.load(out_dir / f"{model_id}.rank0.npy")
         one = one_process_frames(data_dir, tmp_path / "one", model_id)
-        assert two.shape == one.shape and one.shape[0] == 5  # HunyuanVideo-1.5 I2V sizes its video by the image
+        # HunyuanVideo-1.5 I2V sizes its video by the image
+        assert two.shape == one.shape and one.shape[0] == FRAMES.get(model_of(model_id), 5)
         difference = np.abs(two.astype(int) - one.astype(int))
         assert difference.max() <= 1, (model_id, difference.max())
         assert one.std() > 1  # a picture, not a constant
