@@ -256,9 +256,9 @@ def _jobs_paths(settings, rules: Rules, webhooks: dict) -> dict:
             "parameters": [IDEMPOTENCY_PARAM],
             "requestBody": {"required": True, "content": {"application/json": {"schema": enhance_json},
                                                           "multipart/form-data": {"schema": enhance_form}}},
-            "responses": {"202": {"description": "queued; poll the job in Location",
+            "responses": {"202": {"description": "queued (or, under a replayed Idempotency-Key, the job it made); "
+                                                 "poll the job in Location",
                                   "headers": {"Location": {"schema": {"type": "string"}}}, **_json(ACCEPTED)},
-                          "200": {"description": "a replay of an Idempotency-Key", **_json(ACCEPTED)},
                           **_errors(400, 401, 409, 413, 415, 429, 503)}}},
         "/jobs/{reference_id}": {
             "get": {

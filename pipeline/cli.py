@@ -175,6 +175,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.lora import LoraError
+    from pipeline.families import EnhancerUnavailable
     from pipeline.run import EmptySuggestion, Models, run_job
     from pipeline.upscale import UpscalerLoadError
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None, prog: str, description: str, upscale: bool) -> 
         except NoAnswer as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except EmptySuggestion as exc:
+        except (EmptySuggestion, EnhancerUnavailable) as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return 1
     try:

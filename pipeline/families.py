@@ -80,7 +80,8 @@ def enhance_ltx2_prompt(pipe, prompt: str, image, seed: int, should_cancel=None,
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     if getattr(pipe, "processor", None) is None:
-        raise EnhancerUnavailable("the model folder has no `processor` (the Gemma processor its enhancer needs)")
+        raise EnhancerUnavailable("the model folder has no `processor` (the Gemma processor its enhancer needs; a tiny "
+                                  "build made before t2v had prompt suggestions gets one when its folder is deleted)")
     dedicated = getattr(pipe, "prompt_enhancer", None) is not None
     config = utils.GEMMA4_PROMPT_ENHANCEMENT_CONFIG if dedicated else utils.GEMMA3_PROMPT_ENHANCEMENT_CONFIG
     kind = "T2V" if image is None else "I2V"

@@ -243,14 +243,13 @@ class EnhanceParams(BaseModel):
             raise ParamError("model", "has no prompt enhancer (the LTX-2 models have one)", entry.id)
         _check_inputs(entry, image_key is not None, None)
         values.setdefault("seed", secrets.randbelow(MAX_SEED + 1))
+        limit, prompt = rules.limits.max_prompt_chars, values.get("prompt")
+        if isinstance(prompt, str) and len(prompt) > limit:  # before the pattern, whose backtracking grows with it
+            raise ParamError("prompt", f"must be at most {limit} characters, got {len(prompt)}")
         try:
-            params = cls.model_validate({**values, "model": entry.id, "image_key": image_key})
+            return cls.model_validate({**values, "model": entry.id, "image_key": image_key})
         except ValidationError as exc:
             raise _param_error(exc, cls, None, rules) from None
-        limit = rules.limits.max_prompt_chars
-        if len(params.prompt) > limit:
-            raise ParamError("prompt", f"must be at most {limit} characters, got {len(params.prompt)}")
-        return params
 
     def to_dict(self) -> dict:
         return self.model_dump()

@@ -237,7 +237,7 @@ function updateCount() {
 }
 
 $("#prompt").addEventListener("input", updateCount);
-$("#model").addEventListener("change", () => { applyModel(); $("#form-error").textContent = ""; });
+$("#model").addEventListener("change", () => { applyModel(); originalPrompt = null; $("#form-error").textContent = ""; });
 $("#upscale").addEventListener("change", () => { $("#outscale").disabled = !$("#upscale").checked; });
 $("#job-form").addEventListener("input", saveForm);
 $("#job-form").addEventListener("change", saveForm);

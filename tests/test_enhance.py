@@ -83,7 +83,7 @@ def test_the_same_seed_gives_the_same_suggestion_and_an_image_reaches_the_enhanc
     assert "pixel_values" in calls[0], "the enhancer looks at the image"
 
 
-def test_an_image_job_through_the_api_is_refused_for_a_model_that_takes_none_and_taken_otherwise(make_app):
+def test_an_image_reaches_an_enhance_job_through_the_api(make_app):
     app, _ = make_app()
     client = app.test_client()
     job = enhance(client, {"prompt": PROMPT, "model": LTX, "image": data_uri(picture(size=(64, 64)))})
@@ -168,3 +168,13 @@ def test_the_command_line_takes_the_suggestion_with_yes_and_refuses_what_cannot_
     assert silent.returncode == 2
     assert silent.stderr.strip().splitlines()[-1] == (
         "test.py: error: --enhance-prompt: wan2.2-ti2v-5b: model has no prompt enhancer (the LTX-2 models have one)")
+
+
+def test_an_overlong_prompt_is_refused_by_its_length_before_its_pattern_is_tried():
+    """The prompt pattern backtracks in time that grows with the square of the text: a long prompt with a NUL in
+    it is refused for its length first, as a generate job's is (pydantic checks max_length there first)."""
+    from pipeline.spec import EnhanceParams, ParamError
+
+    with pytest.raises(ParamError) as refused:
+        EnhanceParams.from_dict({"prompt": "a" * 5000 + "\x00", "model": LTX})
+    assert str(refused.value) == "prompt: must be at most 2000 characters, got 5001"

@@ -301,8 +301,8 @@ class Worker(Sweeps):
         ref, params = job["reference_id"], EnhanceParams(**job["params"])
         progress = ProgressReporter(self.jobs, ref, self.worker_id, STAGE_SPANS["enhance"])
         progress("loading", 0, 1)
-        self.before_enhance(params.model)
         image = self._fetch_image(params.image_key, ref) if params.image_key else None
+        self.before_enhance(params.model)  # after the fetch, which may fail: every rank loads it, or none
         progress("enhancing", 0, 1)
         return enhance_prompt(params, self.settings, models=self.models, image=image, should_cancel=lease.should_cancel)
 
