@@ -403,11 +403,11 @@ def tiny_model_dir(data_dir: Path, model_id: str = "hunyuanvideo") -> Path:
     """The tiny folder of a registry id (or its `tiny:` name) under `data_dir/tiny`, built on first use by the
     entry's own builder. The tiny HunyuanVideo keeps its first folder name, `HunyuanVideo`.
     """
-    from pipeline.tiny import FOLDER_CONFIG  # imported when it runs, as `_tiny` does: no torch to validate a request
+    from pipeline.tiny import TINY_BUILD, tiny_build  # imported when it runs, as `_tiny` is: none to validate a request
 
     entry = get(model_id)
     folder = Path(data_dir) / "tiny" / ("HunyuanVideo" if entry.id == "hunyuanvideo" else entry.id)
-    if not (folder / FOLDER_CONFIG).exists():
+    if tiny_build(folder) < TINY_BUILD:  # none yet, or one an older t2v wrote
         entry.tiny_builder(folder)
     return folder
 

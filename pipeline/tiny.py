@@ -11,6 +11,7 @@ Their output is noise: they prove the code paths, not the pictures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,9 @@ from pipeline.loading import model_construction
 # Extra pipeline-call arguments a model folder needs, read by `pipeline.generate`.
 # The tiny tokenizer has no system prompt to crop, and short sequences keep it fast.
 FOLDER_CONFIG = "t2v.json"
+# Written into each tiny folder's t2v.json; a folder of an older build is built again on its next use
+# (`models.tiny_model_dir`). 2: the LTX-2 build has the Gemma processor its prompt enhancer needs.
+TINY_BUILD = 2
 TINY_CALL_DEFAULTS = {"prompt_template": {"template": "{}", "crop_start": 0}, "max_sequence_length": 16}
 # HunyuanVideo-I2V's Llava encoder: 16 image tokens (32 px CLIP tower, patch 8) written over positions 5..21.
 TINY_HUNYUAN_I2V_CALL_DEFAULTS = {
@@ -301,7 +305,7 @@ def _save_pipeline(pipe, folder: Path, call_defaults: dict | None = None, enhanc
 
     def write(tmp: Path):
         pipe.save_pretrained(tmp)
-        config = {"tiny": True, **({"call_defaults": call_defaults} if call_defaults else {}),
+        config = {"tiny": True, "build": TINY_BUILD, **({"call_defaults": call_defaults} if call_defaults else {}),
                   **({"enhance_defaults": enhance_defaults} if enhance_defaults else {})}
         (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -391,21 +395,34 @@ def _write_atomically(folder: Path, write) -> Path:
         return _built_by_rank_zero(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    stale = folder.with_name(f"{tmp.name}-stale")
     try:
         write(tmp)
+        if folder.exists() and tiny_build(folder) < TINY_BUILD:  # an older build: moved aside, then deleted
+            with contextlib.suppress(OSError):  # another process may have moved it already
+                folder.rename(stale)
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not (folder / FOLDER_CONFIG).exists():  # another process did not win the race either
+            if tiny_build(folder) < TINY_BUILD:  # another process did not win the race either
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def tiny_build(folder: Path) -> int:
+    """The TINY_BUILD a tiny folder was written by (1: before builds were numbered; 0: no t2v.json)."""
+    try:
+        return json.loads((Path(folder) / FOLDER_CONFIG).read_text()).get("build", 1)
+    except (OSError, ValueError):
+        return 0
 
 
 def _built_by_rank_zero(folder: Path) -> Path:
     deadline = time.monotonic() + RANK_ZERO_BUILD_WAIT_S
-    while not (folder / FOLDER_CONFIG).exists():
+    while tiny_build(folder) < TINY_BUILD:
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {torch.distributed.get_rank()} waited {RANK_ZERO_BUILD_WAIT_S:.0f} s for rank 0 "
                                f"to build the tiny model {folder.name}")

@@ -178,3 +178,24 @@ def test_an_overlong_prompt_is_refused_by_its_length_before_its_pattern_is_tried
     with pytest.raises(ParamError) as refused:
         EnhanceParams.from_dict({"prompt": "a" * 5000 + "\x00", "model": LTX})
     assert str(refused.value) == "prompt: must be at most 2000 characters, got 5001"
+
+
+def test_a_tiny_folder_of_an_older_build_is_built_again_with_the_processor(tmp_path):
+    """A tiny LTX-2 made before prompt suggestions has no processor: its enhance jobs could only fail. Its t2v.json
+    says no build (1), so its next use builds it again, and the old files go."""
+    import json
+    import shutil
+
+    from pipeline import tiny
+
+    folder = registry.tiny_model_dir(tmp_path, LTX)
+    shutil.rmtree(folder / "processor")
+    config = json.loads((folder / tiny.FOLDER_CONFIG).read_text())
+    del config["build"]
+    (folder / tiny.FOLDER_CONFIG).write_text(json.dumps(config))
+    assert tiny.tiny_build(folder) == 1
+
+    assert registry.tiny_model_dir(tmp_path, LTX) == folder
+    assert (folder / "processor").is_dir() and tiny.tiny_build(folder) == tiny.TINY_BUILD
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [LTX], "nothing stale is left beside it"
+    assert LTX2Pipeline.from_pretrained(folder).processor is not None
