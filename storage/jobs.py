@@ -178,6 +178,20 @@ def _counts_by_model(rows) -> list[tuple[str, str, str | None, int]]:
     return [(*key, count) for key, count in counts.items()]
 
 
+class _Claims:
+    """`claim` by `claim_passes`: each backend supplies `_claim_oldest`, one atomic claim of the oldest queued job
+    of the kinds given (and, for a model's jobs, the models)."""
+
+    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
+              models: Collection[str] | None = None) -> dict | None:
+        """`models`: the ids whose jobs of a model this worker runs (None: any); other kinds are not model-bound."""
+        for kinds_now in claim_passes(kinds, models):
+            job = self._claim_oldest(worker_id, lease_s, kinds_now, models)
+            if job is not None:
+                return job
+        return None
+
+
 class _Outcomes:
     """The three ways a worker ends its job; each backend supplies `_finish`, guarded by the worker's lease."""
 

@@ -10,9 +10,9 @@ import time
 from typing import Any, Collection
 
 from storage.jobs import (CANCELED, COMPLETED, CURSOR_KEEP_S, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED,
-                          FIRST_KINDS, JOB_KINDS, MODEL_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL,
+                          FIRST_KINDS, MODEL_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, TERMINAL,
                           UNNAMED_MODEL, WORKER_FORGET_S, QueueFull, StoreUnavailable, _counts, _counts_by_model,
-                          _model_of, _Outcomes, _worker_lost, claim_passes, delivery_id, job_model)
+                          _Claims, _model_of, _Outcomes, _worker_lost, delivery_id, job_model)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def _with_delivery(doc: dict, update: dict, event: str) -> dict:
     return {**update, "$push": {"webhook_outbox": item}}
 
 
-class MongoJobStore(_Outcomes, _MongoWebhooks):
+class MongoJobStore(_Claims, _Outcomes, _MongoWebhooks):
     """Jobs in a MongoDB collection; claims are single `find_one_and_update` calls.
 
     Queue admission needs no multi-document transaction (a standalone server has none): an admitted
@@ -296,17 +296,9 @@ class MongoJobStore(_Outcomes, _MongoWebhooks):
         ret = self._pymongo.ReturnDocument.AFTER
         return self._doc(self._guard(lambda: self.jobs.find_one_and_update(query, update, return_document=ret, **kw)))
 
-    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
-              models: Collection[str] | None = None) -> dict | None:
-        """`models` as in SqliteJobStore.claim; `$in` with None matches a job stored without a model."""
-        for kinds_now in claim_passes(kinds, models):
-            job = self._claim_oldest(worker_id, lease_s, kinds_now, models)
-            if job is not None:
-                return job
-        return None
-
     def _claim_oldest(self, worker_id: str, lease_s: float, kinds: tuple[str, ...],
                       models: Collection[str] | None) -> dict | None:
+        """As SqliteJobStore._claim_oldest; `$in` with None matches a job stored without a model."""
         query = {"status": QUEUED, "kind": {"$in": list(kinds)}}
         if models is not None:
             named = [*models, None] if UNNAMED_MODEL in models else list(models)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Collection
 
 from storage.jobs import (CANCELED, COMPLETED, CURSOR_KEEP_S, DELIVERED, EVENT_OF_STATUS, EVENTS_PER_READ, FAILED,
-                          FIRST_KINDS, JOB_KINDS, MODEL_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL, WORKER_FORGET_S,
-                          QueueFull, StoreUnavailable, _counts, _counts_by_model, _model_of, claim_passes,
+                          FIRST_KINDS, MODEL_KINDS, PENDING, PROCESSING, QUEUED, SNAPSHOT_FIELDS, UNNAMED_MODEL,
+                          WORKER_FORGET_S, QueueFull, StoreUnavailable, _Claims, _counts, _counts_by_model, _model_of,
                           _Outcomes, _worker_lost, delivery_id)
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class _SqliteWebhooks:
                        (owner, key, reference_id))
 
 
-class SqliteJobStore(_Outcomes, _SqliteWebhooks):
+class SqliteJobStore(_Claims, _Outcomes, _SqliteWebhooks):
     """Jobs in one SQLite file (WAL mode). Each thread gets its own connection.
 
     The file is made once, here at start-up. Every later connection opens it with `mode=rw`, so a
@@ -397,17 +397,9 @@ class SqliteJobStore(_Outcomes, _SqliteWebhooks):
         with self._tx() as db:
             return db.execute(f"SELECT COUNT(*) FROM jobs WHERE status = ? AND {rule}", (QUEUED, *args)).fetchone()[0]
 
-    def claim(self, worker_id: str, lease_s: float, kinds: tuple[str, ...] = JOB_KINDS,
-              models: Collection[str] | None = None) -> dict | None:
-        """`models`: the ids whose jobs of a model this worker runs (None: any); other kinds are not model-bound."""
-        for kinds_now in claim_passes(kinds, models):
-            job = self._claim_oldest(worker_id, lease_s, kinds_now, models)
-            if job is not None:
-                return job
-        return None
-
     def _claim_oldest(self, worker_id: str, lease_s: float, kinds: tuple[str, ...],
                       models: Collection[str] | None) -> dict | None:
+        """One statement: the oldest queued job of `kinds` (a model's only if `models` serves it), leased."""
         model_rule, model_args = "", ()
         if models is not None:
             model_rule = (f" AND (kind NOT IN ({', '.join('?' * len(MODEL_KINDS))}) OR "
