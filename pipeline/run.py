@@ -291,8 +291,8 @@ def fit_prompt(text: str, max_chars: int) -> str:
     text = " ".join(text.split())  # one line: a prompt field keeps no layout
     if len(text) <= max_chars:
         return text
-    cut = text[:max_chars + 1].rsplit(" ", 1)[0] if " " in text[:max_chars + 1] else text[:max_chars]
-    return cut[:max_chars].rstrip()
+    head = text[:max_chars + 1]
+    return head.rsplit(" ", 1)[0] if " " in head else text[:max_chars]
 
 
 def with_soundtrack(video_only: Path, audio: Audio, output: Path) -> float:

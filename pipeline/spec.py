@@ -194,11 +194,7 @@ class JobParams(BaseModel):
         `with_image`: the job has an image that is not in the blob store (the CLI's --image file)."""
         if isinstance(rules, Limits):
             rules = Rules(limits=rules)
-        if not isinstance(data, dict):
-            raise ParamError("body", "must be a JSON object")
-        if "image_key" in data:
-            raise ParamError("image_key", "is set by the server; send the image itself as `image`")
-        values = {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}  # null there = absent
+        values = _request_values(data)
         named = values.get("model")
         entry = _served_entry(rules, values.get("model", rules.default_model))
         _check_inputs(entry, with_image or image_key is not None, values.get("loras"), values.get("audio"))
@@ -233,11 +229,7 @@ class EnhanceParams(BaseModel):
     def from_dict(cls, data: Any, rules: Rules = Rules(), *, image_key: str | None = None) -> "EnhanceParams":
         """Validate an enhance request as JobParams.from_dict does a job: the model served and with an enhancer,
         the prompt within the deployment's T2V_MAX_PROMPT_CHARS."""
-        if not isinstance(data, dict):
-            raise ParamError("body", "must be a JSON object")
-        if "image_key" in data:
-            raise ParamError("image_key", "is set by the server; send the image itself as `image`")
-        values = {k: v for k, v in data.items() if not (v is None and k == "seed")}
+        values = _request_values(data)
         entry = _served_entry(rules, values.get("model", rules.default_model))
         if not entry.prompt_enhancer:
             raise ParamError("model", "has no prompt enhancer (the LTX-2 models have one)", entry.id)
@@ -253,6 +245,16 @@ class EnhanceParams(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump()
+
+
+def _request_values(data: Any) -> dict:
+    """A request's fields, untrusted: a JSON object, without the server's own `image_key`, with JSON null read as
+    "not given" in the NULLABLE fields."""
+    if not isinstance(data, dict):
+        raise ParamError("body", "must be a JSON object")
+    if "image_key" in data:
+        raise ParamError("image_key", "is set by the server; send the image itself as `image`")
+    return {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}
 
 
 def _served_entry(rules: Rules, name: Any) -> ModelEntry:
