@@ -511,6 +511,8 @@ def test_the_page_follows_a_job_on_its_event_stream_and_shows_each_preview(page,
     seen = page.evaluate("window.previewsSeen")
     assert all(p["status"] == "processing" and p["shown"] and p["size"] == [8, 8] for p in seen), seen
     assert len({p["pixels"] for p in seen}) >= 3, "the preview changes as the job denoises"
+    # "completed" is shown as the player is given the video; its size is known once its metadata has loaded
+    page.wait_for_function("document.querySelector('#player').readyState >= 1")
     assert page.is_hidden("#live-preview") and page.evaluate("document.querySelector('#player').videoWidth") == 64
     progress = page.evaluate("window.progressSeen")
     assert any(0 < v < 100 for v in progress) and progress == sorted(progress) and progress[-1] == 100
